@@ -1,0 +1,18 @@
+"""compilers: one call in front of the inference compilers.
+
+    cm = compilers.compile(model, "ort-cpu", example_inputs=(x,))
+    y = cm(x)                     # returns what model(x) returns
+    cm.save("out/"); cm2 = compilers.load("out/")
+"""
+from .api import compile, targets, validate
+from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
+                     ValidationError)
+from .report import Report
+from .runtime import CompiledModel, load
+from .target import DimRange, Target, Tolerance, load_target
+from .validate import ValidationReport
+
+__version__ = "0.1.0"
+__all__ = ["compile", "load", "validate", "targets", "Target", "Tolerance", "DimRange", "load_target",
+           "CompiledModel", "Report", "ValidationReport", "CompilerError", "TargetError", "BackendUnavailable",
+           "ExportError", "ValidationError", "InputError", "ArtifactError"]

@@ -1,0 +1,131 @@
+"""ONNX Runtime: ONNX from the export ladder, transformer fusions, an InferenceSession on the CPU provider."""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..lower import Lowered
+from ..signature import Signature
+from ..target import Target
+from .base import Backend, Engine, Optimized, Option
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+           "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+MODEL_FILE = "model.onnx"
+
+
+def install_clash() -> str | None:
+    """onnxruntime and onnxruntime-gpu installed together overwrite each other's files."""
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            pass
+    if len(found) < 2:
+        return None
+    return (f"both {' and '.join(found)} are installed; they share the `onnxruntime` module, so whichever was "
+            "installed last wins and the CUDA provider may silently disappear. Fix: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'compilers[gpu]' (GPU machine) "
+            "or pip install 'compilers[cpu]' (CPU machine)")
+
+
+def op_counts(model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    bound_libraries = ("onnxruntime",)
+    options = {
+        "threads": Option(0, "intra-op threads; 0 = all cores"),
+        "graph_optimization_level": Option("all", "ORT graph optimization level", tuple(_LEVELS)),
+        "transformer_fusions": Option(True, "apply onnxruntime.transformers fusions (Attention, SkipLayerNormalization, BiasGelu, ...)"),
+        "transformer_model_type": Option("bert", "fusion family of onnxruntime.transformers.optimizer"),
+    }
+
+    def unavailable_reason(self, target: Target) -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return "onnxruntime is not installed: pip install 'compilers[cpu]'"
+        if target.device != "cpu":
+            return f"device {target.device!r} is not supported by the onnxruntime backend yet (cpu only)"
+        clash = install_clash()
+        if clash:
+            warnings.warn(clash, RuntimeWarning, stacklevel=3)
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return "this onnxruntime build has no CPUExecutionProvider"
+        return None
+
+    def optimize(self, lowered: Lowered, target: Target, calibration, workdir: Path) -> Optimized:
+        import onnx
+        model = onnx.load(str(lowered.path))
+        opt = Optimized(lowered)
+        if target.options.get("transformer_fusions", True):
+            fused_model, fused = fuse_transformer(model, target.options.get("transformer_model_type", "bert"))
+            if fused:
+                path = workdir / "fused.onnx"
+                onnx.save(fused_model, str(path))
+                opt.lowered = Lowered(**{**lowered.__dict__, "path": path})
+                opt.fused.update(fused)
+            else:
+                opt.notes.append("no transformer pattern found to fuse")
+        return opt
+
+    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+        model_bytes = Path(optimized.lowered.path).read_bytes()
+        final = optimized.lowered.path.with_suffix(".ort-optimized.onnx")
+        engine = OrtEngine(model_bytes, target, signature, optimized_path=final)
+        import onnx
+        before = op_counts(onnx.load(str(optimized.lowered.path)))
+        after = op_counts(onnx.load(str(final)))
+        engine.info = {"nodes": sum(after.values()), "ops": dict(after),
+                       "fused": {**optimized.fused, **{k: v for k, v in after.items() if k not in before}}}
+        return engine
+
+    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
+        return OrtEngine((directory / MODEL_FILE).read_bytes(), target, signature)
+
+
+def fuse_transformer(model, model_type: str) -> tuple[Any, dict[str, int]]:
+    """onnxruntime.transformers fusions; returns the model and the fused operator counts (empty: nothing fused)."""
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
+    import logging
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    before = op_counts(model)
+    fused = optimize_by_fusion(model, model_type=model_type, num_heads=0, hidden_size=0)
+    stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v and k not in before}
+    return fused.model, stats
+
+
+class OrtEngine(Engine):
+    array_kind = "numpy"
+
+    def __init__(self, model_bytes: bytes, target: Target, signature: Signature, optimized_path: Path | None = None):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                              _LEVELS[target.options.get("graph_optimization_level", "all")])
+        so.intra_op_num_threads = int(target.options.get("threads", 0)) or (os.cpu_count() or 1)
+        so.log_severity_level = 3
+        if optimized_path is not None:
+            so.optimized_model_filepath = str(optimized_path)
+        self.model_bytes = model_bytes
+        self.session = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.info: dict[str, Any] = {}
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
+
+    def save(self, directory: Path) -> None:
+        (directory / MODEL_FILE).write_bytes(self.model_bytes)
+
+    def describe(self) -> dict[str, Any]:
+        return self.info

@@ -1,0 +1,36 @@
+"""The typed errors of `compilers`: each says what went wrong and what to do next."""
+from __future__ import annotations
+
+
+class CompilerError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class TargetError(CompilerError):
+    """A target name, descriptor file or override is unknown or malformed."""
+
+
+class BackendUnavailable(CompilerError):
+    """The target's backend cannot run on this machine (missing package, device or clash)."""
+
+
+class ExportError(CompilerError):
+    """Every lowering route failed; the message lists each route and why it failed."""
+
+
+class InputError(CompilerError, TypeError):
+    """Inputs do not match the compiled signature (count, names, dtype, rank or shape)."""
+
+
+class ValidationError(CompilerError):
+    """The compiled model disagrees with the eager model beyond the target's tolerance.
+
+    `report` holds the per-output table (a `ValidationReport`)."""
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class ArtifactError(CompilerError):
+    """A saved artifact is missing a file, fails its hash check or was built by other library versions."""

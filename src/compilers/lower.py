@@ -1,0 +1,132 @@
+"""The export ladder: try each lowering route in the backend's order, keep the first that works.
+
+The ONNX routes live here: "onnx-dynamo" (torch.export -> ONNX) and "onnx-torchscript" (the
+TorchScript-based exporter). A backend may put routes of its own (a direct import) in front.
+Every attempt is recorded, so the report says which route worked and why the others failed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from .errors import ExportError
+from .signature import FlatModule, Signature
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
+ONNX_OPSET = 18  # for the TorchScript-based route; the dynamo route picks its own
+
+
+@dataclass
+class Lowered:
+    """A lowered model: an ONNX file (`path`) or a backend's in-memory model (`model`)."""
+
+    route: str
+    path: Path | None = None
+    model: Any = None
+    opset: int | None = None
+    nodes: int | None = None
+    attempts: list[tuple[str, str]] = field(default_factory=list)   # (route, why it failed)
+    seconds: float = 0.0
+
+
+def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature, examples: Sequence[torch.Tensor],
+               workdir: Path) -> Lowered:
+    """Lower `model` by the first of `backend.routes` that works; ExportError if none does."""
+    attempts: list[tuple[str, str]] = []
+    flat = FlatModule(model, signature).eval()
+    for route in backend.routes:
+        t0 = time.perf_counter()
+        try:
+            with _quiet():
+                if route in _ONNX_ROUTES:
+                    lowered = _ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
+                else:
+                    lowered = backend.lower(route, flat, signature, examples, workdir)
+        except Exception as e:  # every exporter failure is a reason to try the next route
+            attempts.append((route, _first_line(e)))
+            logging.getLogger(__name__).info("route %s failed: %s", route, attempts[-1][1])
+            continue
+        lowered.attempts = attempts
+        lowered.seconds = time.perf_counter() - t0
+        return lowered
+    ops = sorted({op for _, why in attempts for op in _ATEN_OP.findall(why)})
+    detail = "; ".join(f"{r}: {why}" for r, why in attempts)
+    hint = f"unsupported operator(s): {', '.join(ops)}. " if ops else ""
+    raise ExportError(f"every lowering route failed for {type(model).__name__}. {hint}{detail}. "
+                      "Rewrite the offending code with supported ops, or pick a target whose backend imports the module directly.")
+
+
+_ATEN_OP = re.compile(r"\baten(?:::|\.)[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?")
+
+
+def _first_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    cause = e.__cause__ or e.__context__
+    if cause is not None and not _ATEN_OP.search(text):
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    keep = [l for l in lines if _ATEN_OP.search(l)][:3]
+    return " | ".join(dict.fromkeys(lines[:1] + keep))[:1200]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Exporters print progress and warn a lot; keep it out of the user's console."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
+    levels = [l.level for l in loggers]
+    for l in loggers:
+        l.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for l, level in zip(loggers, levels):
+            l.setLevel(level)
+
+
+def _dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tuple[dict[int, Any], ...]]:
+    dims = {}
+    for name, rng in signature.dims.items():
+        kwargs = {"min": rng.min} if rng.max is None else {"min": rng.min, "max": rng.max}
+        dims[name] = torch.export.Dim(re.sub(r"\W", "_", name), **kwargs)
+    per_input = tuple({i: dims[d] for i, d in enumerate(s.shape) if isinstance(d, str)} or None
+                      for s in signature.inputs)
+    return dims, per_input
+
+
+def _onnx_dynamo(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
+    _, per_input = _dims(signature)
+    program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
+                                input_names=signature.input_names, output_names=signature.output_names)
+    program.save(str(path))
+    return _described("onnx-dynamo", path)
+
+
+def _onnx_torchscript(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
+    axes = {s.name: {i: d for i, d in enumerate(s.shape) if isinstance(d, str)} for s in signature.inputs}
+    torch.onnx.export(flat, examples, str(path), dynamo=False, opset_version=ONNX_OPSET,
+                      input_names=signature.input_names, output_names=signature.output_names,
+                      dynamic_axes={k: v for k, v in axes.items() if v})
+    return _described("onnx-torchscript", path)
+
+
+def _described(route: str, path: Path) -> Lowered:
+    import onnx
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return Lowered(route=route, path=path, opset=opset, nodes=len(proto.graph.node))
+
+
+_ONNX_ROUTES = {"onnx-dynamo": _onnx_dynamo, "onnx-torchscript": _onnx_torchscript}

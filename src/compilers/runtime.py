@@ -1,0 +1,153 @@
+"""CompiledModel: called like the model; saved to and loaded from a directory with a manifest."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .backends import get_backend
+from .backends.base import Engine
+from .errors import ArtifactError, BackendUnavailable
+from .report import Report
+from .signature import Signature
+from .target import Target
+
+FORMAT = "compilers-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CompiledModel:
+    """A compiled model: `cm(*args, **kwargs)` returns what `model(*args, **kwargs)` returns."""
+
+    def __init__(self, engine: Engine, signature: Signature, target: Target, report: Report):
+        self.engine = engine
+        self.signature = signature
+        self.target = target
+        self.report = report
+        self._numpy_engine = engine.array_kind == "numpy"
+        self._out_dtypes = [s.dtype for s in signature.outputs]
+        self._out_np_dtypes = [s.numpy_dtype for s in signature.outputs]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.signature.unflatten(self.run_flat(self.signature.flatten(args, kwargs)))
+
+    def run_flat(self, flat: list[Any]) -> list[Any]:
+        """Run on checked flat inputs; outputs come back as torch tensors on the inputs' device (numpy
+        arrays for numpy inputs), in the eager model's dtypes."""
+        as_torch = any(isinstance(x, torch.Tensor) for x in flat)
+        if self._numpy_engine:
+            outs = self.engine.run([x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in flat])
+            if as_torch:
+                outs = [torch.from_numpy(o) for o in outs]
+        else:
+            outs = self.engine.run([torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in flat])
+            if not as_torch:
+                outs = [o.detach().cpu().numpy() for o in outs]
+        if as_torch:
+            device = next(x.device for x in flat if isinstance(x, torch.Tensor))
+            return [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
+                    for o, dt in zip(outs, self._out_dtypes)]
+        return [o if o.dtype == dt else o.astype(dt) for o, dt in zip(outs, self._out_np_dtypes)]
+
+    predict = __call__
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(target={self.target.name!r}, route={self.report.route!r})"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact directory atomically: a half-written artifact never appears at `path`."""
+        path = Path(path)
+        if path.exists() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+            raise ArtifactError(f"{path} exists and is not a compilers artifact; choose an empty or new directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.engine.save(tmp)
+            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION,
+                "target": self.target.to_dict(), "signature": self.signature.to_dict(),
+                "versions": library_versions(get_backend(self.target.backend).versions()),
+                "bound": get_backend(self.target.backend).versions(),
+                "files": files, "report": self.report.to_dict(),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    if not path.exists():
+        os.rename(new, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rename(path, old / "artifact")
+    os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Versions that describe how an artifact was made."""
+    found = {"python": platform.python_version()}
+    for lib in ("compilers", "torch", "onnx", "numpy"):
+        try:
+            found[lib] = version(lib)
+        except PackageNotFoundError:
+            pass
+    return {**found, **(extra or {})}
+
+
+def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledModel:
+    """Load a saved artifact; no source model needed. ArtifactError if a file is missing or altered, or
+    (with `check_versions`) if the backend library the engine is bound to has another version here."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is not a compilers artifact: {MANIFEST} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path / MANIFEST} is corrupt: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(f"{path}: artifact format {manifest.get('format')} v{manifest.get('format_version')} "
+                            f"is not readable by this compilers (reads {FORMAT} v{FORMAT_VERSION}); upgrade compilers")
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactError(f"{path}: file {name} listed in the manifest is missing; re-save the artifact")
+        if _sha256(file) != digest:
+            raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (altered or corrupt); re-save the artifact")
+    target = Target.from_dict(manifest["target"], source=str(path / MANIFEST))
+    backend = get_backend(target.backend)
+    reason = backend.unavailable_reason(target)
+    if reason:
+        raise BackendUnavailable(f"cannot load {path}: {reason}")
+    if check_versions:
+        installed = backend.versions()
+        for lib, built in manifest.get("bound", {}).items():
+            if installed.get(lib) != built:
+                raise ArtifactError(f"{path} was built with {lib} {built}, but {installed.get(lib, 'no version')} is "
+                                    f"installed; recompile, or load(..., check_versions=False) to try it anyway")
+    signature = Signature.from_dict(manifest["signature"])
+    engine = backend.load(path, target, signature)
+    return CompiledModel(engine, signature, target, Report.from_dict(manifest["report"]))

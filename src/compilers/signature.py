@@ -1,0 +1,371 @@
+"""Call conventions, in one place: how `model(...)` maps to the flat tensor list an engine runs.
+
+`capture` binds the example inputs to the forward signature, flattens each argument with torch's
+pytree (tensors become engine inputs, other leaves stay fixed constants), and records the output
+structure and dtypes from one eager run. At call time `Signature.flatten` checks the inputs (names,
+count, structure, dtype, rank, static sizes, dynamic ranges) and `Signature.unflatten` rebuilds the
+model's own output type from the engine's flat outputs.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import InputError
+from .target import DimRange
+
+_JSON_SCALARS = (type(None), bool, int, float, str)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One flat engine input or output: its name, dtype and shape (a str names a dynamic dim)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(d["name"], getattr(torch, d["dtype"]), tuple(d["shape"]))
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return torch.empty((), dtype=self.dtype).numpy().dtype
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A leaf of an argument or output tree: engine slot `index`, or the constant `value`."""
+
+    index: int | None = None
+    value: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index} if self.index is not None else {"const": self.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Leaf":
+        return cls(index=d["index"]) if "index" in d else cls(value=d["const"])
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A pytree whose leaves are engine slots or constants (one forward argument, or the output)."""
+
+    spec: pytree.TreeSpec
+    leaves: tuple[Leaf, ...]
+
+    @property
+    def is_single_tensor(self) -> bool:
+        return self.spec.is_leaf() and self.leaves[0].index is not None
+
+    def build(self, values: Sequence[Any]) -> Any:
+        return pytree.tree_unflatten([values[l.index] if l.index is not None else l.value for l in self.leaves], self.spec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": json.loads(pytree.treespec_dumps(self.spec)), "leaves": [l.to_dict() for l in self.leaves]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Tree":
+        return cls(_load_treespec(json.dumps(d["spec"])), tuple(Leaf.from_dict(l) for l in d["leaves"]))
+
+
+def _load_treespec(text: str) -> pytree.TreeSpec:
+    """treespec_loads, importing the module of a container type (e.g. a transformers ModelOutput) on demand."""
+    for _ in range(8):
+        try:
+            return pytree.treespec_loads(text)
+        except (KeyError, NotImplementedError, ValueError) as e:
+            missing = str(e).strip("'\" ")
+            module = missing.rpartition(".")[0] if "." in missing else ""
+            if not module:
+                raise
+            try:
+                __import__(module)
+            except ImportError:
+                raise InputError(f"the output type {missing} cannot be rebuilt: install the package that defines it") from None
+    return pytree.treespec_loads(text)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The compiled model's call signature and output structure."""
+
+    positional: tuple[str, ...]      # forward parameters that may be passed by position, in order
+    keyword_only: tuple[str, ...]    # forward parameters that must be passed by keyword
+    args: Mapping[str, Tree]         # parameters given in example_inputs
+    defaults: Mapping[str, Any]      # parameters left at their defaults (fixed): name -> default (JSON-able) or a marker
+    inputs: tuple[TensorSpec, ...]
+    dims: Mapping[str, DimRange]     # dynamic dimension name -> allowed sizes
+    outputs: tuple[TensorSpec, ...]
+    output: Tree
+    _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        # Fast path when every argument is one tensor passed by position, in forward order.
+        if all(t.is_single_tensor for t in self.args.values()) and tuple(self.args) == self.positional[:len(self.args)]:
+            object.__setattr__(self, "_fast", tuple(self.args))
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    # -- call time ---------------------------------------------------------------------------
+    def flatten(self, args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
+        """The engine inputs for `model(*args, **kwargs)`, checked against the signature."""
+        if self._fast is not None and not kwargs and len(args) == len(self._fast):
+            flat = list(args)
+        else:
+            flat = [None] * len(self.inputs)
+            for name, value in self._bind(args, kwargs).items():
+                tree = self.args.get(name)
+                if tree is None:
+                    self._check_fixed(name, value)
+                    continue
+                leaves, spec = pytree.tree_flatten(value)
+                if spec != tree.spec:
+                    raise InputError(f"input {name!r}: structure {spec} differs from the compiled {tree.spec}")
+                for leaf, got in zip(tree.leaves, leaves):
+                    if leaf.index is not None:
+                        flat[leaf.index] = got
+                    elif not _same_constant(got, leaf.value):
+                        raise InputError(f"input {name!r}: {got!r} was fixed to {leaf.value!r} at compile time; "
+                                         "recompile with this value in example_inputs")
+        self.check(flat)
+        return flat
+
+    def _bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if len(args) > len(self.positional):
+            raise InputError(f"got {len(args)} positional inputs, the model takes at most {len(self.positional)} "
+                             f"({', '.join(self.positional)})")
+        bound = dict(zip(self.positional, args))
+        for name, value in kwargs.items():
+            if name in bound:
+                raise InputError(f"input {name!r} given both by position and by keyword")
+            if name not in self.args and name not in self.defaults:
+                raise InputError(f"unknown input {name!r}; the model takes {', '.join(self.positional + self.keyword_only)}")
+            bound[name] = value
+        missing = [n for n in self.args if n not in bound]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; expected {', '.join(self.args)}")
+        return bound
+
+    def _check_fixed(self, name: str, value: Any) -> None:
+        default = self.defaults[name]
+        if not (isinstance(default, _JSON_SCALARS) and _same_constant(value, default)):
+            raise InputError(f"input {name!r} was not in example_inputs, so it is fixed at its default "
+                             f"{default!r}; recompile with {name!r} in example_inputs to vary it")
+
+    def check(self, flat: Sequence[Any]) -> None:
+        """Raise InputError naming the input when a value does not fit its TensorSpec."""
+        sizes: dict[str, int] = {}
+        for spec, value in zip(self.inputs, flat):
+            if isinstance(value, torch.Tensor):
+                dtype = value.dtype
+            elif isinstance(value, np.ndarray):
+                dtype = torch.from_numpy(value[:0] if value.ndim else value.reshape(1)[:0]).dtype
+            else:
+                raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
+            if dtype != spec.dtype:
+                raise InputError(f"input {spec.name!r}: dtype {str(dtype).removeprefix('torch.')}, "
+                                 f"expected {str(spec.dtype).removeprefix('torch.')}")
+            shape = value.shape
+            if len(shape) != len(spec.shape):
+                raise InputError(f"input {spec.name!r}: rank {len(shape)} (shape {tuple(shape)}), "
+                                 f"expected rank {len(spec.shape)} (shape {_fmt_shape(spec.shape)})")
+            for i, (got, want) in enumerate(zip(shape, spec.shape)):
+                if isinstance(want, int):
+                    if got != want:
+                        raise InputError(f"input {spec.name!r}: dim {i} is {got}, expected {want} "
+                                         f"(static; shape {_fmt_shape(spec.shape)}). Declare it in dynamic_shapes to vary it")
+                    continue
+                rng = self.dims[want]
+                if not rng.contains(got):
+                    raise InputError(f"input {spec.name!r}: dim {i} ({want!r}) is {got}, allowed {rng}")
+                if sizes.setdefault(want, got) != got:
+                    raise InputError(f"input {spec.name!r}: dim {i} ({want!r}) is {got}, but another input "
+                                     f"has {want!r} = {sizes[want]}; dims with one name must be equal")
+
+    def unflatten(self, outputs: Sequence[Any]) -> Any:
+        return self.output.build(outputs)
+
+    # -- persistence -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "positional": list(self.positional), "keyword_only": list(self.keyword_only),
+            "args": {k: t.to_dict() for k, t in self.args.items()},
+            "defaults": {k: v if isinstance(v, _JSON_SCALARS) else {"unserializable": repr(v)} for k, v in self.defaults.items()},
+            "inputs": [s.to_dict() for s in self.inputs],
+            "dims": {k: {"min": r.min, "opt": r.opt, "max": r.max} for k, r in self.dims.items()},
+            "outputs": [s.to_dict() for s in self.outputs],
+            "output": self.output.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Signature":
+        return cls(
+            positional=tuple(d["positional"]), keyword_only=tuple(d["keyword_only"]),
+            args={k: Tree.from_dict(t) for k, t in d["args"].items()},
+            defaults=dict(d["defaults"]),
+            inputs=tuple(TensorSpec.from_dict(s) for s in d["inputs"]),
+            dims={k: DimRange(**r) for k, r in d["dims"].items()},
+            outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
+            output=Tree.from_dict(d["output"]),
+        )
+
+
+def _fmt_shape(shape: Sequence[int | str]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, _JSON_SCALARS) and a == b)
+
+
+def as_call(example_inputs: Any) -> tuple[tuple, dict]:
+    """example_inputs as (args, kwargs): tuple = positional, dict = keyword, anything else = one argument."""
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    return (example_inputs,), {}
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
+            shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> tuple[Signature, Any]:
+    """Bind the examples to `model.forward`, run eager once, and return the Signature and eager outputs."""
+    args, kwargs = as_call(example_inputs)
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+        raise InputError(f"{type(model).__name__}.forward takes *args; wrap the model in a module with named parameters")
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as e:
+        raise InputError(f"example_inputs do not fit {type(model).__name__}.forward{inspect.signature(model.forward)}: {e}") from None
+
+    given: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        if params[name].kind is params[name].VAR_KEYWORD:
+            given.update(value)  # extra keywords that forward(**kwargs) accepts become inputs of their own
+        else:
+            given[name] = value
+    positional = tuple(n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    keyword_only = tuple(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY) + \
+        tuple(n for n in given if n not in params)
+    defaults = {n: p.default for n, p in params.items()
+                if n not in given and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    trees: dict[str, Tree] = {}
+    inputs: list[TensorSpec] = []
+    tensors: list[torch.Tensor] = []
+    for name, value in given.items():
+        leaves, spec = pytree.tree_flatten(value)
+        tree_leaves = []
+        for j, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                leaf_name = name if spec.is_leaf() else f"{name}.{j}"
+                tree_leaves.append(Leaf(index=len(inputs)))
+                inputs.append(TensorSpec(leaf_name, leaf.dtype, tuple(leaf.shape)))
+                tensors.append(leaf)
+            elif isinstance(leaf, _JSON_SCALARS):
+                tree_leaves.append(Leaf(value=leaf))
+            else:
+                raise InputError(f"input {name!r} holds a {type(leaf).__name__}; inputs may hold tensors and "
+                                 "None/bool/int/float/str constants only")
+        trees[name] = Tree(spec, tuple(tree_leaves))
+    if not inputs:
+        raise InputError("example_inputs hold no tensor; give at least one tensor input")
+
+    inputs, dims = _apply_dynamic(inputs, tensors, dynamic_shapes, shape_ranges)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            reference = model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    out_leaves, out_spec = pytree.tree_flatten(reference)
+    outputs: list[TensorSpec] = []
+    leaves = []
+    for j, leaf in enumerate(out_leaves):
+        if isinstance(leaf, torch.Tensor):
+            leaves.append(Leaf(index=len(outputs)))
+            outputs.append(TensorSpec(f"output_{len(outputs)}", leaf.dtype, tuple(leaf.shape)))
+        elif isinstance(leaf, _JSON_SCALARS):
+            leaves.append(Leaf(value=leaf))
+        else:
+            raise InputError(f"the model returns a {type(leaf).__name__} (output leaf {j}); outputs may hold "
+                             "tensors and None/bool/int/float/str constants only")
+    if not outputs:
+        raise InputError("the model returns no tensor; there is nothing to compile")
+    sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
+                    Tree(out_spec, tuple(leaves)))
+    return sig, reference
+
+
+def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],
+                   dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
+                   shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> tuple[list[TensorSpec], dict[str, DimRange]]:
+    """Name the dynamic dimensions: user's `dynamic_shapes`, or dim 0 as "batch" by default."""
+    names = {s.name for s in inputs}
+    if dynamic_shapes is None:
+        batch = tensors[0].shape[0] if tensors[0].dim() else None
+        dynamic_shapes = {s.name: {0: "batch"} for s, t in zip(inputs, tensors) if t.dim() and t.shape[0] == batch}
+    unknown = set(dynamic_shapes) - names
+    if unknown:
+        raise InputError(f"dynamic_shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+    for source, what in ((shape_ranges, "target shape ranges"),):
+        stray = set(source) - names
+        if stray:
+            raise InputError(f"the {what} name unknown input(s) {sorted(stray)}; inputs are {sorted(names)}")
+    dims: dict[str, DimRange] = {}
+    sizes: dict[str, int] = {}
+    out = []
+    for spec in inputs:
+        shape = list(spec.shape)
+        for i, dim_name in (dynamic_shapes.get(spec.name) or {}).items():
+            if not isinstance(i, int) or not -len(shape) <= i < len(shape):
+                raise InputError(f"dynamic_shapes[{spec.name!r}]: dim {i!r} does not exist; the input has rank {len(shape)}")
+            i %= len(shape)
+            if sizes.setdefault(dim_name, shape[i]) != shape[i]:
+                raise InputError(f"dynamic dim {dim_name!r} is {shape[i]} in input {spec.name!r} but {sizes[dim_name]} "
+                                 "elsewhere in example_inputs; dims sharing a name must have equal sizes")
+            rng = (shape_ranges.get(spec.name) or {}).get(i) or dims.get(dim_name) or DimRange()
+            if not rng.contains(shape[i]):
+                raise InputError(f"input {spec.name!r}: example size {shape[i]} of dim {i} lies outside its range {rng}")
+            dims[dim_name] = rng
+            shape[i] = dim_name
+        out.append(TensorSpec(spec.name, spec.dtype, tuple(shape)))
+    return out, dims
+
+
+class FlatModule(torch.nn.Module):
+    """`model` behind the flat calling convention that exporters and engines see: tensors in, tensors out."""
+
+    def __init__(self, model: torch.nn.Module, signature: Signature):
+        super().__init__()
+        self.model = model
+        self.signature = signature
+        params = inspect.signature(model.forward).parameters
+        self.positional_only = [n for n, p in params.items() if p.kind is p.POSITIONAL_ONLY]
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values = {name: tree.build(flat) for name, tree in self.signature.args.items()}
+        positional = [values.pop(n) for n in self.positional_only if n in values]
+        out = self.model(*positional, **values)
+        return tuple(l for l in pytree.tree_leaves(out) if isinstance(l, torch.Tensor))

@@ -1,0 +1,206 @@
+"""Targets: what to compile for, read from TOML descriptors.
+
+A descriptor names a backend, a device, a precision, backend options, optional shape ranges per
+input dimension and the validation tolerance. Built-in descriptors ship inside the package; a user's
+own file is given by path, or found by name in the directories of `$COMPILERS_TARGETS`
+(separated like PATH). A descriptor may start from another with `extends = "name"` and override keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import TargetError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When a compiled output counts as equal to eager.
+
+    A float element fails only if it exceeds both `atol` and `rtol * |eager|`. Lossy precisions add
+    `min_cosine` / `min_snr_db` per output (and may drop the element-wise check with atol=rtol=None).
+    Integer and bool outputs must agree on at least `min_int_agreement` of their elements."""
+
+    atol: float | None = 1e-4
+    rtol: float | None = 1e-3
+    min_cosine: float | None = None
+    min_snr_db: float | None = None
+    min_int_agreement: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """The sizes one dynamic dimension may take; `opt` is the size engines tune for."""
+
+    min: int = 1
+    opt: int | None = None
+    max: int | None = None
+
+    def __post_init__(self):
+        if self.min < 0 or (self.max is not None and self.max < self.min):
+            raise TargetError(f"dimension range min={self.min} max={self.max} is empty; need 0 <= min <= max")
+        if self.opt is not None and not (self.min <= self.opt <= (self.max or self.opt)):
+            raise TargetError(f"dimension range opt={self.opt} lies outside min={self.min}..max={self.max}")
+
+    def contains(self, size: int) -> bool:
+        return size >= self.min and (self.max is None or size <= self.max)
+
+    def __str__(self) -> str:
+        return f"{self.min}..{self.max if self.max is not None else 'inf'}"
+
+
+_TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
+_TOP_KEYS = {"name", "backend", "device", "precision", "description", "extends",
+             "options", "tolerance", "shapes", "unsupported"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compilation target: pure data, built from a descriptor, changed with `with_()`."""
+
+    name: str
+    backend: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    shapes: Mapping[str, Mapping[int, DimRange]] = field(default_factory=dict)
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    unsupported: tuple[str, ...] = ()
+    source: str = "<code>"
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise TargetError(f"target {self.name!r}: precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        object.__setattr__(self, "shapes", MappingProxyType(
+            {k: MappingProxyType(dict(v)) for k, v in self.shapes.items()}))
+        object.__setattr__(self, "unsupported", tuple(self.unsupported))
+
+    def with_(self, **overrides: Any) -> "Target":
+        """A copy with fields, tolerance keys (atol, rtol, min_cosine, ...) or backend options replaced."""
+        fields, tol, opts = {}, {}, dict(self.options)
+        for key, value in overrides.items():
+            if key in _TOLERANCE_KEYS:
+                tol[key] = value
+            elif key in {f.name for f in dataclasses.fields(self)}:
+                fields[key] = value
+            else:
+                opts[key] = value
+        if tol:
+            fields["tolerance"] = dataclasses.replace(fields.get("tolerance", self.tolerance), **tol)
+        return dataclasses.replace(self, options=opts, **fields)
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """None when the backend can run here; otherwise why not and how to fix it."""
+        from .backends import get_backend
+        return get_backend(self.backend).unavailable_reason(self)
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable_reason is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form; `Target.from_dict` reads it back."""
+        return {
+            "name": self.name, "backend": self.backend, "device": self.device,
+            "precision": self.precision, "description": self.description,
+            "options": dict(self.options), "tolerance": self.tolerance.to_dict(),
+            "shapes": {inp: {str(d): dataclasses.asdict(r) for d, r in dims.items()}
+                       for inp, dims in self.shapes.items()},
+            "unsupported": list(self.unsupported),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "Target":
+        unknown = set(data) - _TOP_KEYS
+        if unknown:
+            raise TargetError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS - {'extends'})}")
+        for key in ("name", "backend"):
+            if not isinstance(data.get(key), str):
+                raise TargetError(f"{source}: '{key}' must be a string")
+        tol = dict(data.get("tolerance", {}))
+        bad = set(tol) - _TOLERANCE_KEYS
+        if bad:
+            raise TargetError(f"{source}: unknown tolerance key(s) {sorted(bad)}; allowed: {sorted(_TOLERANCE_KEYS)}")
+        try:
+            shapes = {inp: {int(d): DimRange(**r) for d, r in dims.items()}
+                      for inp, dims in data.get("shapes", {}).items()}
+        except (TypeError, ValueError) as e:
+            raise TargetError(f"{source}: shapes must look like [shapes.input_name] 0 = {{min = 1, opt = 8, max = 64}}: {e}") from None
+        return cls(name=data["name"], backend=data["backend"], device=data.get("device", "cpu"),
+                   precision=data.get("precision", "fp32"), description=data.get("description", ""),
+                   options=data.get("options", {}), shapes=shapes, tolerance=Tolerance(**tol),
+                   unsupported=tuple(data.get("unsupported", ())), source=source)
+
+
+def builtin_dir() -> Path:
+    """The built-in descriptor library: inside the installed wheel, or `targets/` of a source checkout."""
+    packaged = Path(str(resources.files("compilers"))) / "targets"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "targets"
+
+
+def _search_dirs() -> list[Path]:
+    extra = [Path(p) for p in os.environ.get("COMPILERS_TARGETS", "").split(os.pathsep) if p]
+    return extra + [builtin_dir()]
+
+
+def _read_toml(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise TargetError(f"{path}: not valid TOML: {e}") from None
+    base_name = data.pop("extends", None)
+    if base_name is None:
+        return data
+    if base_name in seen:
+        raise TargetError(f"{path}: 'extends' forms a cycle: {' -> '.join(seen + (base_name,))}")
+    merged = _read_toml(_find(base_name), seen + (base_name,))
+    for key, value in data.items():  # tables merge one level deep, scalars replace
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def _find(name: str) -> Path:
+    for d in _search_dirs():
+        p = d / f"{name}.toml"
+        if p.is_file():
+            return p
+    raise TargetError(f"unknown target {name!r}; known targets: {', '.join(builtin_names())}. "
+                      "Pass a path to a .toml descriptor, or add its directory to $COMPILERS_TARGETS.")
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.toml"))
+
+
+def load_target(spec: "str | os.PathLike | Target") -> Target:
+    """A Target from a built-in name, a user's name on $COMPILERS_TARGETS, a .toml path, or a Target."""
+    if isinstance(spec, Target):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TargetError(f"target must be a name, a path to a .toml file or a compilers.Target, not {type(spec).__name__}")
+    path = Path(spec)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise TargetError(f"target descriptor {path} does not exist")
+    else:
+        path = _find(str(spec))
+    return Target.from_dict(_read_toml(path), source=str(path))
+
+
+def builtin_targets() -> list[Target]:
+    """Every built-in target (see `Target.available` / `unavailable_reason`)."""
+    return [load_target(n) for n in builtin_names()]
