@@ -60,7 +60,7 @@ def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature,
         lowered.attempts = attempts
         lowered.seconds = time.perf_counter() - t0
         return lowered
-    ops = sorted({op for _, why in attempts for op in _ATEN_OP.findall(why)})
+    ops = sorted({_op_name(op) for _, why in attempts for op in _ATEN_OP.findall(why)})
     detail = "; ".join(f"{r}: {why}" for r, why in attempts)
     hint = f"unsupported operator(s): {', '.join(ops)}. " if ops else ""
     raise ExportError(f"every lowering route failed for {type(model).__name__}. {hint}{detail}. "
@@ -70,8 +70,17 @@ def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature,
 _ATEN_OP = re.compile(r"\baten(?:::|\.)[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?")
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _op_name(op: str) -> str:
+    """aten.linalg_eig.default / aten::linalg_eig -> aten::linalg_eig"""
+    name = op.replace("aten::", "aten.").split(".")[1]
+    return f"aten::{name}"
+
+
 def _first_line(e: BaseException) -> str:
-    text = f"{type(e).__name__}: {e}"
+    text = _ANSI.sub("", f"{type(e).__name__}: {e}")
     cause = e.__cause__ or e.__context__
     if cause is not None and not _ATEN_OP.search(text):
         text += f" (caused by {type(cause).__name__}: {cause})"
@@ -88,7 +97,8 @@ def _quiet():
     for l in loggers:
         l.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -228,6 +228,12 @@ class Signature:
         )
 
 
+def _path_name(root: str, path: Sequence[Any]) -> str:
+    """`output.hidden`, `output.0`, `past.1.0`: a leaf's name from its pytree key path."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return ".".join([root, *parts])
+
+
 def _fmt_shape(shape: Sequence[int | str]) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
@@ -273,13 +279,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     inputs: list[TensorSpec] = []
     tensors: list[torch.Tensor] = []
     for name, value in given.items():
-        leaves, spec = pytree.tree_flatten(value)
+        leaves, spec = pytree.tree_flatten_with_path(value)
         tree_leaves = []
-        for j, leaf in enumerate(leaves):
+        for path, leaf in leaves:
             if isinstance(leaf, torch.Tensor):
-                leaf_name = name if spec.is_leaf() else f"{name}.{j}"
                 tree_leaves.append(Leaf(index=len(inputs)))
-                inputs.append(TensorSpec(leaf_name, leaf.dtype, tuple(leaf.shape)))
+                inputs.append(TensorSpec(_path_name(name, path), leaf.dtype, tuple(leaf.shape)))
                 tensors.append(leaf)
             elif isinstance(leaf, _JSON_SCALARS):
                 tree_leaves.append(Leaf(value=leaf))
@@ -299,13 +304,13 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
             reference = model(*args, **kwargs)
     finally:
         model.train(was_training)
-    out_leaves, out_spec = pytree.tree_flatten(reference)
+    out_leaves, out_spec = pytree.tree_flatten_with_path(reference)
     outputs: list[TensorSpec] = []
     leaves = []
-    for j, leaf in enumerate(out_leaves):
+    for j, (path, leaf) in enumerate(out_leaves):
         if isinstance(leaf, torch.Tensor):
             leaves.append(Leaf(index=len(outputs)))
-            outputs.append(TensorSpec(f"output_{len(outputs)}", leaf.dtype, tuple(leaf.shape)))
+            outputs.append(TensorSpec(_path_name("output", path), leaf.dtype, tuple(leaf.shape)))
         elif isinstance(leaf, _JSON_SCALARS):
             leaves.append(Leaf(value=leaf))
         else:

@@ -34,8 +34,8 @@ def install_clash() -> str | None:
             "or pip install 'compilers[cpu]' (CPU machine)")
 
 
-def op_counts(model) -> collections.Counter:
-    return collections.Counter(n.op_type for n in model.graph.node)
+def op_counts(graph) -> collections.Counter:
+    return collections.Counter(n.op_type for n in graph.node)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -82,10 +82,9 @@ class OnnxRuntimeBackend(Backend):
         final = optimized.lowered.path.with_suffix(".ort-optimized.onnx")
         engine = OrtEngine(model_bytes, target, signature, optimized_path=final)
         import onnx
-        before = op_counts(onnx.load(str(optimized.lowered.path)))
-        after = op_counts(onnx.load(str(final)))
-        engine.info = {"nodes": sum(after.values()), "ops": dict(after),
-                       "fused": {**optimized.fused, **{k: v for k, v in after.items() if k not in before}}}
+        graph = onnx.load(str(final)).graph
+        contrib = collections.Counter(n.op_type for n in graph.node if n.domain == "com.microsoft")
+        engine.info = {"nodes": len(graph.node), "ops": dict(op_counts(graph)), "fused": dict(contrib)}
         return engine
 
     def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
@@ -97,7 +96,7 @@ def fuse_transformer(model, model_type: str) -> tuple[Any, dict[str, int]]:
     from onnxruntime.transformers.optimizer import optimize_by_fusion
     import logging
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    before = op_counts(model)
+    before = op_counts(model.graph)
     fused = optimize_by_fusion(model, model_type=model_type, num_heads=0, hidden_size=0)
     stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v and k not in before}
     return fused.model, stats

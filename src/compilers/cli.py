@@ -1,0 +1,147 @@
+"""The `compilers` command: compile, targets, validate, report.
+
+A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
+dict with `model`, `example_inputs` and optionally `dynamic_shapes` and `calibration`.
+Exit status: 0 done, 1 validation failed, 2 bad input or a compiler error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import api
+from .errors import CompilerError, InputError, ValidationError
+from .runtime import MANIFEST, load
+from .target import load_target
+
+
+def load_factory(spec: str) -> dict[str, Any]:
+    """Call the factory named by `module.py:name` or `package.module:name`; return its parts as a dict."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise InputError(f"factory {spec!r} must look like path/to/module.py:function or package.module:function")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise InputError(f"factory file {path} does not exist")
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.path.insert(0, str(path.parent.resolve()))
+        mod_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise InputError(f"{where} has no function {name!r}")
+    made = factory()
+    if isinstance(made, dict):
+        parts = dict(made)
+    elif isinstance(made, tuple) and len(made) == 2:
+        parts = {"model": made[0], "example_inputs": made[1]}
+    else:
+        raise InputError(f"factory {spec} must return (model, example_inputs) or a dict with 'model' and "
+                         f"'example_inputs', not {type(made).__name__}")
+    missing = {"model", "example_inputs"} - set(parts)
+    if missing:
+        raise InputError(f"factory {spec} returned no {', '.join(sorted(missing))}")
+    return parts
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    parts = load_factory(a.factory)
+    target = load_target(a.target)
+    print(f"compiling {type(parts['model']).__name__} for {target.name} (backend {target.backend}); "
+          "export and engine build can take a while...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    cm = api.compile(parts["model"], target, parts["example_inputs"], dynamic_shapes=parts.get("dynamic_shapes"),
+                     calibration=parts.get("calibration"), validate="warn" if a.no_fail else not a.no_validate,
+                     cache_dir=a.cache_dir)
+    print(f"compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    cm.save(a.out)
+    print(cm.report)
+    print(f"saved to {a.out}")
+    return 1 if cm.report.validation is not None and not cm.report.validation.passed else 0
+
+
+def cmd_targets(a: argparse.Namespace) -> int:
+    rows = [(t.name, t.backend, t.device, t.precision, t.unavailable_reason) for t in api.targets()]
+    if a.json:
+        print(json.dumps([{"name": n, "backend": b, "device": d, "precision": p, "available": r is None, "reason": r}
+                          for n, b, d, p, r in rows], indent=1))
+        return 0
+    print(f"{'target':22s} {'backend':12s} {'device':7s} {'precision':9s} available")
+    for n, b, d, p, r in rows:
+        print(f"{n:22s} {b:12s} {d:7s} {p:9s} {'yes' if r is None else 'no: ' + r}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    cm = load(a.artifact)
+    parts = load_factory(a.factory)
+    samples = [parts["example_inputs"], *list(parts.get("calibration") or [])]
+    result = api.validate(cm, parts["model"], samples)
+    print(result)
+    return 0 if result.passed else 1
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    cm = load(a.artifact, check_versions=False)
+    manifest = json.loads((Path(a.artifact) / MANIFEST).read_text())
+    if a.json:
+        print(json.dumps(cm.report.to_dict(), indent=1))
+        return 0
+    print(cm.report)
+    sig = cm.signature
+    print("inputs      " + ", ".join(f"{s.name}: {str(s.dtype).removeprefix('torch.')}{list(s.shape)}" for s in sig.inputs))
+    print("outputs     " + ", ".join(f"{s.name}: {str(s.dtype).removeprefix('torch.')}" for s in sig.outputs))
+    print("files       " + ", ".join(manifest["files"]))
+    print("built with  " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compilers", description="Compile PyTorch models for inference backends, validated against eager.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="compile a model from a factory and save the artifact")
+    c.add_argument("factory", help="path/to/module.py:function or package.module:function")
+    c.add_argument("--target", "-t", required=True, help="built-in target name or path to a .toml descriptor")
+    c.add_argument("--out", "-o", required=True, help="artifact directory to write")
+    c.add_argument("--cache-dir", help="reuse builds from this directory")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--no-validate", action="store_true", help="skip validation against eager")
+    g.add_argument("--no-fail", action="store_true", help="save even when validation fails (exit status 1)")
+    c.set_defaults(run=cmd_compile)
+    t = sub.add_parser("targets", help="list the built-in targets and whether they run here")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(run=cmd_targets)
+    v = sub.add_parser("validate", help="validate a saved artifact against the eager model")
+    v.add_argument("artifact")
+    v.add_argument("factory")
+    v.set_defaults(run=cmd_validate)
+    r = sub.add_parser("report", help="print what was done to build an artifact")
+    r.add_argument("artifact")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(run=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        return a.run(a)
+    except ValidationError as e:
+        print(f"compilers: validation failed: {e}", file=sys.stderr)
+        return 1
+    except CompilerError as e:
+        print(f"compilers: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared test helpers: `assert_same_output` checks the compiled-model contract against eager.
+
+The contract: `cm(...)` returns what `model(...)` returns -- the same container types (HF ModelOutput
+subclasses, torch.return_types, dicts, tuples, lists), the same pytree structure, and per tensor leaf
+the same array kind (torch in -> torch out, numpy in -> numpy out), dtype and shape; float values
+within tolerance, integer and bool values exact. Use the function directly or the fixture of the same name.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+FP32_ATOL = 1e-4
+FP32_RTOL = 1e-3
+
+
+def _describe(path: Any) -> str:
+    return "output" + pytree.keystr(path)
+
+
+def assert_same_output(got: Any, ref: Any, *, atol: float = FP32_ATOL, rtol: float = FP32_RTOL) -> None:
+    """Assert `got` (compiled) matches `ref` (eager): type, pytree structure, and per leaf kind/dtype/shape/values.
+
+    `ref` may hold torch tensors while `got` holds numpy arrays when the compiled model was called with
+    numpy inputs: pass `ref` converted with `to_numpy` for that case, so the leaf kinds must match exactly.
+    """
+    assert type(got) is type(ref), f"output type {type(got).__qualname__}, eager gives {type(ref).__qualname__}"
+    got_leaves, got_spec = pytree.tree_flatten_with_path(got)
+    ref_leaves, ref_spec = pytree.tree_flatten_with_path(ref)
+    assert got_spec == ref_spec, \
+        f"output structure differs:\n compiled {got_spec}\n eager    {ref_spec}"
+    for (path, g), (_, r) in zip(got_leaves, ref_leaves):
+        where = _describe(path)
+        assert type(g) is type(r), f"{where}: leaf type {type(g).__qualname__}, eager gives {type(r).__qualname__}"
+        if isinstance(r, torch.Tensor):
+            assert g.dtype == r.dtype, f"{where}: dtype {g.dtype}, eager gives {r.dtype}"
+            assert g.shape == r.shape, f"{where}: shape {tuple(g.shape)}, eager gives {tuple(r.shape)}"
+            assert g.device == r.device, f"{where}: device {g.device}, eager gives {r.device}"
+            assert not g.requires_grad, f"{where}: compiled output requires grad"
+            g_np, r_np = g.detach().cpu().numpy(), r.detach().cpu().numpy()
+        elif isinstance(r, np.ndarray):
+            assert g.dtype == r.dtype, f"{where}: dtype {g.dtype}, eager gives {r.dtype}"
+            assert g.shape == r.shape, f"{where}: shape {g.shape}, eager gives {r.shape}"
+            g_np, r_np = g, r
+        else:  # a constant leaf (None, int, str, ...)
+            assert g == r, f"{where}: {g!r}, eager gives {r!r}"
+            continue
+        if np.issubdtype(r_np.dtype, np.floating):
+            np.testing.assert_allclose(g_np, r_np, atol=atol, rtol=rtol, err_msg=where)
+        else:
+            np.testing.assert_array_equal(g_np, r_np, err_msg=f"{where} (integer/bool leaves must be exact)")
+
+
+def to_numpy(tree: Any) -> Any:
+    """`tree` with every torch tensor leaf replaced by its numpy array (what a numpy call should return)."""
+    return pytree.tree_map(lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, tree)
+
+
+@pytest.fixture(name="assert_same_output")
+def assert_same_output_fixture():
+    return assert_same_output

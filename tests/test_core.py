@@ -1,0 +1,319 @@
+"""The core contract on ort-cpu with tiny models: targets, input checks, validation, artifacts, cache, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import compilers
+from compilers.target import load_target
+
+TARGET = "ort-cpu"
+
+
+class Affine(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x, scale: float = 2.0, bias=None):
+        y = self.lin(x) * scale
+        return y if bias is None else y + bias
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.export refuses it, tracing bakes one branch in."""
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x * 3
+
+
+@pytest.fixture(scope="module")
+def affine():
+    model = Affine().eval()
+    return model, compilers.compile(model, TARGET, (torch.randn(3, 8),))
+
+
+# -- targets ---------------------------------------------------------------------------------
+def test_builtin_target_resolves_and_is_available():
+    t = load_target(TARGET)
+    assert (t.backend, t.precision, t.tolerance.atol, t.tolerance.rtol) == ("onnxruntime", "fp32", 1e-4, 1e-3)
+    assert TARGET in [x.name for x in compilers.targets()]
+    assert t.available, t.unavailable_reason
+
+
+def test_unknown_target_lists_known_names():
+    with pytest.raises(compilers.TargetError, match="ort-cpu"):
+        compilers.compile(Affine(), "no-such-target", (torch.randn(2, 8),))
+
+
+def test_user_descriptor_extends_builtin_and_with_overrides(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('extends = "ort-cpu"\nname = "mine"\n[options]\nthreads = 1\n[tolerance]\natol = 1e-3\n')
+    t = load_target(path)
+    assert (t.name, t.backend, t.options["threads"], t.tolerance.atol, t.tolerance.rtol) == \
+        ("mine", "onnxruntime", 1, 1e-3, 1e-3)
+    t2 = t.with_(threads=2, rtol=0.5, precision="fp32")
+    assert (t2.options["threads"], t2.tolerance.rtol, t.options["threads"]) == (2, 0.5, 1)
+    os.environ["COMPILERS_TARGETS"] = str(tmp_path)
+    try:
+        assert load_target("mine").name == "mine"
+    finally:
+        del os.environ["COMPILERS_TARGETS"]
+
+
+@pytest.mark.parametrize("text, match", [
+    ('name = "x"\nbackend = "nope"\n', "unknown backend"),
+    ('name = "x"\nbackend = "onnxruntime"\n[tolerance]\natl = 1\n', "unknown tolerance key"),
+    ('name = "x"\nbackend = "onnxruntime"\nprecision = "fp64"\n', "precision"),
+    ('name = "x"\nbackend = "onnxruntime"\n[options]\nthredz = 1\n', "unknown option"),
+    ('name = "x"\nbackend = "onnxruntime"\n[options]\ngraph_optimization_level = "max"\n', "choose one of"),
+    ('name = "x"\nbackend = "onnxruntime"\n[shapes.x]\n0 = {min = 5, max = 2}\n', "empty"),
+    ('name = [1\n', "not valid TOML"),
+])
+def test_bad_descriptor_is_a_target_error(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(compilers.TargetError, match=match):
+        compilers.compile(Affine(), path, (torch.randn(2, 8),))
+
+
+# -- calling conventions and input checks --------------------------------------------------
+def test_positional_keyword_and_numpy_calls(affine):
+    model, cm = affine
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        ref = model(x)
+    for got in (cm(x), cm(x=x)):
+        assert isinstance(got, torch.Tensor) and got.dtype == ref.dtype and got.shape == ref.shape
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
+    got = cm(x.numpy())
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda cm: cm(torch.randn(3, 8), torch.randn(3, 8), 1, 2), "positional"),
+    (lambda cm: cm(y=torch.randn(3, 8)), "unknown input 'y'"),
+    (lambda cm: cm(), "missing input"),
+    (lambda cm: cm(torch.randn(3, 8, dtype=torch.float64)), "dtype float64, expected float32"),
+    (lambda cm: cm(torch.randn(8)), "rank 1"),
+    (lambda cm: cm(torch.randn(3, 7)), "dim 1 is 7, expected 8"),
+    (lambda cm: cm(torch.randn(3, 8), scale=3.0), "fixed at its default 2.0"),
+    (lambda cm: cm(torch.randn(3, 8), bias=torch.zeros(4)), "fixed at its default None"),
+    (lambda cm: cm([1, 2]), "expected a torch.Tensor"),
+])
+def test_bad_inputs_raise_input_error_naming_the_input(affine, call, match):
+    with pytest.raises(compilers.InputError, match=match):
+        call(affine[1])
+
+
+def test_dynamic_range_from_target_is_enforced():
+    t = load_target(TARGET).with_(shapes={"x": {0: compilers.DimRange(min=1, opt=4, max=6)}})
+    cm = compilers.compile(Affine(), t, (torch.randn(4, 8),))
+    assert cm(torch.randn(6, 8)).shape == (6, 4)
+    with pytest.raises(compilers.InputError, match=r"dim 0 \('batch'\) is 7, allowed 1..6"):
+        cm(torch.randn(7, 8))
+
+
+def test_constants_in_examples_are_fixed_and_checked():
+    model = Affine()
+    cm = compilers.compile(model, TARGET, {"x": torch.randn(2, 8), "scale": 0.5})
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(cm(x, scale=0.5), model(x, scale=0.5), atol=1e-4, rtol=1e-3)
+    with pytest.raises(compilers.InputError, match="fixed to 0.5"):
+        cm(x, scale=1.0)
+
+
+def test_equal_dim_names_must_match():
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return a + b
+    cm = compilers.compile(Add(), TARGET, (torch.randn(2, 3), torch.randn(2, 3)),
+                           dynamic_shapes={"a": {0: "n"}, "b": {0: "n"}})
+    with pytest.raises(compilers.InputError, match="dims with one name must be equal"):
+        cm(torch.randn(2, 3), torch.randn(4, 3))
+
+
+def test_bad_compile_arguments():
+    with pytest.raises(compilers.InputError, match="nn.Module"):
+        compilers.compile(lambda x: x, TARGET, (torch.randn(2),))
+    with pytest.raises(compilers.InputError, match="dynamic_shapes names unknown"):
+        compilers.compile(Affine(), TARGET, (torch.randn(2, 8),), dynamic_shapes={"y": {0: "b"}})
+    with pytest.raises(compilers.InputError, match="do not fit"):
+        compilers.compile(Affine(), TARGET, (torch.randn(2, 8), 1.0, None, 5))
+    with pytest.raises(compilers.InputError, match="validate must be"):
+        compilers.compile(Affine(), TARGET, (torch.randn(2, 8),), validate="yes")
+
+
+def test_compile_restores_training_mode():
+    model = Affine().train()
+    compilers.compile(model, TARGET, (torch.randn(2, 8),))
+    assert model.training
+
+
+# -- lowering and validation ---------------------------------------------------------------
+def test_export_ladder_falls_back_and_validation_refuses_a_wrong_engine():
+    pos, neg = (torch.ones(2, 4),), (-torch.ones(2, 4),)
+    with pytest.raises(compilers.ValidationError) as info:
+        compilers.compile(Branchy(), TARGET, pos, calibration=[neg])
+    report = info.value.report
+    assert not report.passed and report.outputs[0].failure
+    assert "exceed" in str(info.value)
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate="warn")
+    assert cm.report.route == "onnx-torchscript"
+    assert cm.report.attempts[0][0] == "onnx-dynamo"
+    cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate=False)
+    assert cm.report.validation is None
+
+
+def test_export_error_names_the_unsupported_operator():
+    class Zeta(nn.Module):
+        def forward(self, x):
+            return torch.special.zeta(x, torch.full_like(x, 2.0))
+    with pytest.raises(compilers.ExportError, match="aten::special_zeta"):
+        compilers.compile(Zeta(), TARGET, (torch.rand(3, 3) + 1,))
+
+
+def test_report_reads_well_and_is_json(affine):
+    _, cm = affine
+    text = str(cm.report)
+    for word in ("ort-cpu", "onnx-dynamo", "nodes", "validation", "PASSED"):
+        assert word in text
+    d = json.loads(json.dumps(cm.report.to_dict()))
+    assert d["route"] == "onnx-dynamo" and d["validation"]["passed"] and d["opset"] >= 17
+    assert set(d["seconds"]) >= {"capture", "lower", "optimize", "build", "validate", "total"}
+
+
+def test_validate_function(affine):
+    model, cm = affine
+    result = compilers.validate(cm, model, [(torch.randn(2, 8),), (torch.randn(7, 8),)])
+    assert result.passed and result.samples == 2
+    result = compilers.validate(cm, _shifted(model), [(torch.randn(2, 8),)])
+    assert not result.passed and result.outputs[0].needed_atol > 0
+
+
+def _shifted(model: Affine) -> Affine:
+    other = Affine()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        other.lin.bias += 1.0
+    return other.eval()
+
+
+# -- artifacts -----------------------------------------------------------------------------
+def test_save_load_roundtrip_and_manifest(affine, tmp_path):
+    model, cm = affine
+    out = cm.save(tmp_path / "art")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and "model.onnx" in manifest["files"]
+    assert manifest["bound"]["onnxruntime"] and manifest["versions"]["torch"]
+    assert not any(p.suffix in (".pkl", ".pickle", ".pt") for p in out.iterdir())
+    loaded = compilers.load(out)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-3)
+    assert loaded.report.route == cm.report.route
+    cm.save(out)  # overwriting an artifact is allowed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_load_rejects_damaged_or_foreign_artifacts(affine, tmp_path):
+    _, cm = affine
+    out = cm.save(tmp_path / "art")
+    with open(out / "model.onnx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(compilers.ArtifactError, match="sha256"):
+        compilers.load(out)
+    out = cm.save(tmp_path / "art2")
+    (out / "model.onnx").unlink()
+    with pytest.raises(compilers.ArtifactError, match="missing"):
+        compilers.load(out)
+    out = cm.save(tmp_path / "art3")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["bound"]["onnxruntime"] = "0.0.1"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(compilers.ArtifactError, match="built with onnxruntime 0.0.1"):
+        compilers.load(out)
+    assert compilers.load(out, check_versions=False) is not None
+    with pytest.raises(compilers.ArtifactError, match="manifest.json is missing"):
+        compilers.load(tmp_path)
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "keep.txt").write_text("mine")
+    with pytest.raises(compilers.ArtifactError, match="not a compilers artifact"):
+        cm.save(tmp_path / "stuff")
+
+
+def test_interrupted_save_leaves_nothing(affine, tmp_path, monkeypatch):
+    _, cm = affine
+
+    def crash(directory):
+        (directory / "model.onnx").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cm.engine, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        cm.save(tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_reuses_builds_and_notices_new_weights(tmp_path):
+    model = Affine()
+    x = (torch.randn(2, 8),)
+    first = compilers.compile(model, TARGET, x, cache_dir=tmp_path)
+    second = compilers.compile(model, TARGET, x, cache_dir=tmp_path)
+    assert (first.report.cache, second.report.cache) == ("miss", "hit")
+    assert second.report.validation.passed
+    with torch.no_grad():
+        model.lin.weight += 1
+    third = compilers.compile(model, TARGET, x, cache_dir=tmp_path)
+    assert third.report.cache == "miss"
+    torch.testing.assert_close(third(x[0]), model(x[0]), atol=1e-4, rtol=1e-3)
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+
+
+# -- CLI -----------------------------------------------------------------------------------
+FACTORY = '''
+import torch
+from torch import nn
+
+def make():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3))
+    return model, (torch.randn(4, 6),)
+
+def other():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)), (torch.randn(4, 6),)
+'''
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "compilers.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_compile_report_validate_targets(tmp_path):
+    (tmp_path / "factory.py").write_text(FACTORY)
+    r = _cli("compile", "factory.py:make", "--target", TARGET, "--out", "art", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "PASSED" in r.stdout and "can take a while" in r.stderr
+    r = _cli("report", "art", cwd=tmp_path)
+    assert r.returncode == 0 and "onnx-dynamo" in r.stdout and "model.onnx" in r.stdout
+    r = _cli("validate", "art", "factory.py:make", cwd=tmp_path)
+    assert r.returncode == 0 and "PASSED" in r.stdout
+    r = _cli("validate", "art", "factory.py:other", cwd=tmp_path)
+    assert r.returncode == 1 and "FAIL" in r.stdout
+    r = _cli("targets", cwd=tmp_path)
+    assert r.returncode == 0 and TARGET in r.stdout
+    r = _cli("compile", "factory.py:nope", "--target", TARGET, "--out", "x", cwd=tmp_path)
+    assert r.returncode == 2 and "no function 'nope'" in r.stderr
+    r = _cli("compile", "factory.py:make", "--target", "bogus", "--out", "x", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown target" in r.stderr
