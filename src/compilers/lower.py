@@ -48,7 +48,7 @@ def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature,
     for route in backend.routes:
         t0 = time.perf_counter()
         try:
-            with _quiet():
+            with quiet():
                 if route in _ONNX_ROUTES:
                     lowered = _ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
                 else:
@@ -90,7 +90,7 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """Exporters print progress and warn a lot; keep it out of the user's console."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
     levels = [l.level for l in loggers]

@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..lower import Lowered
+from ..lower import Lowered, quiet
 from ..signature import Signature
 from ..target import Target
 from .base import Backend, Engine, Optimized, Option
@@ -64,17 +64,26 @@ class OnnxRuntimeBackend(Backend):
 
     def optimize(self, lowered: Lowered, target: Target, calibration, workdir: Path) -> Optimized:
         import onnx
-        model = onnx.load(str(lowered.path))
         opt = Optimized(lowered)
-        if target.options.get("transformer_fusions", True):
-            fused_model, fused = fuse_transformer(model, target.options.get("transformer_model_type", "bert"))
-            if fused:
-                path = workdir / "fused.onnx"
-                onnx.save(fused_model, str(path))
-                opt.lowered = Lowered(**{**lowered.__dict__, "path": path})
-                opt.fused.update(fused)
-            else:
-                opt.notes.append("no transformer pattern found to fuse")
+        if not target.options.get("transformer_fusions", True):
+            return opt
+        model = onnx.load(str(lowered.path))
+        before = contrib_ops(model.graph)
+        for name, fuse in (("onnxscript ort_fusions", fuse_onnxscript),
+                           ("onnxruntime.transformers", lambda m: fuse_transformer(m, target.options.get("transformer_model_type", "bert")))):
+            try:
+                with quiet():
+                    model = fuse(model)
+            except Exception as e:  # a fusion pass that cannot handle a graph must not sink the compile
+                opt.notes.append(f"{name} fusion skipped: {type(e).__name__}: {str(e)[:200]}")
+        fused = contrib_ops(model.graph) - before
+        if fused:
+            path = workdir / "fused.onnx"
+            onnx.save(model, str(path))
+            opt.lowered = Lowered(**{**lowered.__dict__, "path": path})
+            opt.fused.update(fused)
+        else:
+            opt.notes.append("no transformer pattern found to fuse")
         return opt
 
     def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
@@ -83,23 +92,32 @@ class OnnxRuntimeBackend(Backend):
         engine = OrtEngine(model_bytes, target, signature, optimized_path=final)
         import onnx
         graph = onnx.load(str(final)).graph
-        contrib = collections.Counter(n.op_type for n in graph.node if n.domain == "com.microsoft")
-        engine.info = {"nodes": len(graph.node), "ops": dict(op_counts(graph)), "fused": dict(contrib)}
+        engine.info = {"nodes": len(graph.node), "ops": dict(op_counts(graph)), "fused": dict(contrib_ops(graph))}
         return engine
 
     def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
         return OrtEngine((directory / MODEL_FILE).read_bytes(), target, signature)
 
 
-def fuse_transformer(model, model_type: str) -> tuple[Any, dict[str, int]]:
-    """onnxruntime.transformers fusions; returns the model and the fused operator counts (empty: nothing fused)."""
-    from onnxruntime.transformers.optimizer import optimize_by_fusion
+def contrib_ops(graph) -> collections.Counter:
+    """ONNX Runtime's fused (com.microsoft) operators in a graph, by type."""
+    return collections.Counter(n.op_type for n in graph.node if n.domain == "com.microsoft")
+
+
+def fuse_onnxscript(model):
+    """onnxscript's ORT fusions: recognize the attention of torch.export graphs (SDPA) as Attention."""
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    fused, _ = optimize_for_ort(ir.from_proto(model))
+    return ir.to_proto(fused)
+
+
+def fuse_transformer(model, model_type: str):
+    """onnxruntime.transformers fusions (SkipLayerNormalization, BiasGelu, BERT attention of older exports)."""
     import logging
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    before = op_counts(model.graph)
-    fused = optimize_by_fusion(model, model_type=model_type, num_heads=0, hidden_size=0)
-    stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v and k not in before}
-    return fused.model, stats
+    return optimize_by_fusion(model, model_type=model_type, num_heads=0, hidden_size=0).model
 
 
 class OrtEngine(Engine):
