@@ -13,7 +13,7 @@ import torch
 from .backends import get_backend
 from .backends.base import Backend
 from .cache import cache_key
-from .errors import ArtifactError, BackendUnavailable, InputError, TargetError, ValidationError
+from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, TargetError, ValidationError
 from .lower import run_ladder
 from .report import Report
 from .runtime import CompiledModel, library_versions, load
@@ -47,6 +47,16 @@ def resolve(target: str | Path | Target) -> tuple[Target, Backend]:
     return t, backend
 
 
+def check_supported(model: torch.nn.Module, target: Target) -> None:
+    """ExportError when the model holds a module type the target's descriptor declares unsupported."""
+    for m in model.modules():
+        cls = type(m)
+        for name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+            if name in target.unsupported:
+                raise ExportError(f"target {target.name!r} does not support {cls.__name__} modules: "
+                                  f"{target.unsupported[name]} (declared in {target.source}); choose another target")
+
+
 def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs: Any, *,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             calibration: Iterable[Any] | None = None, validate: bool | str = True,
@@ -66,6 +76,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     tgt, backend = resolve(target)
+    check_supported(model, tgt)
     was_training = model.training
     model.eval()
     try:
@@ -135,6 +146,8 @@ def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Sig
     info = engine.describe()
     report.nodes_after = info.get("nodes")
     report.fused = dict(info.get("fused") or optimized.fused)
+    report.executed = dict(info.get("executed") or {})
+    report.precisions = dict(info.get("precisions") or {})
     report.notes.extend(optimized.notes)
     return CompiledModel(engine, signature, tgt, report)
 

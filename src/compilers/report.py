@@ -18,7 +18,9 @@ class Report:
     opset: int | None = None
     nodes_before: int | None = None
     nodes_after: int | None = None
-    fused: dict[str, int] = field(default_factory=dict)
+    fused: dict[str, int] = field(default_factory=dict)            # fused operator type -> count
+    executed: dict[str, list[int]] = field(default_factory=dict)   # layer type -> [layers, original ops] (where known)
+    precisions: dict[str, int] = field(default_factory=dict)       # runtime precision -> layers (where known)
     validation: ValidationReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)         # stage -> wall time
     cache: str | None = None                                        # "hit", "miss" or None (no cache_dir)
@@ -50,6 +52,11 @@ class Report:
             lines.append(f"nodes       {self.nodes_before} exported -> {self.nodes_after} after optimization")
         if self.fused:
             lines.append("fused       " + ", ".join(f"{k} {v}" for k, v in sorted(self.fused.items())))
+        if self.executed:
+            lines.append("executed    " + ", ".join(f"{k} {n} (from {m} ops)" if m != n else f"{k} {n}"
+                                                    for k, (n, m) in self.executed.items()))
+        if self.precisions:
+            lines.append("precision   " + ", ".join(f"{k} {v}" for k, v in sorted(self.precisions.items())))
         if self.cache:
             lines.append(f"cache       {self.cache}")
         if self.seconds:

@@ -77,7 +77,7 @@ class Target:
     options: Mapping[str, Any] = field(default_factory=dict)
     shapes: Mapping[str, Mapping[int, DimRange]] = field(default_factory=dict)
     tolerance: Tolerance = field(default_factory=Tolerance)
-    unsupported: tuple[str, ...] = ()
+    unsupported: Mapping[str, str] = field(default_factory=dict)   # module type name -> why it is refused
     source: str = "<code>"
 
     def __post_init__(self):
@@ -86,7 +86,7 @@ class Target:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         object.__setattr__(self, "shapes", MappingProxyType(
             {k: MappingProxyType(dict(v)) for k, v in self.shapes.items()}))
-        object.__setattr__(self, "unsupported", tuple(self.unsupported))
+        object.__setattr__(self, "unsupported", MappingProxyType(dict(self.unsupported)))
 
     def with_(self, **overrides: Any) -> "Target":
         """A copy with fields, tolerance keys (atol, rtol, min_cosine, ...) or backend options replaced."""
@@ -120,7 +120,7 @@ class Target:
             "options": dict(self.options), "tolerance": self.tolerance.to_dict(),
             "shapes": {inp: {str(d): dataclasses.asdict(r) for d, r in dims.items()}
                        for inp, dims in self.shapes.items()},
-            "unsupported": list(self.unsupported),
+            "unsupported": dict(self.unsupported),
         }
 
     @classmethod
@@ -132,9 +132,13 @@ class Target:
             if not isinstance(data.get(key), str):
                 raise TargetError(f"{source}: '{key}' must be a string")
         tol = dict(data.get("tolerance", {}))
+        if not {"atol", "rtol"} & set(tol) and {"min_cosine", "min_snr_db"} & set(tol):
+            tol.update(atol=None, rtol=None)  # judged by cosine / SNR alone: no element-wise check
         bad = set(tol) - _TOLERANCE_KEYS
         if bad:
             raise TargetError(f"{source}: unknown tolerance key(s) {sorted(bad)}; allowed: {sorted(_TOLERANCE_KEYS)}")
+        if not isinstance(data.get("unsupported", {}), dict):
+            raise TargetError(f"{source}: [unsupported] must be a table of module type name = \"reason\"")
         try:
             shapes = {inp: {int(d): DimRange(**r) for d, r in dims.items()}
                       for inp, dims in data.get("shapes", {}).items()}
@@ -143,7 +147,7 @@ class Target:
         return cls(name=data["name"], backend=data["backend"], device=data.get("device", "cpu"),
                    precision=data.get("precision", "fp32"), description=data.get("description", ""),
                    options=data.get("options", {}), shapes=shapes, tolerance=Tolerance(**tol),
-                   unsupported=tuple(data.get("unsupported", ())), source=source)
+                   unsupported=data.get("unsupported", {}), source=source)
 
 
 def builtin_dir() -> Path:

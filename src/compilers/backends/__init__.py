@@ -11,6 +11,7 @@ from .base import Backend
 
 _REGISTRY = {
     "onnxruntime": "compilers.backends.onnxruntime:OnnxRuntimeBackend",
+    "openvino": "compilers.backends.openvino:OpenVinoBackend",
 }
 _instances: dict[str, Backend] = {}
 

@@ -1,0 +1,150 @@
+"""OpenVINO: direct import of the module (convert_model), else the ONNX of the export ladder; CPU plugin.
+
+Precision is explicit: on CPUs with AMX/AVX512-BF16 the CPU plugin runs bf16 unless told f32, so every
+target sets INFERENCE_PRECISION_HINT, and build checks the precisions the compiled model really runs.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import ExportError
+from ..lower import Lowered
+from ..signature import Signature
+from ..target import Target
+from .base import Backend, Engine, Optimized, Option
+
+MODEL_XML = "model.xml"
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    routes = ("openvino-direct", "onnx-dynamo", "onnx-torchscript")
+    bound_libraries = ("openvino",)
+    options = {
+        "performance_hint": Option("LATENCY", "OpenVINO PERFORMANCE_HINT", ("LATENCY", "THROUGHPUT")),
+        "streams": Option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint"),
+        "threads": Option(0, "INFERENCE_NUM_THREADS; 0 = all cores"),
+        "cache_dir": Option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none"),
+    }
+
+    def unavailable_reason(self, target: Target) -> str | None:
+        try:
+            import openvino as ov
+        except ImportError:
+            return "openvino is not installed: pip install 'compilers[cpu]'"
+        if target.device != "cpu":
+            return f"device {target.device!r} is not supported by the openvino backend yet (cpu only)"
+        if target.precision not in _HINTS:
+            return f"precision {target.precision} is not supported by the openvino backend yet"
+        if "CPU" not in ov.Core().available_devices:
+            return "OpenVINO sees no CPU device"
+        return None
+
+    def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
+        import openvino as ov
+        model = ov.convert_model(module, example_input=tuple(examples), input=input_shapes(signature))
+        return Lowered(route=route, model=model, nodes=len(model.get_ops()))
+
+    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+        import openvino as ov
+        lowered = optimized.lowered
+        model = lowered.model if lowered.model is not None else ov.Core().read_model(str(lowered.path))
+        name_inputs(model, signature)
+        engine = OpenVinoEngine(model, target)
+        engine.check_precision(target)
+        return engine
+
+    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
+        import openvino as ov
+        return OpenVinoEngine(ov.Core().read_model(str(directory / MODEL_XML)), target)
+
+
+def input_shapes(signature: Signature) -> list[tuple[Any, Any]]:
+    """(PartialShape, element type) per input; dynamic dims become ranges where the target bounds them."""
+    import openvino as ov
+    out = []
+    for spec in signature.inputs:
+        dims = []
+        for d in spec.shape:
+            if isinstance(d, int):
+                dims.append(ov.Dimension(d))
+            else:
+                rng = signature.dims[d]
+                dims.append(ov.Dimension(rng.min, rng.max if rng.max is not None else -1))
+        out.append((ov.PartialShape(dims), ov.Type(spec.numpy_dtype)))
+    return out
+
+
+def name_inputs(model: Any, signature: Signature) -> None:
+    """Give the model's inputs the signature's names and shape ranges (engines feed by position)."""
+    names = [n for port in model.inputs for n in port.get_names()]
+    if len(model.inputs) != len(signature.inputs):
+        raise ExportError(f"the lowered model has {len(model.inputs)} inputs, the signature {len(signature.inputs)} "
+                          f"({names}); an input the model ignores was dropped by the exporter")
+    shapes = input_shapes(signature)
+    for port, spec in zip(model.inputs, signature.inputs):
+        port.get_tensor().set_names({spec.name})
+    model.reshape({port: shape for port, (shape, _) in zip(model.inputs, shapes)})
+
+
+class OpenVinoEngine(Engine):
+    array_kind = "numpy"
+
+    def __init__(self, model: Any, target: Target):
+        import openvino as ov
+        opts = target.options
+        config = {"INFERENCE_PRECISION_HINT": _HINTS[target.precision],
+                  "PERFORMANCE_HINT": opts.get("performance_hint", "LATENCY")}
+        if opts.get("streams"):
+            config["NUM_STREAMS"] = str(opts["streams"])
+        config["INFERENCE_NUM_THREADS"] = int(opts.get("threads") or os.cpu_count() or 1)
+        if opts.get("cache_dir"):
+            config["CACHE_DIR"] = str(opts["cache_dir"])
+        self.model = model
+        self.compiled = ov.Core().compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        result = self.request.infer(list(inputs), share_inputs=True)
+        return [result[o] for o in self.outputs]
+
+    def save(self, directory: Path) -> None:
+        import openvino as ov
+        # save_model compresses weights to fp16 by default; an fp32 (or bf16) target must keep its weights
+        ov.save_model(self.model, str(directory / MODEL_XML), compress_to_fp16=False)
+
+    def layers(self) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+        """Executed layer types, original operations merged into each type, runtime precisions."""
+        layers, merged, precisions = collections.Counter(), collections.Counter(), collections.Counter()
+        for op in self.compiled.get_runtime_model().get_ops():
+            info = op.get_rt_info()
+            kind = info["layerType"].astype(str)
+            if kind in ("Input", "Output", "Const"):
+                continue
+            layers[kind] += 1
+            merged[kind] += len([n for n in info["originalLayersNames"].astype(str).split(",") if n])
+            precisions[info["runtimePrecision"].astype(str)] += 1
+        return layers, merged, precisions
+
+    def check_precision(self, target: Target) -> None:
+        """Fail closed when the plugin runs a lower float precision than the target asked for."""
+        _, _, precisions = self.layers()
+        lower = {"fp32": ("bf16", "f16", "fp16"), "bf16": ("f16", "fp16")}.get(target.precision, ())
+        silent = {p: n for p, n in precisions.items() if p.lower() in lower}
+        if silent:
+            raise ExportError(f"OpenVINO runs {silent} layers although target {target.name!r} is {target.precision}; "
+                              "this OpenVINO ignores INFERENCE_PRECISION_HINT here; use a bf16 target or another backend")
+
+    def describe(self) -> dict[str, Any]:
+        layers, merged, precisions = self.layers()
+        return {
+            "nodes": sum(layers.values()),
+            "fused": {k: merged[k] - n for k, n in layers.items() if merged[k] > n},
+            "executed": {k: [n, merged[k]] for k, n in sorted(layers.items())},
+            "precisions": dict(precisions),
+        }
