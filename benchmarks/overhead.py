@@ -10,33 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compilers  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 OVERHEAD_LIMIT_US = 25.0
-
-
-def interleaved(fns: dict, blocks: int, per_block: int) -> dict[str, float]:
-    """Median over blocks of the mean seconds per call; the functions take turns block by block."""
-    for fn in fns.values():
-        for _ in range(max(3, per_block // 10)):
-            fn()
-    samples = {k: [] for k in fns}
-    for _ in range(blocks):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(per_block):
-                fn()
-            samples[name].append((time.perf_counter() - t0) / per_block)
-    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def call_overhead() -> dict:

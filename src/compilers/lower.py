@@ -38,6 +38,7 @@ class Lowered:
     nodes: int | None = None
     attempts: list[tuple[str, str]] = field(default_factory=list)   # (route, why it failed)
     seconds: float = 0.0
+    examples: tuple = ()             # the flat inputs it was lowered with (to check rewrites of it on)
 
 
 def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature, examples: Sequence[torch.Tensor],
@@ -59,6 +60,7 @@ def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature,
             continue
         lowered.attempts = attempts
         lowered.seconds = time.perf_counter() - t0
+        lowered.examples = tuple(examples)
         return lowered
     ops = sorted({_op_name(op) for _, why in attempts for op in _ATEN_OP.findall(why)})
     detail = "; ".join(f"{r}: {why}" for r, why in attempts)

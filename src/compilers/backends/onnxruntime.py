@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import warnings
 from importlib.metadata import PackageNotFoundError, version
@@ -73,8 +74,12 @@ class OnnxRuntimeBackend(Backend):
                            ("onnxruntime.transformers", lambda m: fuse_transformer(m, target.options.get("transformer_model_type", "bert")))):
             try:
                 with quiet():
-                    model = fuse(model)
-            except Exception as e:  # a fusion pass that cannot handle a graph must not sink the compile
+                    fused = fuse(copy.deepcopy(model))   # passes may edit in place; keep `model` to fall back on
+                    check = OrtEngine(fused.SerializeToString(), target)
+                    if lowered.examples:
+                        check.run(as_numpy(lowered.examples))
+                model = fused
+            except Exception as e:  # a pass that cannot handle a graph, or breaks it, must not sink the compile
                 opt.notes.append(f"{name} fusion skipped: {type(e).__name__}: {str(e)[:200]}")
         fused = contrib_ops(model.graph) - before
         if fused:
@@ -89,14 +94,18 @@ class OnnxRuntimeBackend(Backend):
     def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
         model_bytes = Path(optimized.lowered.path).read_bytes()
         final = optimized.lowered.path.with_suffix(".ort-optimized.onnx")
-        engine = OrtEngine(model_bytes, target, signature, optimized_path=final)
+        engine = OrtEngine(model_bytes, target, optimized_path=final)
         import onnx
         graph = onnx.load(str(final)).graph
         engine.info = {"nodes": len(graph.node), "ops": dict(op_counts(graph)), "fused": dict(contrib_ops(graph))}
         return engine
 
     def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
-        return OrtEngine((directory / MODEL_FILE).read_bytes(), target, signature)
+        return OrtEngine((directory / MODEL_FILE).read_bytes(), target)
+
+
+def as_numpy(values: Sequence[Any]) -> list[Any]:
+    return [v.detach().cpu().numpy() if hasattr(v, "detach") else v for v in values]
 
 
 def contrib_ops(graph) -> collections.Counter:
@@ -123,7 +132,7 @@ def fuse_transformer(model, model_type: str):
 class OrtEngine(Engine):
     array_kind = "numpy"
 
-    def __init__(self, model_bytes: bytes, target: Target, signature: Signature, optimized_path: Path | None = None):
+    def __init__(self, model_bytes: bytes, target: Target, optimized_path: Path | None = None):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
