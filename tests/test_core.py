@@ -317,3 +317,16 @@ def test_cli_compile_report_validate_targets(tmp_path):
     assert r.returncode == 2 and "no function 'nope'" in r.stderr
     r = _cli("compile", "factory.py:make", "--target", "bogus", "--out", "x", cwd=tmp_path)
     assert r.returncode == 2 and "unknown target" in r.stderr
+
+
+def test_onnxruntime_gpu_clash_is_reported_with_the_fix(tmp_path, monkeypatch):
+    from compilers.backends.onnxruntime import install_clash
+    assert install_clash() is None
+    info = tmp_path / "onnxruntime_gpu-1.31.1.dist-info"   # what `pip install onnxruntime-gpu` leaves beside onnxruntime
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    message = install_clash()
+    assert "onnxruntime-gpu==1.31.1" in message and "pip uninstall -y onnxruntime onnxruntime-gpu" in message
+    with pytest.warns(RuntimeWarning, match="CUDA provider may silently disappear"):
+        assert load_target(TARGET).available

@@ -383,10 +383,9 @@ def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],
     unknown = set(dynamic_shapes) - names
     if unknown:
         raise InputError(f"dynamic_shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
-    for source, what in ((shape_ranges, "target shape ranges"),):
-        stray = set(source) - names
-        if stray:
-            raise InputError(f"the {what} name unknown input(s) {sorted(stray)}; inputs are {sorted(names)}")
+    stray = set(shape_ranges) - names
+    if stray:
+        raise InputError(f"the target's [shapes] name unknown input(s) {sorted(stray)}; inputs are {sorted(names)}")
     dims: dict[str, DimRange] = {}
     sizes: dict[str, int] = {}
     out = []
