@@ -132,7 +132,7 @@ def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Sig
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:
         t = time.perf_counter()
-        lowered = run_ladder(backend, model, signature, samples[0], Path(work))
+        lowered = run_ladder(backend, tgt, model, signature, samples[0], Path(work))
         seconds["lower"] = time.perf_counter() - t
         report.route, report.attempts, report.opset, report.nodes_before = \
             lowered.route, lowered.attempts, lowered.opset, lowered.nodes

@@ -23,6 +23,7 @@ from .signature import FlatModule, Signature
 
 if TYPE_CHECKING:
     from .backends.base import Backend
+    from .target import Target
 
 ONNX_OPSET = 18  # for the TorchScript-based route; the dynamo route picks its own
 
@@ -41,12 +42,12 @@ class Lowered:
     examples: tuple = ()             # the flat inputs it was lowered with (to check rewrites of it on)
 
 
-def run_ladder(backend: "Backend", model: torch.nn.Module, signature: Signature, examples: Sequence[torch.Tensor],
-               workdir: Path) -> Lowered:
-    """Lower `model` by the first of `backend.routes` that works; ExportError if none does."""
+def run_ladder(backend: "Backend", target: "Target", model: torch.nn.Module, signature: Signature,
+               examples: Sequence[torch.Tensor], workdir: Path) -> Lowered:
+    """Lower `model` by the first of the backend's routes for `target` that works; ExportError if none does."""
     attempts: list[tuple[str, str]] = []
     flat = FlatModule(model, signature).eval()
-    for route in backend.routes:
+    for route in backend.routes_for(target):
         t0 = time.perf_counter()
         try:
             with quiet():
@@ -108,7 +109,8 @@ def quiet():
             l.setLevel(level)
 
 
-def _dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tuple[dict[int, Any], ...]]:
+def export_dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tuple[dict[int, Any], ...]]:
+    """torch.export Dims for the signature's dynamic dims: by dim name, and per input {axis: Dim} (None if static)."""
     dims = {}
     for name, rng in signature.dims.items():
         kwargs = {"min": rng.min} if rng.max is None else {"min": rng.min, "max": rng.max}
@@ -119,7 +121,7 @@ def _dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tuple[dict
 
 
 def _onnx_dynamo(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
-    _, per_input = _dims(signature)
+    _, per_input = export_dims(signature)
     program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
                                 input_names=signature.input_names, output_names=signature.output_names)
     program.save(str(path))

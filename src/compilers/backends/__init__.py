@@ -12,6 +12,8 @@ from .base import Backend
 _REGISTRY = {
     "onnxruntime": "compilers.backends.onnxruntime:OnnxRuntimeBackend",
     "openvino": "compilers.backends.openvino:OpenVinoBackend",
+    "torchscript": "compilers.backends.torchscript:TorchScriptBackend",
+    "inductor": "compilers.backends.inductor:InductorBackend",
 }
 _instances: dict[str, Backend] = {}
 

@@ -65,6 +65,10 @@ class Backend(ABC):
     #: pip extra that installs this backend
     extra: str = "cpu"
 
+    def routes_for(self, target: Target) -> tuple[str, ...]:
+        """The routes to try for `target` (a descriptor option may pick one); default: `routes`."""
+        return self.routes
+
     @abstractmethod
     def unavailable_reason(self, target: Target) -> str | None:
         """None if the backend can run `target` here, else why not and the command that fixes it."""
