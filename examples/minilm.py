@@ -63,6 +63,7 @@ def load_encoder() -> SentenceEncoder:
     from transformers import BertModel
     from transformers.utils import logging
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     return SentenceEncoder(BertModel.from_pretrained(str(model_dir()))).eval()
 
 
