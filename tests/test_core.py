@@ -330,3 +330,27 @@ def test_onnxruntime_gpu_clash_is_reported_with_the_fix(tmp_path, monkeypatch):
     assert "onnxruntime-gpu==1.31.1" in message and "pip uninstall -y onnxruntime onnxruntime-gpu" in message
     with pytest.warns(RuntimeWarning, match="CUDA provider may silently disappear"):
         assert load_target(TARGET).available
+
+
+class Pair:
+    """A user container registered with pytree without key-path support."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+torch.utils._pytree.register_pytree_node(Pair, lambda p: ([p.a, p.b], None), lambda xs, _: Pair(*xs),
+                                         serialized_type_name="test_core.Pair")
+
+
+def test_custom_pytree_output_without_key_paths():
+    class MakesPair(nn.Module):
+        def forward(self, x):
+            return Pair(x * 2, x + 1)
+
+    cm = compilers.compile(MakesPair(), TARGET, (torch.randn(2, 3),))
+    x = torch.randn(4, 3)
+    y = cm(x)
+    assert type(y) is Pair and cm.signature.output_names == ["output.0", "output.1"]
+    torch.testing.assert_close(y.a, x * 2)
+    torch.testing.assert_close(y.b, x + 1)

@@ -67,7 +67,7 @@ def run_ladder(backend: "Backend", target: "Target", model: torch.nn.Module, sig
     detail = "; ".join(f"{r}: {why}" for r, why in attempts)
     hint = f"unsupported operator(s): {', '.join(ops)}. " if ops else ""
     raise ExportError(f"every lowering route failed for {type(model).__name__}. {hint}{detail}. "
-                      "Rewrite the offending code with supported ops, or pick a target whose backend imports the module directly.")
+                      "Rewrite the offending code with supported ops, or try another target (`compilers targets`).")
 
 
 _ATEN_OP = re.compile(r"\baten(?:::|\.)[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?")
@@ -84,7 +84,7 @@ def _op_name(op: str) -> str:
 
 def _first_line(e: BaseException) -> str:
     text = _ANSI.sub("", f"{type(e).__name__}: {e}")
-    cause = e.__cause__ or e.__context__
+    cause = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     if cause is not None and not _ATEN_OP.search(text):
         text += f" (caused by {type(cause).__name__}: {cause})"
     lines = [l.strip() for l in text.splitlines() if l.strip()]

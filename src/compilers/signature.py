@@ -211,6 +211,15 @@ class Signature:
         )
 
 
+def _flatten_with_path(tree: Any) -> tuple[list[tuple[tuple, Any]], pytree.TreeSpec]:
+    """Leaves with their key paths; containers registered without key support get positional paths."""
+    try:
+        return pytree.tree_flatten_with_path(tree)
+    except ValueError:
+        leaves, spec = pytree.tree_flatten(tree)
+        return [((pytree.SequenceKey(i),), leaf) for i, leaf in enumerate(leaves)], spec
+
+
 def _path_name(root: str, path: Sequence[Any]) -> str:
     """`output.hidden`, `output.0`, `past.1.0`: a leaf's name from its pytree key path."""
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
@@ -262,7 +271,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     inputs: list[TensorSpec] = []
     tensors: list[torch.Tensor] = []
     for name, value in given.items():
-        leaves, spec = pytree.tree_flatten_with_path(value)
+        leaves, spec = _flatten_with_path(value)
         tree_leaves = []
         for path, leaf in leaves:
             if isinstance(leaf, torch.Tensor):
@@ -287,7 +296,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
             reference = model(*args, **kwargs)
     finally:
         model.train(was_training)
-    out_leaves, out_spec = pytree.tree_flatten_with_path(reference)
+    out_leaves, out_spec = _flatten_with_path(reference)
     outputs: list[TensorSpec] = []
     leaves = []
     for j, (path, leaf) in enumerate(out_leaves):
@@ -297,8 +306,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
         elif isinstance(leaf, _JSON_SCALARS):
             leaves.append(Leaf(value=leaf))
         else:
+            hint = " (a Hugging Face model returns its KV cache: pass use_cache=False in its config)" \
+                if "Cache" in type(leaf).__name__ else ""
             raise InputError(f"the model returns a {type(leaf).__name__} (output leaf {j}); outputs may hold "
-                             "tensors and None/bool/int/float/str constants only")
+                             f"tensors and None/bool/int/float/str constants only{hint}")
     if not outputs:
         raise InputError("the model returns no tensor; there is nothing to compile")
     sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
