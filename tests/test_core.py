@@ -354,3 +354,15 @@ def test_custom_pytree_output_without_key_paths():
     assert type(y) is Pair and cm.signature.output_names == ["output.0", "output.1"]
     torch.testing.assert_close(y.a, x * 2)
     torch.testing.assert_close(y.b, x + 1)
+
+
+def test_a_size_baked_in_by_the_export_is_caught():
+    class Baked(nn.Module):
+        def forward(self, x):
+            return x.reshape(int(x.shape[0]), -1) * 2   # int() pins the batch size while exporting
+
+    with pytest.raises(compilers.ValidationError) as info:
+        compilers.compile(Baked(), TARGET, (torch.randn(3, 2, 2),))
+    message = str(info.value)
+    assert "onnx-dynamo failed" in message and "fixed dynamic dim 0 ('batch')" in message
+    assert "shape (3, 8), eager gives (6, 4)" in message   # the grown sample exposes the torchscript export

@@ -81,8 +81,9 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
     model.eval()
     try:
         signature, _ = capture(model, example_inputs, dynamic_shapes, tgt.shapes)
-        samples = [signature.flatten(*as_call(example_inputs))]
-        samples += [signature.flatten(*as_call(s)) for s in list(calibration or [])[:MAX_VALIDATION_SAMPLES - 1]]
+        example = signature.flatten(*as_call(example_inputs))
+        calib = None if calibration is None else [signature.flatten(*as_call(s)) for s in calibration]
+        samples = [example, *(calib or [])[:MAX_VALIDATION_SAMPLES - 1]]
         seconds["capture"] = time.perf_counter() - t0
         versions = library_versions(backend.versions())
 
@@ -91,16 +92,18 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
             entry = Path(cache_dir) / f"{tgt.name}-{cache_key(model, signature, tgt, versions)[:24]}"
             cm = _cached(entry)
         if cm is None:
-            cm = _build(model, tgt, backend, signature, samples, calibration, seconds, versions)
+            cm = _build(model, tgt, backend, signature, example, calib, seconds, versions)
         cm.report.cache = None if entry is None else ("hit" if cm.report.cache == "hit" else "miss")
 
         if validate:
             t1 = time.perf_counter()
-            result = _validate(cm, model, signature, samples)
+            result = _check(cm, model, samples, probe=True)
             cm.report.validation = result
             cm.report.seconds["validate"] = time.perf_counter() - t1
             if not result.passed:
-                msg = f"{tgt.name}: compiled model disagrees with eager beyond tolerance\n{result}"
+                tried = "".join(f"; {r} failed: {why[:200]}" for r, why in cm.report.attempts)
+                msg = (f"{tgt.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
+                       f"beyond tolerance\n{result}")
                 if validate is True:
                     raise ValidationError(msg, result)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -125,20 +128,18 @@ def _cached(entry: Path) -> CompiledModel | None:
     return cm
 
 
-def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Signature,
-           samples: list[list[Any]], calibration: Iterable[Any] | None, seconds: dict[str, float],
-           versions: dict[str, str]) -> CompiledModel:
+def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Signature, example: list[Any],
+           calibration: list[list[Any]] | None, seconds: dict[str, float], versions: dict[str, str]) -> CompiledModel:
     report = Report(target=tgt.name, backend=backend.name, precision=tgt.precision, versions=versions)
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:
         t = time.perf_counter()
-        lowered = run_ladder(backend, tgt, model, signature, samples[0], Path(work))
+        lowered = run_ladder(backend, tgt, model, signature, example, Path(work))
         seconds["lower"] = time.perf_counter() - t
         report.route, report.attempts, report.opset, report.nodes_before = \
             lowered.route, lowered.attempts, lowered.opset, lowered.nodes
         t = time.perf_counter()
-        calib = [s for s in samples] if calibration is not None else None
-        optimized = backend.optimize(lowered, tgt, calib, Path(work))
+        optimized = backend.optimize(lowered, tgt, calibration, Path(work))
         seconds["optimize"] = time.perf_counter() - t
         t = time.perf_counter()
         engine = backend.build(optimized, tgt, signature)
@@ -153,46 +154,47 @@ def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Sig
 
 
 def _resized(signature: Signature, flat: Sequence[Any]) -> list[Any] | None:
-    """The first sample grown along every dynamic dim (catches sizes baked in at export)."""
-    grow = {name: rng for name, rng in signature.dims.items()}
+    """`flat` doubled along every dynamic dim (catches sizes an export baked in); None if that leaves a range."""
     out = []
     for spec, x in zip(signature.inputs, flat):
+        if not isinstance(x, torch.Tensor):
+            return None
         for i, d in enumerate(spec.shape):
             if isinstance(d, str) and x.shape[i] > 0:
-                rng = grow[d]
-                if rng.max is not None and 2 * x.shape[i] > rng.max:
+                if not signature.dims[d].contains(2 * x.shape[i]):
                     return None
-                x = torch.cat([x, x], dim=i) if isinstance(x, torch.Tensor) else None
-                if x is None:
-                    return None
+                x = torch.cat([x, x], dim=i)
         out.append(x)
     return out
 
 
-def _validate(cm: CompiledModel, model: torch.nn.Module, signature: Signature, samples: list[list[Any]]) -> ValidationReport:
-    eager = FlatModule(model, signature).eval()
-    refs, gots = [], []
-    probe = _resized(signature, samples[0]) if signature.dims else None
-    for i, flat in enumerate(samples + ([probe] if probe is not None else [])):
-        with torch.inference_mode():
-            try:
-                ref = eager(*flat)
-            except Exception as e:
-                if i < len(samples):
-                    raise
-                cm.report.notes.append(f"resized validation sample skipped: eager fails on it ({type(e).__name__})")
-                continue
+def _check(cm: CompiledModel, model: torch.nn.Module, samples: list[list[Any]], probe: bool = False) -> ValidationReport:
+    """Compiled vs eager on flat samples; with `probe`, also on the first sample grown along its dynamic dims."""
+    sig = cm.signature
+    eager = FlatModule(model, sig).eval()
+    with torch.inference_mode():
+        refs = [eager(*flat) for flat in samples]
+    gots = [cm.run_flat(flat) for flat in samples]
+    grown = _resized(sig, samples[0]) if probe and sig.dims else None
+    if grown is not None:
         try:
-            got = cm.run_flat(flat)
+            with torch.inference_mode():
+                ref = eager(*grown)
         except Exception as e:
-            if i < len(samples):
-                raise
-            raise ValidationError(f"{cm.target.name}: the compiled model fails on inputs grown along its dynamic "
-                                  f"dims ({', '.join(signature.dims)}): {type(e).__name__}: {str(e)[:300]}. "
-                                  "The export probably baked a size in; check dynamic_shapes") from None
-        refs.append(ref)
-        gots.append(got)
-    return compare(signature.output_names, refs, gots, cm.target.tolerance)
+            cm.report.notes.append(f"grown validation sample skipped: eager fails on it ({type(e).__name__})")
+        else:
+            try:
+                got = cm.run_flat(grown)
+            except InputError as e:   # the engine declares those sizes out of its range
+                cm.report.notes.append(f"grown validation sample skipped: {e}")
+            except Exception as e:
+                raise ValidationError(f"{cm.target.name}: the compiled model fails on inputs grown along its dynamic "
+                                      f"dims ({', '.join(sig.dims)}): {type(e).__name__}: {str(e)[:300]}. "
+                                      "The export probably baked a size in; check dynamic_shapes") from None
+            else:
+                refs.append(ref)
+                gots.append(got)
+    return compare(sig.output_names, refs, gots, cm.target.tolerance)
 
 
 def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any]) -> ValidationReport:
@@ -203,9 +205,6 @@ def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any]) 
     was_training = model.training
     model.eval()
     try:
-        eager = FlatModule(model, cm.signature).eval()
-        with torch.inference_mode():
-            refs = [eager(*f) for f in flats]
-        return compare(cm.signature.output_names, refs, [cm.run_flat(f) for f in flats], cm.target.tolerance)
+        return _check(cm, model, flats)
     finally:
         model.train(was_training)

@@ -125,7 +125,7 @@ def _onnx_dynamo(flat: FlatModule, signature: Signature, examples: tuple, path: 
     program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
                                 input_names=signature.input_names, output_names=signature.output_names)
     program.save(str(path))
-    return _described("onnx-dynamo", path)
+    return _described("onnx-dynamo", path, signature)
 
 
 def _onnx_torchscript(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
@@ -133,12 +133,21 @@ def _onnx_torchscript(flat: FlatModule, signature: Signature, examples: tuple, p
     torch.onnx.export(flat, examples, str(path), dynamo=False, opset_version=ONNX_OPSET,
                       input_names=signature.input_names, output_names=signature.output_names,
                       dynamic_axes={k: v for k, v in axes.items() if v})
-    return _described("onnx-torchscript", path)
+    return _described("onnx-torchscript", path, signature)
 
 
-def _described(route: str, path: Path) -> Lowered:
+def _described(route: str, path: Path, signature: Signature) -> Lowered:
+    """The Lowered for an ONNX file; a dim the signature declares dynamic must have stayed dynamic."""
     import onnx
     proto = onnx.load(str(path), load_external_data=False)
+    specs = {s.name: s for s in signature.inputs}
+    for inp in proto.graph.input:
+        spec = specs.get(inp.name)
+        for i, dim in enumerate(inp.type.tensor_type.shape.dim if spec else ()):
+            if isinstance(spec.shape[i], str) and dim.HasField("dim_value"):
+                raise ExportError(f"the export fixed dynamic dim {i} ({spec.shape[i]!r}) of input {inp.name!r} to "
+                                  f"{dim.dim_value}: the model's code pins it (e.g. int(x.shape[0]) or a Python "
+                                  "loop over it); declare it static in dynamic_shapes or change that code")
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return Lowered(route=route, path=path, opset=opset, nodes=len(proto.graph.node))
 
