@@ -48,13 +48,14 @@ class ValidationReport:
                 "outputs": [asdict(o) for o in self.outputs]}
 
     def __str__(self) -> str:
-        head = f"{'output':12s} {'dtype':8s} {'max abs':>9s} {'max rel':>9s} {'cosine':>9s} {'SNR dB':>7s} " \
+        w = max([12] + [len(o.name) for o in self.outputs])
+        head = f"{'output':{w}s} {'dtype':8s} {'max abs':>9s} {'max rel':>9s} {'cosine':>9s} {'SNR dB':>7s} " \
                f"{'agree':>6s} {'need atol':>9s} {'need rtol':>9s}  verdict"
         lines = [head]
         for o in self.outputs:
             cos = f"{o.cosine:.6f}" if o.cosine is not None else "-"
             snr = f"{o.snr_db:.1f}" if o.snr_db is not None else "-"
-            lines.append(f"{o.name:12s} {o.dtype:8s} {o.max_abs:9.2e} {o.max_rel:9.2e} {cos:>9s} {snr:>7s} "
+            lines.append(f"{o.name:{w}s} {o.dtype:8s} {o.max_abs:9.2e} {o.max_rel:9.2e} {cos:>9s} {snr:>7s} "
                          f"{o.agreement:6.3f} {o.needed_atol:9.2e} {o.needed_rtol:9.2e}  "
                          f"{'ok' if o.passed else 'FAIL: ' + o.failure}")
         tol = ", ".join(f"{k}={v}" for k, v in self.tolerance.to_dict().items())
