@@ -366,3 +366,25 @@ def test_a_size_baked_in_by_the_export_is_caught():
     message = str(info.value)
     assert "onnx-dynamo failed" in message and "fixed dynamic dim 0 ('batch')" in message
     assert "shape (3, 8), eager gives (6, 4)" in message   # the grown sample exposes the torchscript export
+
+
+def test_import_needs_only_torch_onnx_numpy_and_missing_backends_say_how_to_install():
+    blocked = ("onnxruntime", "openvino", "onnxscript", "nncf", "transformers")
+    code = f"""
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None          # as if not installed
+import torch, compilers
+rows = {{t.name: t.unavailable_reason for t in compilers.targets()}}
+print(rows["ort-cpu"]); print(rows["openvino-cpu"])
+try:
+    compilers.compile(torch.nn.Linear(2, 2), "ort-cpu", (torch.randn(1, 2),))
+except compilers.BackendUnavailable as e:
+    print("BackendUnavailable:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "onnxruntime is not installed: pip install 'compilers[cpu]'" in lines[0]
+    assert "openvino is not installed: pip install 'compilers[cpu]'" in lines[1]
+    assert lines[2].startswith("BackendUnavailable: target 'ort-cpu' cannot run here")

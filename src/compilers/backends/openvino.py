@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -106,11 +107,14 @@ class OpenVinoEngine(Engine):
             config["CACHE_DIR"] = str(opts["cache_dir"])
         self.model = model
         self.compiled = ov.Core().compile_model(model, "CPU", config)
-        self.request = self.compiled.create_infer_request()
         self.outputs = list(self.compiled.outputs)
+        self._local = threading.local()   # an infer request serves one call at a time: one per thread
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
-        result = self.request.infer(list(inputs), share_inputs=True)
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer(list(inputs), share_inputs=True)
         return [result[o] for o in self.outputs]
 
     def save(self, directory: Path) -> None:
