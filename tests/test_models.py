@@ -259,3 +259,19 @@ def test_assert_same_output_catches_mismatches() -> None:
             assert_same_output(got, ref)
     with pytest.raises(AssertionError):
         assert_same_output(torch.return_types.topk((t, t.long())), (t, t.long()))   # structseq vs tuple
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_concurrent_calls_get_their_own_results(target: str) -> None:
+    """Threads sharing one compiled model each get the answer to their own input."""
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).eval()
+    cm = compilers.compile(model, target, (torch.randn(3, 16),))
+    inputs = [torch.randn(1 + i % 5, 16) for i in range(32)]
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(cm, inputs))
+    for got, ref in zip(outs, refs):
+        assert_same_output(got, ref, **TOLERANCE[target])

@@ -106,15 +106,3 @@ def test_direct_import_failure_falls_back_to_onnx():
     x = torch.randn(5, 6)
     torch.testing.assert_close(cm(x), torch.diff(x, dim=-1) * 2, atol=1e-5, rtol=1e-4)
 
-
-def test_concurrent_calls_get_their_own_results(convnet):
-    from concurrent.futures import ThreadPoolExecutor
-    model, x = convnet
-    cm = compilers.compile(model, "openvino-cpu", (x,))
-    inputs = [torch.randn(1 + i % 4, 3, 16, 16) for i in range(24)]
-    with torch.no_grad():
-        refs = [model(i) for i in inputs]
-    with ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(cm, inputs))
-    for got, ref in zip(outs, refs):
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-3)
