@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +54,7 @@ def test_unknown_target_lists_known_names():
         compilers.compile(Affine(), "no-such-target", (torch.randn(2, 8),))
 
 
-def test_user_descriptor_extends_builtin_and_with_overrides(tmp_path):
+def test_user_descriptor_extends_builtin_and_with_overrides(tmp_path, monkeypatch):
     path = tmp_path / "mine.toml"
     path.write_text('extends = "ort-cpu"\nname = "mine"\n[options]\nthreads = 1\n[tolerance]\natol = 1e-3\n')
     t = load_target(path)
@@ -63,11 +62,8 @@ def test_user_descriptor_extends_builtin_and_with_overrides(tmp_path):
         ("mine", "onnxruntime", 1, 1e-3, 1e-3)
     t2 = t.with_(threads=2, rtol=0.5, precision="fp32")
     assert (t2.options["threads"], t2.tolerance.rtol, t.options["threads"]) == (2, 0.5, 1)
-    os.environ["COMPILERS_TARGETS"] = str(tmp_path)
-    try:
-        assert load_target("mine").name == "mine"
-    finally:
-        del os.environ["COMPILERS_TARGETS"]
+    monkeypatch.setenv("COMPILERS_TARGETS", str(tmp_path))
+    assert load_target("mine").name == "mine"
 
 
 @pytest.mark.parametrize("text, match", [
