@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,3 +383,12 @@ except compilers.BackendUnavailable as e:
     assert "onnxruntime is not installed: pip install 'compilers[cpu]'" in lines[0]
     assert "openvino is not installed: pip install 'compilers[cpu]'" in lines[1]
     assert lines[2].startswith("BackendUnavailable: target 'ort-cpu' cannot run here")
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"device": "cuda"}, "device 'cuda' is not supported by the onnxruntime backend yet \\(cpu only\\)"),
+    ({"precision": "int8"}, "precision int8 is not supported by the onnxruntime backend yet \\(fp32 only\\)"),
+])
+def test_unsupported_device_or_precision_is_backend_unavailable(overrides, match):
+    with pytest.raises(compilers.BackendUnavailable, match=match):
+        compilers.compile(Affine(), load_target(TARGET).with_(**overrides), (torch.randn(2, 8),))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -80,7 +80,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
     was_training = model.training
     model.eval()
     try:
-        signature, _ = capture(model, example_inputs, dynamic_shapes, tgt.shapes)
+        signature = capture(model, example_inputs, dynamic_shapes, tgt.shapes)
         example = signature.flatten(*as_call(example_inputs))
         calib = None if calibration is None else [signature.flatten(*as_call(s)) for s in calibration]
         samples = [example, *(calib or [])[:MAX_VALIDATION_SAMPLES - 1]]

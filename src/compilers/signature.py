@@ -244,8 +244,8 @@ def as_call(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
-            shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> tuple[Signature, Any]:
-    """Bind the examples to `model.forward`, run eager once, and return the Signature and eager outputs."""
+            shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> Signature:
+    """Bind the examples to `model.forward`, run eager once for the output structure, return the Signature."""
     args, kwargs = as_call(example_inputs)
     params = inspect.signature(model.forward).parameters
     if any(p.kind is p.VAR_POSITIONAL for p in params.values()):
@@ -314,7 +314,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
         raise InputError("the model returns no tensor; there is nothing to compile")
     sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
                     Tree(out_spec, tuple(leaves)))
-    return sig, reference
+    return sig
 
 
 def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],

@@ -69,9 +69,22 @@ class Backend(ABC):
         """The routes to try for `target` (a descriptor option may pick one); default: `routes`."""
         return self.routes
 
-    @abstractmethod
+    #: devices and precisions the backend implements
+    devices: tuple[str, ...] = ("cpu",)
+    precisions: tuple[str, ...] = ("fp32",)
+
     def unavailable_reason(self, target: Target) -> str | None:
         """None if the backend can run `target` here, else why not and the command that fixes it."""
+        if target.device not in self.devices:
+            return f"device {target.device!r} is not supported by the {self.name} backend yet ({', '.join(self.devices)} only)"
+        if target.precision not in self.precisions:
+            return (f"precision {target.precision} is not supported by the {self.name} backend yet "
+                    f"({', '.join(self.precisions)} only)")
+        return self.runtime_reason(target)
+
+    @abstractmethod
+    def runtime_reason(self, target: Target) -> str | None:
+        """None if the backend's runtime is installed and usable here, else why not and how to fix it."""
 
     def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
         """Lower by a route of the backend's own (a direct import); ONNX routes are lower.py's."""

@@ -40,11 +40,7 @@ class InductorBackend(Backend):
                                           "about a second faster per model", ("O0", "O1", "O2", "O3")),
     }
 
-    def unavailable_reason(self, target: Target) -> str | None:
-        if target.device != "cpu":
-            return f"device {target.device!r} is not supported by the inductor backend yet (cpu only)"
-        if target.precision != "fp32":
-            return f"precision {target.precision} is not supported by the inductor backend yet (fp32 only)"
+    def runtime_reason(self, target: Target) -> str | None:
         compilers = cxx_candidates()
         if not any(shutil.which(c) for c in compilers):
             return (f"AOTInductor compiles C++ with {' or '.join(compilers)}, and none is on PATH: install a C++ "

@@ -49,16 +49,14 @@ class OnnxRuntimeBackend(Backend):
         "transformer_model_type": Option("bert", "fusion family of onnxruntime.transformers.optimizer"),
     }
 
-    def unavailable_reason(self, target: Target) -> str | None:
+    def runtime_reason(self, target: Target) -> str | None:
         try:
             import onnxruntime as ort
         except ImportError:
             return "onnxruntime is not installed: pip install 'compilers[cpu]'"
-        if target.device != "cpu":
-            return f"device {target.device!r} is not supported by the onnxruntime backend yet (cpu only)"
         clash = install_clash()
         if clash:
-            warnings.warn(clash, RuntimeWarning, stacklevel=3)
+            warnings.warn(clash, RuntimeWarning, stacklevel=4)
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return "this onnxruntime build has no CPUExecutionProvider"
         return None

@@ -25,6 +25,7 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     routes = ("openvino-direct", "onnx-dynamo", "onnx-torchscript")
     bound_libraries = ("openvino",)
+    precisions = tuple(_HINTS)
     options = {
         "performance_hint": Option("LATENCY", "OpenVINO PERFORMANCE_HINT", ("LATENCY", "THROUGHPUT")),
         "streams": Option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint"),
@@ -32,15 +33,11 @@ class OpenVinoBackend(Backend):
         "cache_dir": Option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none"),
     }
 
-    def unavailable_reason(self, target: Target) -> str | None:
+    def runtime_reason(self, target: Target) -> str | None:
         try:
             import openvino as ov
         except ImportError:
             return "openvino is not installed: pip install 'compilers[cpu]'"
-        if target.device != "cpu":
-            return f"device {target.device!r} is not supported by the openvino backend yet (cpu only)"
-        if target.precision not in _HINTS:
-            return f"precision {target.precision} is not supported by the openvino backend yet"
         if "CPU" not in ov.Core().available_devices:
             return "OpenVINO sees no CPU device"
         return None

@@ -48,12 +48,8 @@ class TorchScriptBackend(Backend):
     def routes_for(self, target: Target) -> tuple[str, ...]:
         return (_ROUTES[target.options.get("mode", "trace")],)
 
-    def unavailable_reason(self, target: Target) -> str | None:
-        if target.device != "cpu":
-            return f"device {target.device!r} is not supported by the torchscript backend yet (cpu only)"
-        if target.precision != "fp32":
-            return f"precision {target.precision} is not supported by the torchscript backend (fp32 only)"
-        return None
+    def runtime_reason(self, target: Target) -> str | None:
+        return None  # torch itself is the runtime
 
     def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
