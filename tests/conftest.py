@@ -74,3 +74,14 @@ def to_numpy(tree: Any) -> Any:
 @pytest.fixture(name="assert_same_output")
 def assert_same_output_fixture():
     return assert_same_output
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The mutation score of tests/test_mutants.py, when it ran."""
+    import sys
+    mutants = sys.modules.get("test_mutants")
+    if mutants is not None and mutants.SCORE:
+        terminalreporter.write_sep("-", "validator mutation score")
+        for target, _, mutant, caught, how in mutants.SCORE:
+            terminalreporter.write_line(f"{target:13s} {mutant:36s} {'caught' if caught else 'MISSED'}  {how}")
+        terminalreporter.write_line(mutants.score_line())

@@ -4,7 +4,7 @@
     y = cm(x)                     # returns what model(x) returns
     cm.save("out/"); cm2 = compilers.load("out/")
 """
-from .api import compile, targets, validate
+from .api import compile, targets, unavailable_reason, validate
 from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError)
 from .report import Report
@@ -13,6 +13,6 @@ from .target import DimRange, Target, Tolerance, load_target
 from .validate import ValidationReport
 
 __version__ = "0.1.0"
-__all__ = ["compile", "load", "validate", "targets", "Target", "Tolerance", "DimRange", "load_target",
+__all__ = ["compile", "load", "validate", "targets", "unavailable_reason", "Target", "Tolerance", "DimRange", "load_target",
            "CompiledModel", "Report", "ValidationReport", "CompilerError", "TargetError", "BackendUnavailable",
            "ExportError", "ValidationError", "InputError", "ArtifactError"]

@@ -5,46 +5,56 @@ import logging
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 
-from .backends import get_backend
-from .backends.base import Backend
+from .backends import get_backend, unavailable_reason
+from .backends.base import Backend, Spec
 from .cache import cache_key
-from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, TargetError, ValidationError
+from .calibration import Calibration, calibration_set, flat_samples
+from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
+from .host import library_versions
 from .lower import run_ladder
+from .reference import Reference, compute_reference
 from .report import Report
-from .runtime import CompiledModel, library_versions, load
-from .signature import FlatModule, Signature, as_call, capture
+from .runtime import CompiledModel, load
+from .signature import Signature, as_call, capture
 from .target import Target, builtin_targets, load_target
 from .validate import ValidationReport, compare
 
 log = logging.getLogger("compilers")
 MAX_VALIDATION_SAMPLES = 32
+GROWN = "grown example"
+
+__all__ = ["compile", "validate", "targets", "unavailable_reason", "resolve", "Resolved"]
 
 
 def targets() -> list[Target]:
-    """The built-in targets; each has `.available` and `.unavailable_reason`."""
+    """The built-in targets (`unavailable_reason(t)` says whether each runs here)."""
     return builtin_targets()
 
 
-def resolve(target: str | Path | Target) -> tuple[Target, Backend]:
-    """The Target and its backend, checked: known options, backend runnable here."""
+@dataclass(frozen=True)
+class Resolved:
+    """A target, checked: its backend, and its [options] parsed into the backend's typed settings."""
+
+    target: Target
+    backend: Backend
+    settings: Any
+
+
+def resolve(target: str | Path | Target) -> Resolved:
+    """The Target, its backend and typed settings; TargetError for bad options, BackendUnavailable if it cannot run here."""
     t = load_target(target)
     backend = get_backend(t.backend)
-    unknown = set(t.options) - set(backend.options)
-    if unknown:
-        raise TargetError(f"target {t.name!r}: unknown option(s) {sorted(unknown)} for backend {backend.name}; "
-                          f"known: {', '.join(sorted(backend.options))}")
-    for key, opt in backend.options.items():
-        if opt.choices and key in t.options and t.options[key] not in opt.choices:
-            raise TargetError(f"target {t.name!r}: option {key} = {t.options[key]!r}; choose one of {opt.choices}")
-    reason = backend.unavailable_reason(t)
+    settings = backend.settings(t)
+    reason = backend.unavailable_reason(t) or backend.probe(t)
     if reason:
         raise BackendUnavailable(f"target {t.name!r} cannot run here: {reason}")
-    return t, backend
+    return Resolved(t, backend, settings)
 
 
 def check_supported(model: torch.nn.Module, target: Target) -> None:
@@ -59,13 +69,15 @@ def check_supported(model: torch.nn.Module, target: Target) -> None:
 
 def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs: Any, *,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
-            calibration: Iterable[Any] | None = None, validate: bool | str = True,
-            cache_dir: str | Path | None = None) -> CompiledModel:
+            calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
+            validate: bool | str = True, cache_dir: str | Path | None = None) -> CompiledModel:
     """Compile `model` for `target`, validate it against eager, and return a CompiledModel.
 
     example_inputs: a tuple (positional args), a dict (keyword args) or a lone tensor.
     dynamic_shapes: {input_name: {dim: "dim_name"}}; default: dim 0 of each batch-sized input is "batch".
-    calibration: samples shaped like example_inputs (int8 calibration; also extra validation samples).
+    calibration: samples shaped like example_inputs, for int8 calibration (any iterable, or a DataLoader).
+    samples: validation samples shaped like example_inputs; when not given, validation uses the example
+        and up to 31 calibration samples.
     validate: True raises ValidationError on a mismatch, "warn" warns, False skips.
     cache_dir: reuse a build when weights, code, signature, target, versions and CPU ISA match.
     """
@@ -75,34 +87,42 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         raise InputError(f"validate must be True, False or 'warn', not {validate!r}")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    tgt, backend = resolve(target)
-    check_supported(model, tgt)
+    r = resolve(target)
+    check_supported(model, r.target)
     was_training = model.training
     model.eval()
     try:
-        signature = capture(model, example_inputs, dynamic_shapes, tgt.shapes)
-        example = signature.flatten(*as_call(example_inputs))
-        calib = None if calibration is None else [signature.flatten(*as_call(s)) for s in calibration]
-        samples = [example, *(calib or [])[:MAX_VALIDATION_SAMPLES - 1]]
+        captured = capture(model, example_inputs, dynamic_shapes, r.target.shapes)
+        sig = captured.signature
+        calib = None if calibration is None else calibration_set(sig, calibration, example_inputs)
+        extra = flat_samples(sig, samples, example_inputs, "validation") if samples is not None else \
+            list(calib.samples if calib else ())
         seconds["capture"] = time.perf_counter() - t0
-        versions = library_versions(backend.versions())
+        versions = library_versions(r.backend.versions())
 
         cm, entry = None, None
         if cache_dir is not None:
-            entry = Path(cache_dir) / f"{tgt.name}-{cache_key(model, signature, tgt, versions)[:24]}"
+            digest = calib.digest if calib is not None and r.target.precision == "int8" else None
+            entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
             cm = _cached(entry)
         if cm is None:
-            cm = _build(model, tgt, backend, signature, example, calib, seconds, versions)
+            cm = _build(model, r, sig, captured.runs[0].inputs, calib, seconds, versions)
+            cm.report.notes.extend(captured.notes)
         cm.report.cache = None if entry is None else ("hit" if cm.report.cache == "hit" else "miss")
 
         if validate:
             t1 = time.perf_counter()
-            result = _check(cm, model, samples, probe=True)
+            labels = ["example", GROWN]
+            reference = compute_reference(
+                model, sig, list(zip(labels, captured.runs)),
+                [(f"sample {i + 1}", flat) for i, flat in enumerate(extra[:MAX_VALIDATION_SAMPLES - 1])],
+                float64=r.target.tolerance.noise is not None)
+            result = check(cm, reference)
             cm.report.validation = result
             cm.report.seconds["validate"] = time.perf_counter() - t1
             if not result.passed:
-                tried = "".join(f"; {r} failed: {why[:200]}" for r, why in cm.report.attempts)
-                msg = (f"{tgt.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
+                tried = "".join(f"; {route} failed: {why[:200]}" for route, why in cm.report.attempts)
+                msg = (f"{r.target.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
                        f"beyond tolerance\n{result}")
                 if validate is True:
                     raise ValidationError(msg, result)
@@ -128,21 +148,24 @@ def _cached(entry: Path) -> CompiledModel | None:
     return cm
 
 
-def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Signature, example: list[Any],
-           calibration: list[list[Any]] | None, seconds: dict[str, float], versions: dict[str, str]) -> CompiledModel:
-    report = Report(target=tgt.name, backend=backend.name, precision=tgt.precision, versions=versions)
+def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
+           calibration: Calibration | None, seconds: dict[str, float], versions: dict[str, str]) -> CompiledModel:
+    report = Report(target=r.target.name, backend=r.backend.name, precision=r.target.precision, versions=versions)
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:
+        spec = Spec(r.target, r.settings, signature, Path(work))
         t = time.perf_counter()
-        lowered = run_ladder(backend, tgt, model, signature, example, Path(work))
+        lowered = run_ladder(r.backend.routes_for(r.settings),
+                             lambda route, flat, examples: r.backend.lower(route, flat, examples, spec),
+                             model, signature, example, spec.workdir)
         seconds["lower"] = time.perf_counter() - t
         report.route, report.attempts, report.opset, report.nodes_before = \
             lowered.route, lowered.attempts, lowered.opset, lowered.nodes
         t = time.perf_counter()
-        optimized = backend.optimize(lowered, tgt, calibration, Path(work))
+        optimized = r.backend.optimize(lowered, spec, calibration)
         seconds["optimize"] = time.perf_counter() - t
         t = time.perf_counter()
-        engine = backend.build(optimized, tgt, signature)
+        engine = r.backend.build(optimized, spec)
         seconds["build"] = time.perf_counter() - t
     info = engine.describe()
     report.nodes_after = info.get("nodes")
@@ -150,61 +173,45 @@ def _build(model: torch.nn.Module, tgt: Target, backend: Backend, signature: Sig
     report.executed = dict(info.get("executed") or {})
     report.precisions = dict(info.get("precisions") or {})
     report.notes.extend(optimized.notes)
-    return CompiledModel(engine, signature, tgt, report)
+    return CompiledModel(engine, signature, r.target, report)
 
 
-def _resized(signature: Signature, flat: Sequence[Any]) -> list[Any] | None:
-    """`flat` doubled along every dynamic dim (catches sizes an export baked in); None if that leaves a range."""
-    out = []
-    for spec, x in zip(signature.inputs, flat):
-        if not isinstance(x, torch.Tensor):
-            return None
-        for i, d in enumerate(spec.shape):
-            if isinstance(d, str) and x.shape[i] > 0:
-                if not signature.dims[d].contains(2 * x.shape[i]):
-                    return None
-                x = torch.cat([x, x], dim=i)
-        out.append(x)
-    return out
-
-
-def _check(cm: CompiledModel, model: torch.nn.Module, samples: list[list[Any]], probe: bool = False) -> ValidationReport:
-    """Compiled vs eager on flat samples; with `probe`, also on the first sample grown along its dynamic dims."""
-    sig = cm.signature
-    eager = FlatModule(model, sig).eval()
-    with torch.inference_mode():
-        refs = [eager(*flat) for flat in samples]
-    gots = [cm.run_flat(flat) for flat in samples]
-    grown = _resized(sig, samples[0]) if probe and sig.dims else None
-    if grown is not None:
+def check(cm: CompiledModel, reference: Reference) -> ValidationReport:
+    """Run `cm` on every sample of `reference` and give the verdict. A compiled model that raises on a sample
+    fails (the grown example is skipped where the engine declares its size out of range)."""
+    results: list[list[Any] | None] = []
+    errors = []
+    for label, flat in zip(reference.labels, reference.samples):
         try:
-            with torch.inference_mode():
-                ref = eager(*grown)
+            results.append(cm.run_flat(flat))
+            continue
+        except InputError as e:
+            if label != GROWN:
+                raise
+            cm.report.notes.append(f"grown validation sample skipped: {e}")
         except Exception as e:
-            cm.report.notes.append(f"grown validation sample skipped: eager fails on it ({type(e).__name__})")
-        else:
-            try:
-                got = cm.run_flat(grown)
-            except InputError as e:   # the engine declares those sizes out of its range
-                cm.report.notes.append(f"grown validation sample skipped: {e}")
-            except Exception as e:
-                raise ValidationError(f"{cm.target.name}: the compiled model fails on inputs grown along its dynamic "
-                                      f"dims ({', '.join(sig.dims)}): {type(e).__name__}: {str(e)[:300]}. "
-                                      "The export probably baked a size in; check dynamic_shapes") from None
-            else:
-                refs.append(ref)
-                gots.append(got)
-    return compare(sig.output_names, refs, gots, cm.target.tolerance)
+            hint = " The export probably baked a size in; check dynamic_shapes." if label == GROWN else ""
+            errors.append(f"the compiled model fails on the {label} ({_sizes(cm.signature, flat)}): "
+                          f"{type(e).__name__}: {str(e)[:300]}.{hint}")
+        results.append(None)
+    return compare(cm.signature.output_names, reference, results, cm.target.tolerance, errors)
+
+
+def _sizes(signature: Signature, flat: list[Any]) -> str:
+    sizes = signature.dim_sizes(flat)
+    return ", ".join(f"{d}={n}" for d, n in sizes.items()) or "static shapes"
 
 
 def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any]) -> ValidationReport:
     """Compare `cm` with eager `model` on `samples` (each shaped like the example inputs)."""
-    flats = [cm.signature.flatten(*as_call(s)) for s in samples]
+    flats = flat_samples(cm.signature, samples, None, "validation")
     if not flats:
         raise InputError("validate needs at least one sample")
     was_training = model.training
     model.eval()
     try:
-        return _check(cm, model, flats)
+        reference = compute_reference(model, cm.signature, (), [(f"sample {i + 1}", f) for i, f in enumerate(flats)],
+                                      float64=cm.target.tolerance.noise is not None)
+        return check(cm, reference)
     finally:
         model.train(was_training)

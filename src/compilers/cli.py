@@ -70,7 +70,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
-    rows = [(t.name, t.backend, t.device, t.precision, t.unavailable_reason) for t in api.targets()]
+    rows = [(t.name, t.backend, t.device, t.precision, api.unavailable_reason(t)) for t in api.targets()]
     if a.json:
         print(json.dumps([{"name": n, "backend": b, "device": d, "precision": p, "available": r is None, "reason": r}
                           for n, b, d, p, r in rows], indent=1))

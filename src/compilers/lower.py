@@ -6,24 +6,18 @@ Every attempt is recorded, so the report says which route worked and why the oth
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from .errors import ExportError
+from .quiet import quiet
 from .signature import FlatModule, Signature
-
-if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .target import Target
 
 ONNX_OPSET = 18  # for the TorchScript-based route; the dynamo route picks its own
 
@@ -42,19 +36,25 @@ class Lowered:
     examples: tuple = ()             # the flat inputs it was lowered with (to check rewrites of it on)
 
 
-def run_ladder(backend: "Backend", target: "Target", model: torch.nn.Module, signature: Signature,
+OwnRoute = Callable[[str, FlatModule, tuple], "Lowered"]
+
+
+def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Module, signature: Signature,
                examples: Sequence[torch.Tensor], workdir: Path) -> Lowered:
-    """Lower `model` by the first of the backend's routes for `target` that works; ExportError if none does."""
+    """Lower `model` by the first of `routes` that works; ExportError listing every failure if none does.
+
+    The ONNX routes are this module's; any other route is the backend's own, run by `own_route(route,
+    flat_module, examples)`."""
     attempts: list[tuple[str, str]] = []
     flat = FlatModule(model, signature).eval()
-    for route in backend.routes_for(target):
+    for route in routes:
         t0 = time.perf_counter()
         try:
             with quiet():
-                if route in _ONNX_ROUTES:
-                    lowered = _ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
+                if route in ONNX_ROUTES:
+                    lowered = ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
                 else:
-                    lowered = backend.lower(route, flat, signature, examples, workdir)
+                    lowered = own_route(route, flat, tuple(examples))
         except Exception as e:  # every exporter failure is a reason to try the next route
             attempts.append((route, _first_line(e)))
             logging.getLogger(__name__).info("route %s failed: %s", route, attempts[-1][1])
@@ -90,23 +90,6 @@ def _first_line(e: BaseException) -> str:
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     keep = [l for l in lines if _ATEN_OP.search(l)][:3]
     return " | ".join(dict.fromkeys(lines[:1] + keep))[:1200]
-
-
-@contextlib.contextmanager
-def quiet():
-    """Exporters print progress and warn a lot; keep it out of the user's console."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "torch.fx")]
-    levels = [l.level for l in loggers]
-    for l in loggers:
-        l.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for l, level in zip(loggers, levels):
-            l.setLevel(level)
 
 
 def export_dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tuple[dict[int, Any], ...]]:
@@ -152,4 +135,4 @@ def _described(route: str, path: Path, signature: Signature) -> Lowered:
     return Lowered(route=route, path=path, opset=opset, nodes=len(proto.graph.node))
 
 
-_ONNX_ROUTES = {"onnx-dynamo": _onnx_dynamo, "onnx-torchscript": _onnx_torchscript}
+ONNX_ROUTES = {"onnx-dynamo": _onnx_dynamo, "onnx-torchscript": _onnx_torchscript}

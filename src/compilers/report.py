@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .target import Tolerance
-from .validate import OutputCheck, ValidationReport
+from .validate import ValidationReport
 
 
 @dataclass
@@ -39,8 +38,7 @@ class Report:
         v = d.pop("validation", None)
         report = cls(**{**d, "attempts": [tuple(a) for a in d.get("attempts", [])]})
         if v:
-            report.validation = ValidationReport(tuple(OutputCheck(**o) for o in v["outputs"]), v["samples"],
-                                                 Tolerance(**v["tolerance"]))
+            report.validation = ValidationReport.from_dict(v)
         return report
 
     def __str__(self) -> str:

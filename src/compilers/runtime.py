@@ -4,10 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,9 @@ import numpy as np
 import torch
 
 from .backends import get_backend
-from .backends.base import Engine
-from .errors import ArtifactError, BackendUnavailable
+from .backends.base import Engine, Spec
+from .errors import ArtifactError, BackendUnavailable, TargetError
+from .host import library_versions
 from .report import Report
 from .signature import Signature
 from .target import Target
@@ -35,22 +35,26 @@ class CompiledModel:
         self.target = target
         self.report = report
         self._numpy_engine = engine.array_kind == "numpy"
+        self._engine_device = torch.device(engine.device)
         self._out_dtypes = [s.dtype for s in signature.outputs]
         self._out_np_dtypes = [s.numpy_dtype for s in signature.outputs]
+        self._run = engine.run if engine.thread_safe else _serialized(engine.run)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.signature.unflatten(self.run_flat(self.signature.flatten(args, kwargs)))
 
     def run_flat(self, flat: list[Any]) -> list[Any]:
         """Run on checked flat inputs; outputs come back as torch tensors on the inputs' device (numpy
-        arrays for numpy inputs), in the eager model's dtypes."""
+        arrays for numpy inputs), in the eager model's dtypes. CPU tensors and numpy arrays are handed
+        over without copies; a torch engine gets tensors on its own device."""
         as_torch = any(isinstance(x, torch.Tensor) for x in flat)
         if self._numpy_engine:
-            outs = self.engine.run([x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in flat])
+            outs = self._run([x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in flat])
             if as_torch:
                 outs = [torch.from_numpy(o) for o in outs]
         else:
-            outs = self.engine.run([torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in flat])
+            outs = self._run([torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
+                              else x.to(self._engine_device) for x in flat])
             if not as_torch:
                 outs = [o.detach().cpu().numpy() for o in outs]
         if as_torch:
@@ -89,6 +93,16 @@ class CompiledModel:
         return path
 
 
+def _serialized(run: Any) -> Any:
+    """`run` behind a lock, for engines that cannot take calls from several threads at once."""
+    lock = threading.Lock()
+
+    def locked(inputs: list[Any]) -> list[Any]:
+        with lock:
+            return run(inputs)
+    return locked
+
+
 def _replace_dir(new: Path, path: Path) -> None:
     if not path.exists():
         os.rename(new, path)
@@ -105,17 +119,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def library_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Versions that describe how an artifact was made."""
-    found = {"python": platform.python_version()}
-    for lib in ("compilers", "torch", "onnx", "numpy"):
-        try:
-            found[lib] = version(lib)
-        except PackageNotFoundError:
-            pass
-    return {**found, **(extra or {})}
 
 
 def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledModel:
@@ -139,7 +142,11 @@ def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledMod
             raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (altered or corrupt); re-save the artifact")
     target = Target.from_dict(manifest["target"], source=str(path / MANIFEST))
     backend = get_backend(target.backend)
-    reason = backend.unavailable_reason(target)
+    try:
+        settings = backend.settings(target)
+    except TargetError as e:
+        raise ArtifactError(f"{path} was saved with options this compilers no longer takes ({e}); recompile it") from None
+    reason = backend.unavailable_reason(target) or backend.probe(target)
     if reason:
         raise BackendUnavailable(f"cannot load {path}: {reason}")
     if check_versions:
@@ -149,5 +156,5 @@ def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledMod
                 raise ArtifactError(f"{path} was built with {lib} {built}, but {installed.get(lib, 'no version')} is "
                                     f"installed; recompile, or load(..., check_versions=False) to try it anyway")
     signature = Signature.from_dict(manifest["signature"])
-    engine = backend.load(path, target, signature)
+    engine = backend.load(Spec(target, settings, signature, path))
     return CompiledModel(engine, signature, target, Report.from_dict(manifest["report"]))

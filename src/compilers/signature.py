@@ -2,12 +2,14 @@
 
 `capture` binds the example inputs to the forward signature, flattens each argument with torch's
 pytree (tensors become engine inputs, other leaves stay fixed constants), and records the output
-structure and dtypes from one eager run. At call time `Signature.flatten` checks the inputs (names,
+structure, dtypes and shapes from the eager run on the example (and one on the example grown along its
+dynamic dims, which tells which output dims follow which input dims, the batch dim among them). At call time `Signature.flatten` checks the inputs (names,
 count, structure, dtype, rank, static sizes, dynamic ranges) and `Signature.unflatten` rebuilds the
 model's own output type from the engine's flat outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -25,7 +27,10 @@ _JSON_SCALARS = (type(None), bool, int, float, str)
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One flat engine input or output: its name, dtype and shape (a str names a dynamic dim)."""
+    """One flat engine input or output: its name, dtype and shape.
+
+    A str in the shape names a dynamic dim (a key of `Signature.dims`); in an output, "?" marks a size that
+    varies with the inputs but follows no single input dim."""
 
     name: str
     dtype: torch.dtype
@@ -92,6 +97,7 @@ class Signature:
     dims: Mapping[str, DimRange]     # dynamic dimension name -> allowed sizes
     outputs: tuple[TensorSpec, ...]
     output: Tree
+    batch: str | None = None         # the dynamic dim that is the batch (requests concatenate along it)
     _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -106,6 +112,36 @@ class Signature:
     @property
     def output_names(self) -> list[str]:
         return [s.name for s in self.outputs]
+
+    def batch_axis(self, spec: TensorSpec) -> int | None:
+        """Where the batch dim lies in an input's or output's shape; None if it has none."""
+        return spec.shape.index(self.batch) if self.batch is not None and self.batch in spec.shape else None
+
+    def describe_inputs(self) -> str:
+        return ", ".join(f"{s.name}: {str(s.dtype).removeprefix('torch.')}{_fmt_shape(s.shape)}" for s in self.inputs)
+
+    def grown(self, flat: Sequence[Any]) -> list[Any] | None:
+        """`flat` doubled along every dynamic dim (by repeating it); None if that leaves a dim's range or an
+        input is not a tensor. Running it tells which output dims follow which inputs, and catches sizes an
+        export baked in."""
+        if not self.dims:
+            return None
+        out = []
+        for spec, x in zip(self.inputs, flat):
+            if not isinstance(x, torch.Tensor):
+                return None
+            for i, d in enumerate(spec.shape):
+                if isinstance(d, str) and x.shape[i] > 0:
+                    if not self.dims[d].contains(2 * x.shape[i]):
+                        return None
+                    x = torch.cat([x, x], dim=i)
+            out.append(x)
+        return out
+
+    def dim_sizes(self, flat: Sequence[Any]) -> dict[str, int]:
+        """The size of each dynamic dim in the flat inputs `flat`."""
+        return {d: int(x.shape[i]) for spec, x in zip(self.inputs, flat) for i, d in enumerate(spec.shape)
+                if isinstance(d, str)}
 
     # -- call time ---------------------------------------------------------------------------
     def flatten(self, args: tuple, kwargs: Mapping[str, Any]) -> list[Any]:
@@ -196,6 +232,7 @@ class Signature:
             "dims": {k: {"min": r.min, "opt": r.opt, "max": r.max} for k, r in self.dims.items()},
             "outputs": [s.to_dict() for s in self.outputs],
             "output": self.output.to_dict(),
+            "batch": self.batch,
         }
 
     @classmethod
@@ -208,6 +245,7 @@ class Signature:
             dims={k: DimRange(**r) for k, r in d["dims"].items()},
             outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
             output=Tree.from_dict(d["output"]),
+            batch=d.get("batch", "batch" if "batch" in d["dims"] else None),
         )
 
 
@@ -244,8 +282,9 @@ def as_call(example_inputs: Any) -> tuple[tuple, dict]:
 
 
 def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
-            shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> Signature:
-    """Bind the examples to `model.forward`, run eager once for the output structure, return the Signature."""
+            shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> "Captured":
+    """Bind the examples to `model.forward`, run eager on them (and on them grown along their dynamic dims)
+    for the output structure and shapes; return the Signature and those eager runs."""
     args, kwargs = as_call(example_inputs)
     params = inspect.signature(model.forward).parameters
     if any(p.kind is p.VAR_POSITIONAL for p in params.values()):
@@ -294,27 +333,87 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     try:
         with torch.inference_mode():
             reference = model(*args, **kwargs)
+        out_leaves, out_spec = _flatten_with_path(reference)
+        outputs: list[TensorSpec] = []
+        leaves = []
+        for j, (path, leaf) in enumerate(out_leaves):
+            if isinstance(leaf, torch.Tensor):
+                leaves.append(Leaf(index=len(outputs)))
+                outputs.append(TensorSpec(_path_name("output", path), leaf.dtype, tuple(leaf.shape)))
+            elif isinstance(leaf, _JSON_SCALARS):
+                leaves.append(Leaf(value=leaf))
+            else:
+                hint = " (a Hugging Face model returns its KV cache: pass use_cache=False in its config)" \
+                    if "Cache" in type(leaf).__name__ else ""
+                raise InputError(f"the model returns a {type(leaf).__name__} (output leaf {j}); outputs may hold "
+                                 f"tensors and None/bool/int/float/str constants only{hint}")
+        if not outputs:
+            raise InputError("the model returns no tensor; there is nothing to compile")
+        sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
+                        Tree(out_spec, tuple(leaves)), batch=_batch_name(inputs, dims))
+        example = sig.flatten(args, kwargs)
+        runs = [(example, [l for _, l in out_leaves if isinstance(l, torch.Tensor)])]
+        notes = []
+        grown = sig.grown(example)
+        if grown is not None:
+            try:
+                with torch.inference_mode():
+                    runs.append((grown, list(FlatModule(model, sig)(*grown))))
+            except Exception as e:
+                notes.append(f"eager fails on the example grown along its dynamic dims ({type(e).__name__}: "
+                             f"{str(e)[:200]}); output dims are taken from the example alone")
     finally:
         model.train(was_training)
-    out_leaves, out_spec = _flatten_with_path(reference)
-    outputs: list[TensorSpec] = []
-    leaves = []
-    for j, (path, leaf) in enumerate(out_leaves):
-        if isinstance(leaf, torch.Tensor):
-            leaves.append(Leaf(index=len(outputs)))
-            outputs.append(TensorSpec(_path_name("output", path), leaf.dtype, tuple(leaf.shape)))
-        elif isinstance(leaf, _JSON_SCALARS):
-            leaves.append(Leaf(value=leaf))
-        else:
-            hint = " (a Hugging Face model returns its KV cache: pass use_cache=False in its config)" \
-                if "Cache" in type(leaf).__name__ else ""
-            raise InputError(f"the model returns a {type(leaf).__name__} (output leaf {j}); outputs may hold "
-                             f"tensors and None/bool/int/float/str constants only{hint}")
-    if not outputs:
-        raise InputError("the model returns no tensor; there is nothing to compile")
-    sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
-                    Tree(out_spec, tuple(leaves)))
-    return sig
+    sig = dataclasses.replace(sig, outputs=_output_dims(sig, runs))
+    return Captured(sig, [EagerRun(flat, outs) for flat, outs in runs], notes)
+
+
+@dataclass(frozen=True)
+class EagerRun:
+    """Flat inputs and the eager model's flat outputs for them."""
+
+    inputs: list[Any]
+    outputs: list[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What capture found: the Signature, and the eager runs it made (the example first) for reuse."""
+
+    signature: Signature
+    runs: list[EagerRun]
+    notes: list[str]
+
+
+def _batch_name(inputs: Sequence[TensorSpec], dims: Mapping[str, DimRange]) -> str | None:
+    """The batch dim: one named "batch", else the dynamic dim that leads every input that leads with one."""
+    if "batch" in dims:
+        return "batch"
+    leading = {s.shape[0] for s in inputs if s.shape and isinstance(s.shape[0], str)}
+    return leading.pop() if len(leading) == 1 else None
+
+
+def _output_dims(sig: Signature, runs: list[tuple[list[Any], list[torch.Tensor]]]) -> tuple[TensorSpec, ...]:
+    """Output specs whose sizes are named after the input dims they follow across the eager runs."""
+    sizes = [sig.dim_sizes(flat) for flat, _ in runs]
+    varied = [d for d in sig.dims if len({s[d] for s in sizes}) > 1]
+    specs = []
+    for j, spec in enumerate(sig.outputs):
+        shapes = [tuple(outs[j].shape) for _, outs in runs]
+        if len({len(s) for s in shapes}) > 1:
+            specs.append(dataclasses.replace(spec, shape=tuple("?" for _ in shapes[0])))
+            continue
+        shape: list[int | str] = []
+        for k in range(len(shapes[0])):
+            got = [s[k] for s in shapes]
+            named = [d for d in varied if all(s[d] == g for s, g in zip(sizes, got))]
+            if named:   # sizes that coincide in every run stay ambiguous: prefer the batch dim first, then unused ones
+                fresh = [d for d in named if d not in shape] or named
+                shape.append(sig.batch if k == 0 and sig.batch in fresh else fresh[0])
+            else:
+                shape.append(got[0] if len(set(got)) == 1 else "?")
+        specs.append(dataclasses.replace(spec, shape=tuple(shape)))
+    return tuple(specs)
 
 
 def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],

@@ -23,20 +23,32 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 @dataclass(frozen=True)
 class Tolerance:
-    """When a compiled output counts as equal to eager.
+    """When a compiled output counts as equal to eager (see `validate.py` and the README's "Validation").
 
-    A float element fails only if it exceeds both `atol` and `rtol * |eager|`. Lossy precisions add
-    `min_cosine` / `min_snr_db` per output (and may drop the element-wise check with atol=rtol=None).
-    Integer and bool outputs must agree on at least `min_int_agreement` of their elements."""
+    fp32: `noise` (the default rule) lets the compiled output's error against a float64 eager run be at most
+    `noise` times eager fp32's own error, plus `floor` (relative to the output's size). Lossy precisions
+    set `min_cosine` / `min_snr_db` per output instead (`noise` then defaults to off). `atol`/`rtol` add
+    an element-wise check against eager (an element fails only if it exceeds both). Integer and bool
+    outputs must agree on at least `min_int_agreement` of their elements."""
 
-    atol: float | None = 1e-4
-    rtol: float | None = 1e-3
+    noise: float | None = 5.0
+    floor: float = 2e-7
+    atol: float | None = None
+    rtol: float | None = None
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_int_agreement: float = 1.0
 
+    def __post_init__(self):
+        for key in ("noise", "floor", "atol", "rtol", "min_int_agreement"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise TargetError(f"tolerance {key} = {value!r} must be a number >= 0")
+        if self.noise is None and not {self.min_cosine, self.min_snr_db, self.atol, self.rtol} - {None}:
+            raise TargetError("a tolerance without the noise rule needs min_cosine, min_snr_db or atol/rtol")
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "noise"}
 
 
 @dataclass(frozen=True)
@@ -102,16 +114,6 @@ class Target:
             fields["tolerance"] = dataclasses.replace(fields.get("tolerance", self.tolerance), **tol)
         return dataclasses.replace(self, options=opts, **fields)
 
-    @property
-    def unavailable_reason(self) -> str | None:
-        """None when the backend can run here; otherwise why not and how to fix it."""
-        from .backends import get_backend
-        return get_backend(self.backend).unavailable_reason(self)
-
-    @property
-    def available(self) -> bool:
-        return self.unavailable_reason is None
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form; `Target.from_dict` reads it back."""
         return {
@@ -132,8 +134,8 @@ class Target:
             if not isinstance(data.get(key), str):
                 raise TargetError(f"{source}: '{key}' must be a string")
         tol = dict(data.get("tolerance", {}))
-        if not {"atol", "rtol"} & set(tol) and {"min_cosine", "min_snr_db"} & set(tol):
-            tol.update(atol=None, rtol=None)  # judged by cosine / SNR alone: no element-wise check
+        if ("noise" not in tol and {"min_cosine", "min_snr_db"} & set(tol)) or tol.get("noise") is False:
+            tol["noise"] = None   # lossy: judged by cosine / SNR (or atol/rtol), not against fp32 noise
         bad = set(tol) - _TOLERANCE_KEYS
         if bad:
             raise TargetError(f"{source}: unknown tolerance key(s) {sorted(bad)}; allowed: {sorted(_TOLERANCE_KEYS)}")
@@ -206,5 +208,5 @@ def load_target(spec: "str | os.PathLike | Target") -> Target:
 
 
 def builtin_targets() -> list[Target]:
-    """Every built-in target (see `Target.available` / `unavailable_reason`)."""
+    """Every built-in target (`compilers.unavailable_reason(t)` says whether each runs here)."""
     return [load_target(n) for n in builtin_names()]

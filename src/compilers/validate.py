@@ -1,4 +1,21 @@
-"""Compare compiled outputs with eager ones, per output leaf, and give the verdict."""
+"""The verdict: compiled outputs against the Reference, per output leaf, worst case over the samples.
+
+fp32 targets are judged against the rounding noise of fp32 itself (the "noise" rule). The Reference holds
+the eager model's outputs in fp32 and in float64; eager fp32's distance from float64 is the noise that
+fp32 arithmetic produces on that output for that model (deep networks produce more). A compiled output
+passes when its own distance from float64 stays within `noise` times that, plus a small `floor`:
+
+    ||compiled - exact|| / ||exact||   <=   noise * ||eager - exact|| / ||exact||   +  floor   (RMS)
+    max|compiled - exact| / max|exact| <= 2 noise * max|eager - exact| / max|exact| +  floor   (worst element)
+
+(the worst element gets twice the factor: a maximum over few elements is itself a noisy statistic).
+
+Where the model cannot run in float64 the "scaled" rule takes fp32 eager as the reference and an assumed
+noise of `SCALED_NOISE` (the fp32 noise measured on ResNet-50). Lossy precisions (bf16, int8) are judged
+by cosine similarity / SNR per output instead; explicit `atol`/`rtol` add an element-wise check against
+fp32 eager (an element fails when it exceeds both). Integer and bool outputs must match exactly (or on
+`min_int_agreement` of their elements). Non-finite values must sit where eager has them.
+"""
 from __future__ import annotations
 
 import math
@@ -8,22 +25,29 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .reference import Reference
 from .target import Tolerance
+
+#: relative RMS and relative max noise assumed for fp32 when no float64 reference exists (scaled rule)
+SCALED_NOISE = (1e-6, 2e-6)
 
 
 @dataclass(frozen=True)
 class OutputCheck:
-    """Worst-case agreement of one output leaf over every sample checked."""
+    """Worst-case agreement of one output leaf over every sample checked: what was measured and allowed."""
 
     name: str
     dtype: str
-    max_abs: float = 0.0
-    max_rel: float = 0.0
+    rule: str = "exact"              # noise | scaled | lossy | exact (integers, bools)
+    error: float = 0.0               # ||compiled - reference|| / ||reference|| (float64 reference where made)
+    noise: float | None = None       # eager fp32's own relative RMS error against float64
+    allowed: float | None = None     # the bound `error` had to meet
+    max_error: float = 0.0           # max|compiled - reference| / max|reference|
+    max_allowed: float | None = None
+    max_abs: float = 0.0             # max|compiled - eager|, for orientation
     cosine: float | None = None
     snr_db: float | None = None
     agreement: float = 1.0           # fraction of equal elements (integer / bool outputs)
-    needed_atol: float = 0.0         # smallest atol that passes at the target's rtol
-    needed_rtol: float = 0.0         # smallest rtol that passes at the target's atol
     failure: str | None = None
 
     @property
@@ -38,29 +62,44 @@ class ValidationReport:
     outputs: tuple[OutputCheck, ...]
     samples: int
     tolerance: Tolerance
+    reference: str = ""              # how the exact reference was made, or why there was none
+    errors: tuple[str, ...] = ()     # samples on which the compiled model raised instead of answering
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return not self.errors and all(o.passed for o in self.outputs)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance.to_dict(),
-                "outputs": [asdict(o) for o in self.outputs]}
+                "reference": self.reference, "errors": list(self.errors), "outputs": [asdict(o) for o in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ValidationReport":
+        return cls(tuple(OutputCheck(**o) for o in d["outputs"]), d["samples"], Tolerance(**d["tolerance"]),
+                   d.get("reference", ""), tuple(d.get("errors", ())))
 
     def __str__(self) -> str:
         w = max([12] + [len(o.name) for o in self.outputs])
-        head = f"{'output':{w}s} {'dtype':8s} {'max abs':>9s} {'max rel':>9s} {'cosine':>9s} {'SNR dB':>7s} " \
-               f"{'agree':>6s} {'need atol':>9s} {'need rtol':>9s}  verdict"
-        lines = [head]
+        lines = [f"{'output':{w}s} {'dtype':8s} {'rule':6s} {'rel err':>9s} {'noise':>9s} {'allowed':>9s} "
+                 f"{'max err':>9s} {'allowed':>9s} {'max abs':>9s} {'cosine':>9s}  verdict"]
         for o in self.outputs:
-            cos = f"{o.cosine:.6f}" if o.cosine is not None else "-"
-            snr = f"{o.snr_db:.1f}" if o.snr_db is not None else "-"
-            lines.append(f"{o.name:{w}s} {o.dtype:8s} {o.max_abs:9.2e} {o.max_rel:9.2e} {cos:>9s} {snr:>7s} "
-                         f"{o.agreement:6.3f} {o.needed_atol:9.2e} {o.needed_rtol:9.2e}  "
+            lines.append(f"{o.name:{w}s} {o.dtype:8s} {o.rule:6s} {o.error:9.2e} {_e(o.noise)} {_e(o.allowed)} "
+                         f"{o.max_error:9.2e} {_e(o.max_allowed)} {o.max_abs:9.2e} "
+                         f"{_f(o.cosine) if o.rule != 'exact' else f'{o.agreement:9.3f}'}  "
                          f"{'ok' if o.passed else 'FAIL: ' + o.failure}")
+        lines.extend(f"error: {e}" for e in self.errors)
         tol = ", ".join(f"{k}={v}" for k, v in self.tolerance.to_dict().items())
-        lines.append(f"{self.samples} sample(s); tolerance {tol}; {'PASSED' if self.passed else 'FAILED'}")
+        lines.append(f"{self.samples} sample(s); reference: {self.reference or 'eager'}; tolerance {tol}; "
+                     f"{'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
+
+
+def _e(x: float | None) -> str:
+    return f"{x:9.2e}" if x is not None else f"{'-':>9s}"
+
+
+def _f(x: float | None) -> str:
+    return f"{x:9.6f}" if x is not None else f"{'-':>9s}"
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -70,66 +109,103 @@ def _as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def check_output(name: str, ref: Any, got: Any, tol: Tolerance) -> OutputCheck:
-    """Agreement of one output leaf on one sample."""
+def _relative(diff: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(||diff|| / ||ref||, max|diff| / max|ref|); 0 for no difference, inf against an all-zero reference."""
+    def ratio(num: float, den: float) -> float:
+        return 0.0 if num == 0 else (num / den if den > 0 else math.inf)
+    return (ratio(float(np.linalg.norm(diff)), float(np.linalg.norm(ref))),
+            ratio(float(np.abs(diff).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))))
+
+
+def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = None) -> OutputCheck:
+    """Agreement of one output leaf on one sample: `ref` is eager's output, `exact` the float64 one (or None)."""
     r, g = _as_numpy(ref), _as_numpy(got)
     dtype = str(ref.dtype).removeprefix("torch.")
     if r.shape != g.shape:
-        return OutputCheck(name, dtype, math.inf, math.inf, failure=f"shape {g.shape}, eager gives {r.shape}")
+        return OutputCheck(name, dtype, failure=f"shape {g.shape}, eager gives {r.shape}", error=math.inf,
+                           max_error=math.inf, max_abs=math.inf)
     if not np.issubdtype(r.dtype, np.floating):
         agreement = float((r == g).mean()) if r.size else 1.0
         failure = None if agreement >= tol.min_int_agreement else \
             f"{agreement:.2%} of elements equal, need {tol.min_int_agreement:.2%}"
         diff = np.abs(r.astype(np.float64) - g.astype(np.float64))
-        return OutputCheck(name, dtype, float(diff.max(initial=0)), 0.0, agreement=agreement, failure=failure)
+        return OutputCheck(name, dtype, max_abs=float(diff.max(initial=0)), agreement=agreement, failure=failure)
 
     r64, g64 = r.astype(np.float64), g.astype(np.float64)
-    if not np.isfinite(g64).all() and not np.array_equal(np.isfinite(g64), np.isfinite(r64)):
-        return OutputCheck(name, dtype, math.inf, math.inf, failure="non-finite values where eager has finite ones")
-    finite = np.isfinite(r64) & np.isfinite(g64)
+    if not np.array_equal(np.isfinite(g64), np.isfinite(r64)) or not np.array_equal(np.isnan(g64), np.isnan(r64)):
+        return OutputCheck(name, dtype, failure="non-finite values where eager has finite ones, or the reverse",
+                           error=math.inf, max_error=math.inf, max_abs=math.inf)
+    finite = np.isfinite(r64)
     r64, g64 = r64[finite], g64[finite]
-    diff = np.abs(r64 - g64)
-    mag = np.abs(r64)
-    rel = diff / np.maximum(mag, np.finfo(np.float64).tiny)
-    max_abs = float(diff.max(initial=0.0))
-    max_rel = float(rel.max(initial=0.0))
+    x64 = _as_numpy(exact).astype(np.float64)[finite] if exact is not None else None
+    diff = g64 - r64
+    max_abs = float(np.abs(diff).max(initial=0.0))
     rn, gn = np.linalg.norm(r64), np.linalg.norm(g64)
     cosine = float(np.dot(r64, g64) / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
-    noise = float(np.sum(diff ** 2))
-    snr = math.inf if noise == 0 else 10 * math.log10(max(float(np.sum(r64 ** 2)), 1e-300) / noise)
+    noise_power = float(np.sum(diff ** 2))
+    snr = math.inf if noise_power == 0 else 10 * math.log10(max(float(np.sum(r64 ** 2)), 1e-300) / noise_power)
+    row = dict(name=name, dtype=dtype, max_abs=max_abs, cosine=cosine, snr_db=snr if math.isfinite(snr) else None)
 
-    atol = tol.atol if tol.atol is not None else 0.0
-    rtol = tol.rtol if tol.rtol is not None else 0.0
-    needed_atol = float(diff[diff > rtol * mag].max(initial=0.0))
-    needed_rtol = float(rel[diff > atol].max(initial=0.0))
-    failure = None
+    failures = []
+    if tol.noise is not None:
+        if x64 is not None:   # the noise rule: compiled vs float64, against eager fp32's own distance from it
+            error, max_error = _relative(g64 - x64, x64)
+            noise, max_noise = _relative(r64 - x64, x64)
+            rule = "noise"
+        else:                 # the scaled rule: compiled vs eager fp32, against an assumed fp32 noise
+            error, max_error = _relative(diff, r64)
+            noise, max_noise = SCALED_NOISE
+            rule = "scaled"
+        allowed, max_allowed = tol.noise * noise + tol.floor, 2 * tol.noise * max_noise + tol.floor
+        if error > allowed:
+            failures.append(f"error {error:.2e} > {allowed:.2e} allowed ({tol.noise:g}x fp32 noise {noise:.1e} "
+                            f"+ {tol.floor:g})")
+        elif max_error > max_allowed:
+            failures.append(f"worst element error {max_error:.2e} > {max_allowed:.2e} allowed")
+        row.update(rule=rule, error=error, noise=noise if rule == "noise" else None, allowed=allowed,
+                   max_error=max_error, max_allowed=max_allowed)
+    else:
+        error, max_error = _relative(diff, r64)
+        row.update(rule="lossy", error=error, max_error=max_error)
     if tol.atol is not None or tol.rtol is not None:
-        bad = (diff > atol) & (diff > rtol * mag)
+        atol, rtol = tol.atol or 0.0, tol.rtol or 0.0
+        bad = (np.abs(diff) > atol) & (np.abs(diff) > rtol * np.abs(r64))
         if bad.any():
-            failure = f"{int(bad.sum())} element(s) exceed atol={atol:g} and rtol={rtol:g}"
-    if failure is None and tol.min_cosine is not None and cosine < tol.min_cosine:
-        failure = f"cosine {cosine:.6f} < {tol.min_cosine}"
-    if failure is None and tol.min_snr_db is not None and snr < tol.min_snr_db:
-        failure = f"SNR {snr:.1f} dB < {tol.min_snr_db}"
-    return OutputCheck(name, dtype, max_abs, max_rel, cosine, snr if math.isfinite(snr) else None,
-                       1.0, needed_atol, needed_rtol, failure)
+            failures.append(f"{int(bad.sum())} element(s) exceed atol={atol:g} and rtol={rtol:g}")
+    if tol.min_cosine is not None and cosine < tol.min_cosine:
+        failures.append(f"cosine {cosine:.6f} < {tol.min_cosine}")
+    if tol.min_snr_db is not None and snr < tol.min_snr_db:
+        failures.append(f"SNR {snr:.1f} dB < {tol.min_snr_db}")
+    return OutputCheck(**row, failure="; ".join(failures) or None)
 
 
 def _worst(a: OutputCheck, b: OutputCheck) -> OutputCheck:
+    """Two samples' rows as one: each measured/allowed pair is taken from the sample nearer its bound."""
     def lo(x, y):
         return y if x is None else x if y is None else min(x, y)
-    return OutputCheck(a.name, a.dtype, max(a.max_abs, b.max_abs), max(a.max_rel, b.max_rel),
-                       lo(a.cosine, b.cosine), lo(a.snr_db, b.snr_db), min(a.agreement, b.agreement),
-                       max(a.needed_atol, b.needed_atol), max(a.needed_rtol, b.needed_rtol),
-                       a.failure or b.failure)
+
+    def nearer(error: str, allowed: str) -> OutputCheck:
+        def share(o: OutputCheck) -> float:
+            bound = getattr(o, allowed)
+            return getattr(o, error) / bound if bound else getattr(o, error)
+        return a if share(a) >= share(b) else b
+    rms, worst = nearer("error", "allowed"), nearer("max_error", "max_allowed")
+    return OutputCheck(a.name, a.dtype, a.rule if a.rule == b.rule else f"{a.rule}/{b.rule}",
+                       rms.error, rms.noise, rms.allowed, worst.max_error, worst.max_allowed,
+                       max(a.max_abs, b.max_abs), lo(a.cosine, b.cosine), lo(a.snr_db, b.snr_db),
+                       min(a.agreement, b.agreement), a.failure or b.failure)
 
 
-def compare(names: Sequence[str], references: Sequence[Sequence[Any]], results: Sequence[Sequence[Any]],
-            tol: Tolerance) -> ValidationReport:
-    """Validate flat outputs of several samples: references[i][j] is eager output leaf j of sample i."""
+def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequence[Any] | None], tol: Tolerance,
+            errors: Sequence[str] = ()) -> ValidationReport:
+    """The verdict on flat compiled outputs `results[i]` for `reference.samples[i]` (None: sample skipped)."""
     rows: list[OutputCheck | None] = [None] * len(names)
-    for ref, got in zip(references, results):
-        for j, (name, r, g) in enumerate(zip(names, ref, got)):
-            row = check_output(name, r, g, tol)
+    checked = 0
+    for ref, exact, got in zip(reference.outputs, reference.exact, results):
+        if got is None:
+            continue
+        checked += 1
+        for j, name in enumerate(names):
+            row = check_output(name, ref[j], got[j], tol, exact[j] if exact is not None else None)
             rows[j] = row if rows[j] is None else _worst(rows[j], row)
-    return ValidationReport(tuple(r for r in rows if r is not None), len(references), tol)
+    return ValidationReport(tuple(r for r in rows if r is not None), checked, tol, reference.note, tuple(errors))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import TargetError
+from ..target import Target
 from .base import Backend
 
 _REGISTRY = {
@@ -30,3 +31,8 @@ def get_backend(name: str) -> Backend:
 
 def backend_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def unavailable_reason(target: Target) -> str | None:
+    """None when `target` can run on this machine; otherwise why not and how to fix it."""
+    return get_backend(target.backend).unavailable_reason(target)

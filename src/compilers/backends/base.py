@@ -5,23 +5,29 @@ an engine only ever sees a flat list of arrays in the order of `Signature.inputs
 """
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+from ..calibration import Calibration
+from ..host import installed_versions
 from ..lower import Lowered
-from ..signature import Signature
+from ..settings import NoSettings, parse
+from ..signature import FlatModule, Signature
 from ..target import Target
 
 
 @dataclass(frozen=True)
-class Option:
-    """A backend option a descriptor may set."""
+class Spec:
+    """What a backend is asked to build (or load): the target, its parsed settings, the call signature,
+    and a directory of its own (a scratch directory while building; the artifact directory when loading)."""
 
-    default: Any
-    doc: str
-    choices: tuple | None = None
+    target: Target
+    settings: Any
+    signature: Signature
+    workdir: Path
 
 
 @dataclass
@@ -36,8 +42,13 @@ class Optimized:
 class Engine(ABC):
     """A built, runnable model: flat arrays in, flat arrays out."""
 
-    #: what run() takes and returns: "numpy" arrays or "torch" tensors
+    #: what run() takes and returns: "numpy" arrays or "torch" tensors (CPU numpy arrays and CPU torch
+    #: tensors convert both ways without copying)
     array_kind: str = "numpy"
+    #: where run() wants its inputs and leaves its outputs ("cpu", "cuda", "cuda:1", ...)
+    device: str = "cpu"
+    #: whether run() may be called from several threads at once; if not, the runtime serializes calls
+    thread_safe: bool = True
 
     @abstractmethod
     def run(self, inputs: Sequence[Any]) -> list[Any]:
@@ -58,58 +69,65 @@ class Backend(ABC):
     name: str = ""
     #: lowering routes, most preferred first; "onnx-dynamo" and "onnx-torchscript" are lower.py's own
     routes: tuple[str, ...] = ("onnx-dynamo", "onnx-torchscript")
-    #: options a descriptor may set in [options]
-    options: Mapping[str, Option] = {}
+    #: the options a descriptor may set in [options]: a frozen dataclass built with settings.option()
+    Settings: type = NoSettings
     #: libraries whose exact version an artifact of this backend is bound to
     bound_libraries: tuple[str, ...] = ()
+    #: Python modules the backend needs (checked without importing them)
+    requires: tuple[str, ...] = ()
     #: pip extra that installs this backend
     extra: str = "cpu"
-
-    def routes_for(self, target: Target) -> tuple[str, ...]:
-        """The routes to try for `target` (a descriptor option may pick one); default: `routes`."""
-        return self.routes
-
     #: devices and precisions the backend implements
     devices: tuple[str, ...] = ("cpu",)
     precisions: tuple[str, ...] = ("fp32",)
 
+    def settings(self, target: Target) -> Any:
+        """The target's [options] as this backend's typed Settings; TargetError if one is unknown or malformed."""
+        return parse(self.Settings, target.options, f"target {target.name!r} (backend {self.name})")
+
+    def routes_for(self, settings: Any) -> tuple[str, ...]:
+        """The routes to try (a setting may pick one); default: `routes`."""
+        return self.routes
+
     def unavailable_reason(self, target: Target) -> str | None:
-        """None if the backend can run `target` here, else why not and the command that fixes it."""
+        """None if the backend can run `target` here, else why not and the command that fixes it.
+
+        Cheap: no backend library is imported (`compilers targets` calls it for every target); `probe`
+        does the checks that need the library itself."""
         if target.device not in self.devices:
             return f"device {target.device!r} is not supported by the {self.name} backend yet ({', '.join(self.devices)} only)"
         if target.precision not in self.precisions:
             return (f"precision {target.precision} is not supported by the {self.name} backend yet "
                     f"({', '.join(self.precisions)} only)")
-        return self.runtime_reason(target)
+        for module in self.requires:
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed: pip install 'compilers[{self.extra}]'"
+        return self.setup_reason(target)
 
-    @abstractmethod
-    def runtime_reason(self, target: Target) -> str | None:
-        """None if the backend's runtime is installed and usable here, else why not and how to fix it."""
+    def setup_reason(self, target: Target) -> str | None:
+        """A cheap check of the machine beyond installed modules (a C++ compiler, a package clash)."""
+        return None
 
-    def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
+    def probe(self, target: Target) -> str | None:
+        """None if the installed runtime really works for `target` (imports it), else why not and how to fix it."""
+        return None
+
+    def lower(self, route: str, module: FlatModule, examples: Sequence[Any], spec: Spec) -> Lowered:
         """Lower by a route of the backend's own (a direct import); ONNX routes are lower.py's."""
         raise NotImplementedError(route)
 
-    def optimize(self, lowered: Lowered, target: Target, calibration: Sequence[Sequence[Any]] | None,
-                 workdir: Path) -> Optimized:
+    def optimize(self, lowered: Lowered, spec: Spec, calibration: Calibration | None) -> Optimized:
         """Graph-level fusion and, for int8 targets, calibration and quantization."""
         return Optimized(lowered)
 
     @abstractmethod
-    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+    def build(self, optimized: Optimized, spec: Spec) -> Engine:
         """The runnable engine."""
 
     @abstractmethod
-    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
-        """An engine from the files its `save` wrote."""
+    def load(self, spec: Spec) -> Engine:
+        """An engine from the files its `save` wrote into `spec.workdir`."""
 
     def versions(self) -> dict[str, str]:
         """Installed versions of this backend's libraries (recorded in every artifact)."""
-        from importlib.metadata import PackageNotFoundError, version
-        found = {}
-        for lib in self.bound_libraries:
-            try:
-                found[lib] = version(lib)
-            except PackageNotFoundError:
-                pass
-        return found
+        return installed_versions(self.bound_libraries)

@@ -19,28 +19,33 @@ from typing import Any, Sequence
 import torch
 import torch._inductor
 
-from ..cache import cpu_isa
 from ..errors import ArtifactError, CompilerError, InputError
-from ..lower import Lowered, export_dims, quiet
-from ..signature import Signature
+from ..host import cpu_isa
+from ..lower import Lowered, export_dims
+from ..quiet import quiet
+from ..settings import option
+from ..signature import FlatModule, Signature
 from ..target import Target
-from .base import Backend, Engine, Optimized, Option
+from .base import Backend, Engine, Optimized, Spec
 
 MODEL_FILE = "model.pt2"
 META_FILE = "aoti.json"   # the CPU the kernels were built for, and size limits export found
+
+
+@dataclass(frozen=True)
+class InductorSettings:
+    wrapper_opt_level: str = option("O0", "C++ optimization level of the host-side wrapper, which only sequences "
+                                          "kernel calls; the generated kernels are always built at -O3. O0 compiles "
+                                          "about a second faster per model", choices=("O0", "O1", "O2", "O3"))
 
 
 class InductorBackend(Backend):
     name = "inductor"
     routes = ("torch-export",)
     bound_libraries = ("torch",)
-    options = {
-        "wrapper_opt_level": Option("O0", "C++ optimization level of the host-side wrapper, which only sequences "
-                                          "kernel calls; the generated kernels are always built at -O3. O0 compiles "
-                                          "about a second faster per model", ("O0", "O1", "O2", "O3")),
-    }
+    Settings = InductorSettings
 
-    def runtime_reason(self, target: Target) -> str | None:
+    def setup_reason(self, target: Target) -> str | None:
         compilers = cxx_candidates()
         if not any(shutil.which(c) for c in compilers):
             return (f"AOTInductor compiles C++ with {' or '.join(compilers)}, and none is on PATH: install a C++ "
@@ -48,22 +53,23 @@ class InductorBackend(Backend):
                     "or point the CXX environment variable at one")
         return None
 
-    def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
+    def lower(self, route: str, module: FlatModule, examples: Sequence[Any], spec: Spec) -> Lowered:
         if route != "torch-export":
             raise ValueError(f"unknown inductor route {route!r}")
         # the compiled kernels index inputs with the examples' strides; engines pass contiguous inputs
         examples = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in examples)
-        exported, notes = export_program(module, examples, signature)
+        exported, notes = export_program(module, examples, spec.signature)
         nodes = sum(1 for n in exported.graph.nodes if n.op == "call_function")
-        return Lowered(route=route, model=_Exported(exported, notes, narrowed_dims(exported, signature)), nodes=nodes)
+        return Lowered(route=route, model=_Exported(exported, notes, narrowed_dims(exported, spec.signature)), nodes=nodes)
 
-    def optimize(self, lowered: Lowered, target: Target, calibration, workdir: Path) -> Optimized:
+    def optimize(self, lowered: Lowered, spec: Spec, calibration) -> Optimized:
         return Optimized(lowered, notes=list(lowered.model.notes))
 
-    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+    def build(self, optimized: Optimized, spec: Spec) -> Engine:
+        # the package outlives the build's scratch directory: it is the engine's file until saved
         workdir = Path(tempfile.mkdtemp(prefix="compilers-aoti-"))
         path = workdir / MODEL_FILE
-        configs = {"aot_inductor.compile_wrapper_opt_level": target.options.get("wrapper_opt_level", "O0")}
+        configs = {"aot_inductor.compile_wrapper_opt_level": spec.settings.wrapper_opt_level}
         try:
             with quiet():
                 torch._inductor.aoti_compile_and_package(optimized.lowered.model.program, package_path=str(path),
@@ -75,7 +81,8 @@ class InductorBackend(Backend):
                                 f"{first[:500]}. Try the torchscript-cpu or ort-cpu target") from e
         return InductorEngine(path, {"isa": cpu_isa(), "bounds": optimized.lowered.model.bounds}, workdir)
 
-    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
+    def load(self, spec: Spec) -> Engine:
+        directory = spec.workdir
         try:
             meta = json.loads((directory / META_FILE).read_text())
             built_isa = meta["isa"]
@@ -160,6 +167,8 @@ def missing_isa(built: str, here: str) -> str:
 
 
 class InductorEngine(Engine):
+    """An AOTInductor package's model container (it serializes concurrent calls itself)."""
+
     array_kind = "torch"
 
     def __init__(self, path: Path, meta: dict[str, Any], workdir: Path | None = None):
@@ -167,8 +176,7 @@ class InductorEngine(Engine):
         self.meta = meta
         if workdir is not None:  # the build's own package file: removed with the engine
             weakref.finalize(self, shutil.rmtree, workdir, True)
-        with quiet():
-            self.runner = torch._inductor.aoti_load_package(str(path))
+        self.runner = torch._inductor.aoti_load_package(str(path))
         self.info = describe_package(path)
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import os
 import warnings
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..lower import Lowered, quiet
-from ..signature import Signature
+from ..host import installed_versions
+from ..lower import Lowered
+from ..quiet import quiet
+from ..settings import option
 from ..target import Target
-from .base import Backend, Engine, Optimized, Option
+from .base import Backend, Engine, Optimized, Spec
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -21,12 +24,7 @@ MODEL_FILE = "model.onnx"
 
 def install_clash() -> str | None:
     """onnxruntime and onnxruntime-gpu installed together overwrite each other's files."""
-    found = []
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
-        try:
-            found.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            pass
+    found = [f"{dist}=={v}" for dist, v in installed_versions(("onnxruntime", "onnxruntime-gpu")).items()]
     if len(found) < 2:
         return None
     return (f"both {' and '.join(found)} are installed; they share the `onnxruntime` module, so whichever was "
@@ -39,41 +37,47 @@ def op_counts(graph) -> collections.Counter:
     return collections.Counter(n.op_type for n in graph.node)
 
 
+@dataclass(frozen=True)
+class OrtSettings:
+    threads: int = option(0, "intra-op threads; 0 = all cores", minimum=0)
+    graph_optimization_level: str = option("all", "ORT graph optimization level", choices=tuple(_LEVELS))
+    transformer_fusions: bool = option(True, "apply transformer fusions (Attention, SkipLayerNormalization, "
+                                             "BiasGelu, ...) where the graph has the pattern")
+    transformer_model_type: str = option("bert", "fusion family of onnxruntime.transformers.optimizer")
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     bound_libraries = ("onnxruntime",)
-    options = {
-        "threads": Option(0, "intra-op threads; 0 = all cores"),
-        "graph_optimization_level": Option("all", "ORT graph optimization level", tuple(_LEVELS)),
-        "transformer_fusions": Option(True, "apply onnxruntime.transformers fusions (Attention, SkipLayerNormalization, BiasGelu, ...)"),
-        "transformer_model_type": Option("bert", "fusion family of onnxruntime.transformers.optimizer"),
-    }
+    Settings = OrtSettings
+    requires = ("onnxruntime",)
 
-    def runtime_reason(self, target: Target) -> str | None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return "onnxruntime is not installed: pip install 'compilers[cpu]'"
+    def setup_reason(self, target: Target) -> str | None:
         clash = install_clash()
         if clash:
             warnings.warn(clash, RuntimeWarning, stacklevel=4)
+        return None
+
+    def probe(self, target: Target) -> str | None:
+        import onnxruntime as ort
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return "this onnxruntime build has no CPUExecutionProvider"
         return None
 
-    def optimize(self, lowered: Lowered, target: Target, calibration, workdir: Path) -> Optimized:
+    def optimize(self, lowered: Lowered, spec: Spec, calibration) -> Optimized:
         import onnx
         opt = Optimized(lowered)
-        if not target.options.get("transformer_fusions", True):
+        settings: OrtSettings = spec.settings
+        if not settings.transformer_fusions:
             return opt
         model = onnx.load(str(lowered.path))
         before = contrib_ops(model.graph)
         for name, fuse in (("onnxscript ort_fusions", fuse_onnxscript),
-                           ("onnxruntime.transformers", lambda m: fuse_transformer(m, target.options.get("transformer_model_type", "bert")))):
+                           ("onnxruntime.transformers", lambda m: fuse_transformer(m, settings.transformer_model_type))):
             try:
                 with quiet():
                     fused = fuse(copy.deepcopy(model))   # passes may edit in place; keep `model` to fall back on
-                    check = OrtEngine(fused.SerializeToString(), target)
+                    check = OrtEngine(fused.SerializeToString(), settings)
                     if lowered.examples:
                         check.run(as_numpy(lowered.examples))
                 model = fused
@@ -81,25 +85,25 @@ class OnnxRuntimeBackend(Backend):
                 opt.notes.append(f"{name} fusion skipped: {type(e).__name__}: {str(e)[:200]}")
         fused = contrib_ops(model.graph) - before
         if fused:
-            path = workdir / "fused.onnx"
+            path = spec.workdir / "fused.onnx"
             onnx.save(model, str(path))
-            opt.lowered = Lowered(**{**lowered.__dict__, "path": path})
+            opt.lowered = dataclasses.replace(lowered, path=path)
             opt.fused.update(fused)
         else:
             opt.notes.append("no transformer pattern found to fuse")
         return opt
 
-    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+    def build(self, optimized: Optimized, spec: Spec) -> Engine:
         model_bytes = Path(optimized.lowered.path).read_bytes()
-        final = optimized.lowered.path.with_suffix(".ort-optimized.onnx")
-        engine = OrtEngine(model_bytes, target, optimized_path=final)
+        final = spec.workdir / "ort-optimized.onnx"
+        engine = OrtEngine(model_bytes, spec.settings, optimized_path=final)
         import onnx
         graph = onnx.load(str(final)).graph
         engine.info = {"nodes": len(graph.node), "ops": dict(op_counts(graph)), "fused": dict(contrib_ops(graph))}
         return engine
 
-    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
-        return OrtEngine((directory / MODEL_FILE).read_bytes(), target)
+    def load(self, spec: Spec) -> Engine:
+        return OrtEngine((spec.workdir / MODEL_FILE).read_bytes(), spec.settings)
 
 
 def as_numpy(values: Sequence[Any]) -> list[Any]:
@@ -121,21 +125,20 @@ def fuse_onnxscript(model):
 
 def fuse_transformer(model, model_type: str):
     """onnxruntime.transformers fusions (SkipLayerNormalization, BiasGelu, BERT attention of older exports)."""
-    import logging
     from onnxruntime.transformers.optimizer import optimize_by_fusion
-    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     return optimize_by_fusion(model, model_type=model_type, num_heads=0, hidden_size=0).model
 
 
 class OrtEngine(Engine):
+    """An InferenceSession on the CPU provider (its run() is thread-safe)."""
+
     array_kind = "numpy"
 
-    def __init__(self, model_bytes: bytes, target: Target, optimized_path: Path | None = None):
+    def __init__(self, model_bytes: bytes, settings: OrtSettings, optimized_path: Path | None = None):
         import onnxruntime as ort
         so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
-                                              _LEVELS[target.options.get("graph_optimization_level", "all")])
-        so.intra_op_num_threads = int(target.options.get("threads", 0)) or (os.cpu_count() or 1)
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[settings.graph_optimization_level])
+        so.intra_op_num_threads = settings.threads or (os.cpu_count() or 1)
         so.log_severity_level = 3
         if optimized_path is not None:
             so.optimized_model_filepath = str(optimized_path)

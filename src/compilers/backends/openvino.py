@@ -8,17 +8,27 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ExportError
 from ..lower import Lowered
-from ..signature import Signature
+from ..settings import option
+from ..signature import FlatModule, Signature
 from ..target import Target
-from .base import Backend, Engine, Optimized, Option
+from .base import Backend, Engine, Optimized, Spec
 
 MODEL_XML = "model.xml"
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+@dataclass(frozen=True)
+class OpenVinoSettings:
+    performance_hint: str = option("LATENCY", "OpenVINO PERFORMANCE_HINT", choices=("LATENCY", "THROUGHPUT"))
+    streams: int = option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint", minimum=0)
+    threads: int = option(0, "INFERENCE_NUM_THREADS; 0 = all cores", minimum=0)
+    cache_dir: str = option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none")
 
 
 class OpenVinoBackend(Backend):
@@ -26,39 +36,32 @@ class OpenVinoBackend(Backend):
     routes = ("openvino-direct", "onnx-dynamo", "onnx-torchscript")
     bound_libraries = ("openvino",)
     precisions = tuple(_HINTS)
-    options = {
-        "performance_hint": Option("LATENCY", "OpenVINO PERFORMANCE_HINT", ("LATENCY", "THROUGHPUT")),
-        "streams": Option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint"),
-        "threads": Option(0, "INFERENCE_NUM_THREADS; 0 = all cores"),
-        "cache_dir": Option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none"),
-    }
+    Settings = OpenVinoSettings
+    requires = ("openvino",)
 
-    def runtime_reason(self, target: Target) -> str | None:
-        try:
-            import openvino as ov
-        except ImportError:
-            return "openvino is not installed: pip install 'compilers[cpu]'"
+    def probe(self, target: Target) -> str | None:
+        import openvino as ov
         if "CPU" not in ov.Core().available_devices:
             return "OpenVINO sees no CPU device"
         return None
 
-    def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
+    def lower(self, route: str, module: FlatModule, examples: Sequence[Any], spec: Spec) -> Lowered:
         import openvino as ov
-        model = ov.convert_model(module, example_input=tuple(examples), input=input_shapes(signature))
+        model = ov.convert_model(module, example_input=tuple(examples), input=input_shapes(spec.signature))
         return Lowered(route=route, model=model, nodes=len(model.get_ops()))
 
-    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+    def build(self, optimized: Optimized, spec: Spec) -> Engine:
         import openvino as ov
         lowered = optimized.lowered
         model = lowered.model if lowered.model is not None else ov.Core().read_model(str(lowered.path))
-        name_inputs(model, signature)
-        engine = OpenVinoEngine(model, target)
-        engine.check_precision(target)
+        name_inputs(model, spec.signature)
+        engine = OpenVinoEngine(model, spec.target, spec.settings)
+        engine.check_precision(spec.target)
         return engine
 
-    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
+    def load(self, spec: Spec) -> Engine:
         import openvino as ov
-        return OpenVinoEngine(ov.Core().read_model(str(directory / MODEL_XML)), target)
+        return OpenVinoEngine(ov.Core().read_model(str(spec.workdir / MODEL_XML)), spec.target, spec.settings)
 
 
 def input_shapes(signature: Signature) -> list[tuple[Any, Any]]:
@@ -90,18 +93,18 @@ def name_inputs(model: Any, signature: Signature) -> None:
 
 
 class OpenVinoEngine(Engine):
+    """A CompiledModel on the CPU plugin; one infer request per calling thread makes run() thread-safe."""
+
     array_kind = "numpy"
 
-    def __init__(self, model: Any, target: Target):
+    def __init__(self, model: Any, target: Target, settings: OpenVinoSettings):
         import openvino as ov
-        opts = target.options
-        config = {"INFERENCE_PRECISION_HINT": _HINTS[target.precision],
-                  "PERFORMANCE_HINT": opts.get("performance_hint", "LATENCY")}
-        if opts.get("streams"):
-            config["NUM_STREAMS"] = str(opts["streams"])
-        config["INFERENCE_NUM_THREADS"] = int(opts.get("threads") or os.cpu_count() or 1)
-        if opts.get("cache_dir"):
-            config["CACHE_DIR"] = str(opts["cache_dir"])
+        config = {"INFERENCE_PRECISION_HINT": _HINTS[target.precision], "PERFORMANCE_HINT": settings.performance_hint,
+                  "INFERENCE_NUM_THREADS": settings.threads or os.cpu_count() or 1}
+        if settings.streams:
+            config["NUM_STREAMS"] = str(settings.streams)
+        if settings.cache_dir:
+            config["CACHE_DIR"] = settings.cache_dir
         self.model = model
         self.compiled = ov.Core().compile_model(model, "CPU", config)
         self.outputs = list(self.compiled.outputs)

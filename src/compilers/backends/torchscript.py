@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import io
 import warnings
 from dataclasses import dataclass
@@ -21,37 +22,38 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..lower import Lowered
-from ..signature import FlatModule, Signature
+from ..settings import option
+from ..signature import FlatModule
 from ..target import Target
-from .base import Backend, Engine, Optimized, Option
+from .base import Backend, Engine, Optimized, Spec
 
 MODEL_FILE = "model.pt"
 _ROUTES = {"trace": "torchscript-trace", "script": "torchscript-script"}
 
 
+@dataclass(frozen=True)
+class TorchScriptSettings:
+    # No `threads`: torch's intra-op pool is process-wide (torch.set_num_threads); a compiled model must not
+    # change it behind the caller's back, so it runs with whatever the process has set.
+    mode: str = option("trace", "torch.jit.trace the flat module (records one path through Python control flow), "
+                                "or torch.jit.script the model (keeps control flow; the model must be scriptable)",
+                       choices=tuple(_ROUTES))
+    freeze: bool = option(True, "torch.jit.freeze: weights and submodules become constants, conv+batchnorm folds")
+    optimize_for_inference: bool = option(True, "torch.jit.optimize_for_inference (implies freezing): MKLDNN "
+                                                "convolutions and other CPU rewrites; re-applied at load")
+
+
 class TorchScriptBackend(Backend):
     name = "torchscript"
     routes = tuple(_ROUTES.values())
-    options = {
-        "mode": Option("trace", "torch.jit.trace the flat module (records one path through Python control flow), "
-                                "or torch.jit.script the model (keeps control flow; the model must be scriptable)",
-                       tuple(_ROUTES)),
-        "threads": Option(0, "intra-op threads while the engine runs (the previous torch setting is restored after "
-                             "each call); 0 = leave torch's setting alone (all physical cores by default)"),
-        "freeze": Option(True, "torch.jit.freeze: weights and submodules become constants, conv+batchnorm folds"),
-        "optimize_for_inference": Option(True, "torch.jit.optimize_for_inference (implies freezing): MKLDNN "
-                                               "convolutions and other CPU rewrites; re-applied at load"),
-    }
+    Settings = TorchScriptSettings
     # No bound library: torch.jit.load reads TorchScript files saved by older torch releases.
     bound_libraries = ()
 
-    def routes_for(self, target: Target) -> tuple[str, ...]:
-        return (_ROUTES[target.options.get("mode", "trace")],)
+    def routes_for(self, settings: TorchScriptSettings) -> tuple[str, ...]:
+        return (_ROUTES[settings.mode],)
 
-    def runtime_reason(self, target: Target) -> str | None:
-        return None  # torch itself is the runtime
-
-    def lower(self, route: str, module: Any, signature: Signature, examples: Sequence[Any], workdir: Path) -> Lowered:
+    def lower(self, route: str, module: FlatModule, examples: Sequence[Any], spec: Spec) -> Lowered:
         with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always", torch.jit.TracerWarning)
             if route == _ROUTES["trace"]:
@@ -65,14 +67,14 @@ class TorchScriptBackend(Backend):
                                     for w in caught if issubclass(w.category, torch.jit.TracerWarning)))
         return Lowered(route=route, model=_Lowered(scripted.eval(), tracer), nodes=len(graph_nodes(scripted.inlined_graph)))
 
-    def optimize(self, lowered: Lowered, target: Target, calibration, workdir: Path) -> Optimized:
+    def optimize(self, lowered: Lowered, spec: Spec, calibration) -> Optimized:
         scripted, tracer = lowered.model.module, lowered.model.tracer_warnings
         before = graph_kinds(scripted.inlined_graph)
         with _no_deprecation():
-            portable = torch.jit.freeze(scripted) if target.options.get("freeze", True) else scripted
+            portable = torch.jit.freeze(scripted) if spec.settings.freeze else scripted
             data = _save(portable)
-        runner, portable_kinds = _runner(data, target)
-        opt = Optimized(Lowered(**{**lowered.__dict__, "model": _Frozen(data, runner, portable_kinds)}))
+        runner, portable_kinds = _runner(data, spec.settings)
+        opt = Optimized(dataclasses.replace(lowered, model=_Frozen(data, runner, portable_kinds)))
         after = graph_kinds(runner.inlined_graph)
         opt.fused.update(fused_kinds(portable_kinds, after))
         gone = {k: n for k, n in before.items() if k.startswith("aten::") and k not in after}
@@ -85,13 +87,13 @@ class TorchScriptBackend(Backend):
             opt.notes.append(f"torch.jit.trace warned: {message}; the trace holds only the path these examples took")
         return opt
 
-    def build(self, optimized: Optimized, target: Target, signature: Signature) -> Engine:
+    def build(self, optimized: Optimized, spec: Spec) -> Engine:
         frozen = optimized.lowered.model
-        return TorchScriptEngine(frozen.data, frozen.runner, frozen.portable_kinds, target, signature)
+        return TorchScriptEngine(frozen.data, frozen.runner, frozen.portable_kinds, spec)
 
-    def load(self, directory: Path, target: Target, signature: Signature) -> Engine:
-        data = (directory / MODEL_FILE).read_bytes()
-        return TorchScriptEngine(data, *_runner(data, target), target, signature)
+    def load(self, spec: Spec) -> Engine:
+        data = (spec.workdir / MODEL_FILE).read_bytes()
+        return TorchScriptEngine(data, *_runner(data, spec.settings), spec)
 
 
 @dataclass
@@ -125,21 +127,20 @@ class _ScriptCall(torch.nn.Module):
 
 
 class TorchScriptEngine(Engine):
+    """The TorchScript interpreter, in torch's own thread pool (calls from several threads are safe)."""
+
     array_kind = "torch"
 
-    def __init__(self, data: bytes, runner: torch.jit.ScriptModule, portable_kinds: collections.Counter,
-                 target: Target, signature: Signature):
+    def __init__(self, data: bytes, runner: torch.jit.ScriptModule, portable_kinds: collections.Counter, spec: Spec):
         self.data = data
         self.runner = runner
-        self.threads = int(target.options.get("threads", 0))
-        script = target.options.get("mode", "trace") == "script"
         # script mode: the scripted model takes the model's own arguments; FlatModule maps flat tensors to them
-        self.call = FlatModule(_ScriptCall(runner), signature).eval() if script else runner
+        self.call = FlatModule(_ScriptCall(runner), spec.signature).eval() if spec.settings.mode == "script" else runner
         kinds = graph_kinds(runner.inlined_graph)
         self.info = {"nodes": sum(kinds.values()), "fused": fused_kinds(portable_kinds, kinds), "ops": dict(kinds)}
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
-        with torch.inference_mode(), _intra_op_threads(self.threads):
+        with torch.inference_mode():
             return list(self.call(*inputs))
 
     def save(self, directory: Path) -> None:
@@ -149,12 +150,12 @@ class TorchScriptEngine(Engine):
         return self.info
 
 
-def _runner(data: bytes, target: Target) -> tuple[torch.jit.ScriptModule, collections.Counter]:
+def _runner(data: bytes, settings: TorchScriptSettings) -> tuple[torch.jit.ScriptModule, collections.Counter]:
     """The module that runs (a fresh load of the portable file, optimized for this CPU if the target asks),
     and the node kinds of the portable graph."""
     module = _load(data)
     portable_kinds = graph_kinds(module.inlined_graph)
-    if target.options.get("optimize_for_inference", True):
+    if settings.optimize_for_inference:
         with _no_deprecation():
             module = torch.jit.optimize_for_inference(module)  # rewrites the loaded copy in place
     return module, portable_kinds
@@ -190,21 +191,6 @@ def fused_kinds(before: collections.Counter, after: collections.Counter) -> dict
     linear -> matmul + add), constants and MKLDNN layout plumbing: what remains are fused kernels."""
     return {k: n for k, n in sorted(after.items())
             if k not in before and not k.startswith(("aten::", "prim::Constant")) and "MKLDNNTensor" not in k}
-
-
-@contextlib.contextmanager
-def _intra_op_threads(threads: int) -> Iterator[None]:
-    # torch's intra-op pool is process-wide: set it only for the call and restore it, so eager code elsewhere
-    # in the process keeps its setting (concurrent callers with different settings would still race).
-    before = torch.get_num_threads()
-    if not threads or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

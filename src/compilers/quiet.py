@@ -1,0 +1,35 @@
+"""Keep exporters' and compilers' chatter out of the user's console while compile runs.
+
+Scoped: every change (logger levels, warning filters, the redirected streams) is undone when the block
+ends, and nothing here runs at import or load time.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from typing import Iterator
+
+NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._inductor", "torch.fx", "onnxscript",
+                 "onnxruntime", "onnxruntime.transformers", "nncf", "openvino")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[io.StringIO]:
+    """Silence the noisy libraries' loggers, warnings and prints for the block; yields what they printed.
+
+    stdout/stderr are redirected only inside the block; they are the process's streams, so call this
+    around compile stages, never around inference."""
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
+    levels = [l.level for l in loggers]
+    captured = io.StringIO()
+    for l in loggers:
+        l.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            warnings.simplefilter("ignore")
+            yield captured
+    finally:
+        for l, level in zip(loggers, levels):
+            l.setLevel(level)

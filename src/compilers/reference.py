@@ -1,0 +1,79 @@
+"""What the compiled model is judged against: eager outputs on the validation samples, computed once.
+
+`Reference` holds, per sample, the eager model's outputs in its own precision and, where the model can
+run in float64, the outputs of a float64 twin of it. The float64 outputs are the closest thing to the
+exact answer: eager fp32's own distance from them measures how much rounding noise fp32 arithmetic
+produces on each output, and a compiled model is judged against that noise (see `validate.py`).
+Compile builds one Reference and reuses it for every validation (and an accuracy loop may rebuild the
+engine many times against it).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .errors import InputError
+from .signature import EagerRun, FlatModule, Signature
+
+#: a float64 twin is made only for models whose float64 weights fit in this many bytes
+MAX_FLOAT64_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Eager outputs for flat validation samples; `exact[i]` is None where no float64 run was made."""
+
+    labels: tuple[str, ...]          # what each sample is: "example", "grown example", "sample 2", ...
+    samples: tuple[list[Any], ...]
+    outputs: tuple[list[torch.Tensor], ...]
+    exact: tuple[list[torch.Tensor] | None, ...]
+    note: str                        # how the exact outputs were made, or why there are none
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequence[tuple[str, EagerRun]] = (),
+                      samples: Sequence[tuple[str, Sequence[Any]]] = (), *, float64: bool = True) -> Reference:
+    """The Reference over eager `runs` already made and fresh flat `samples` (each with its label): eager
+    outputs, plus the float64 twin's where `float64` is set and the model runs in float64.
+    InputError if eager fails on a sample."""
+    eager = FlatModule(model, signature).eval()
+    labels = [label for label, _ in runs] + [label for label, _ in samples]
+    inputs = [run.inputs for _, run in runs] + [list(flat) for _, flat in samples]
+    outputs = [list(run.outputs) for _, run in runs]
+    with torch.inference_mode():
+        for label, flat in samples:
+            try:
+                outputs.append(list(eager(*flat)))
+            except Exception as e:
+                raise InputError(f"validation {label} makes the eager model fail ({type(e).__name__}: "
+                                 f"{str(e)[:300]}); give samples the model accepts") from None
+    exact, note = _float64_outputs(model, signature, inputs) if float64 else (None, "no float64 reference asked for")
+    return Reference(tuple(labels), tuple(inputs), tuple(outputs),
+                     tuple(exact) if exact is not None else (None,) * len(inputs), note)
+
+
+def _float64_outputs(model: torch.nn.Module, signature: Signature,
+                     samples: Sequence[Sequence[Any]]) -> tuple[list[list[torch.Tensor]] | None, str]:
+    """The outputs of a float64 copy of `model` on float64 copies of the samples, or None and why not."""
+    state = list(model.parameters()) + list(model.buffers())
+    if not any(t.is_floating_point() for t in state) and not any(
+            isinstance(x, torch.Tensor) and x.is_floating_point() for flat in samples for x in flat):
+        return None, "no float weights or inputs: nothing for float64 to refine"
+    size = sum(t.numel() for t in state if t.is_floating_point()) * 8
+    if size > MAX_FLOAT64_BYTES:
+        return None, f"a float64 copy of the model would take {size / 2**30:.1f} GiB (limit {MAX_FLOAT64_BYTES / 2**30:.0f} GiB)"
+    try:
+        twin = FlatModule(copy.deepcopy(model).double(), signature).eval()
+        with torch.inference_mode():
+            return [list(twin(*[_float64(x) for x in flat])) for flat in samples], "float64 eager"
+    except Exception as e:   # a model that pins dtypes (x.float(), fp32-only ops) cannot run in float64
+        return None, f"the model does not run in float64 ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+
+
+def _float64(x: Any) -> Any:
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x

@@ -1,0 +1,59 @@
+"""Typed backend settings: a descriptor's `[options]` table, checked once against a backend's dataclass.
+
+Each backend declares a frozen dataclass whose fields are its options (`option(default, doc, ...)`):
+defaults live there and nowhere else, and every stage receives the parsed instance instead of reading
+`target.options` with a default of its own.
+
+    @dataclass(frozen=True)
+    class Settings:
+        threads: int = option(0, "intra-op threads; 0 = all cores", minimum=0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+from .errors import TargetError
+
+_TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
+    """A settings field: its default, what it does, and the values it accepts."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum})
+
+
+@dataclasses.dataclass(frozen=True)
+class NoSettings:
+    """A backend without options."""
+
+
+def parse(cls: type, options: Mapping[str, Any], where: str) -> Any:
+    """`cls(**options)` with every key, type, choice and bound checked; TargetError saying what is allowed."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise TargetError(f"{where}: unknown option(s) {unknown}; known: {', '.join(fields) or 'none'}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in options.items():
+        meta, want = fields[name].metadata, hints[name]
+        ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise TargetError(f"{where}: option {name} = {value!r} must be {_TYPES.get(want, want.__name__)}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise TargetError(f"{where}: option {name} = {value!r}; choose one of {meta['choices']}")
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise TargetError(f"{where}: option {name} = {value!r} must be >= {meta['minimum']} ({meta['doc']})")
+        values[name] = value
+    return cls(**values)
+
+
+def describe(cls: type) -> list[dict[str, Any]]:
+    """The options of a settings class: name, type, default, doc and choices (for docs and `compilers targets`)."""
+    hints = typing.get_type_hints(cls)
+    return [{"name": f.name, "type": hints[f.name].__name__, "default": f.default, "doc": f.metadata.get("doc", ""),
+             "choices": f.metadata.get("choices")} for f in dataclasses.fields(cls)]

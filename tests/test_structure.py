@@ -1,0 +1,112 @@
+"""The package's shape: layers import downwards only, `import compilers` and `compilers targets` load no
+backend library, compile leaves process-wide state as it found it, and the Signature names the batch dim."""
+from __future__ import annotations
+
+import ast
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import compilers
+
+PACKAGE = Path(compilers.__file__).parent
+# lowest first: a module may import only modules of its own or a lower layer
+LAYERS = [
+    {"errors", "quiet", "host"},
+    {"target", "settings", "treespec"},
+    {"signature"},
+    {"calibration", "reference", "lower"},
+    {"validate", "cache"},
+    {"report"},
+    {"backends"},
+    {"runtime"},
+    {"api"},
+    {"cli", "__init__"},
+]
+BACKEND_LIBRARIES = ("onnxruntime", "openvino", "onnxscript", "nncf", "tensorrt")
+
+
+def _layer(module: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if module.split(".")[0] in names)
+
+
+def test_modules_import_only_lower_layers():
+    for path in PACKAGE.rglob("*.py"):
+        name = path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
+        own = _layer(name)
+        package = name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[:len(package) - node.level + 1] if node.level > 1 else package
+                target = ".".join(base + ([node.module] if node.module else []))
+                targets = [target] if node.module else [f"{target}.{a.name}".strip(".") for a in node.names]
+                for t in targets:
+                    assert _layer(t) <= own, f"{name} (layer {own}) imports {t} (layer {_layer(t)})"
+
+
+def test_import_and_targets_load_no_backend_library():
+    code = f"""
+import sys
+import compilers
+from compilers import cli
+compilers.targets()
+[compilers.unavailable_reason(t) for t in compilers.targets()]
+cli.main(["targets"])
+print(sorted({{m.split(".")[0] for m in sys.modules}} & set({BACKEND_LIBRARIES!r})))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "[]", r.stdout
+    assert "ort-cpu" in r.stdout
+
+
+def test_compile_and_load_leave_process_state_alone(tmp_path):
+    loggers = {n: logging.getLogger(n).level for n in ("torch.onnx", "onnxruntime.transformers", "torch._inductor")}
+    streams, threads = (sys.stdout, sys.stderr), torch.get_num_threads()
+    model = nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval()
+    for target in ("ort-cpu", "torchscript-cpu"):
+        cm = compilers.compile(model, target, (torch.randn(2, 4),))
+        compilers.load(cm.save(tmp_path / target))(torch.randn(3, 4))
+    assert {n: logging.getLogger(n).level for n in loggers} == loggers
+    assert (sys.stdout, sys.stderr) == streams and torch.get_num_threads() == threads
+
+
+class Counted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.fp32_calls = 0
+
+    def forward(self, x):
+        self.fp32_calls += x.dtype == torch.float32
+        return self.lin(x)
+
+
+def test_eager_runs_once_per_sample():
+    """Capture's eager runs (the example, and the example grown along its dynamic dims) are reused by
+    validation: each sample costs one fp32 eager run (and one of the float64 twin)."""
+    model = Counted().eval()
+    samples = [(torch.randn(3, 6),), (torch.randn(5, 6),)]
+    cm = compilers.compile(model, "ort-cpu", (torch.randn(2, 6),), samples=samples)
+    assert model.fp32_calls == 4 and cm.report.validation.samples == 4
+    assert cm.report.validation.reference == "float64 eager"
+
+
+def test_signature_names_the_batch_dim_of_inputs_and_outputs():
+    class TwoHeads(nn.Module):
+        def forward(self, tokens, table):
+            h = tokens.float().unsqueeze(-1) * table.sum()          # (batch, seq, 1)
+            return {"per_token": h, "pooled": h.mean(1), "fixed": table * 2}
+
+    dyn = {"tokens": {0: "n", 1: "seq"}}
+    cm = compilers.compile(TwoHeads(), "ort-cpu", (torch.randint(0, 9, (2, 5)), torch.randn(3, 4)), dynamic_shapes=dyn)
+    sig = cm.signature
+    assert sig.batch == "n"
+    shapes = {s.name: s.shape for s in sig.outputs}
+    assert shapes == {"output.per_token": ("n", "seq", 1), "output.pooled": ("n", 1), "output.fixed": (3, 4)}
+    assert [sig.batch_axis(s) for s in sig.outputs] == [0, 0, None]
+    assert type(sig).from_dict(sig.to_dict()) == sig
