@@ -66,6 +66,16 @@ def assert_same_output(got: Any, ref: Any, *, atol: float = FP32_ATOL, rtol: flo
             np.testing.assert_array_equal(g_np, r_np, err_msg=f"{where} (integer/bool leaves must be exact)")
 
 
+def with_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with non-trivial running statistics in every BatchNorm, so that eval mode matters."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def to_numpy(tree: Any) -> Any:
     """`tree` with every torch tensor leaf replaced by its numpy array (what a numpy call should return)."""
     return pytree.tree_map(lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x, tree)

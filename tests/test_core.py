@@ -397,3 +397,110 @@ except compilers.BackendUnavailable as e:
 def test_unsupported_device_or_precision_is_backend_unavailable(overrides, match):
     with pytest.raises(compilers.BackendUnavailable, match=match):
         compilers.compile(Affine(), load_target(TARGET).with_(**overrides), (torch.randn(2, 8),))
+
+
+# -- validation rule, samples and calibration ----------------------------------------------------------
+class PinsFloat32(nn.Module):
+    """Casts its input to float32 itself, so a float64 copy of it cannot run (its weights are float64)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(x.float())
+
+
+def test_model_without_float64_is_judged_by_the_scaled_rule():
+    cm = compilers.compile(PinsFloat32(), TARGET, (torch.randn(3, 8),))
+    v = cm.report.validation
+    assert v.passed and v.outputs[0].rule == "scaled" and "does not run in float64" in v.reference
+    broken = PinsFloat32()
+    with torch.no_grad():
+        broken.lin.bias += 1e-3
+    assert not compilers.validate(cm, broken, [(torch.randn(5, 8),)]).passed
+
+
+def test_model_computing_otherwise_in_float64_falls_back_to_the_scaled_rule():
+    class DtypeBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y * 1.5 if x.dtype == torch.float64 else y
+
+    cm = compilers.compile(DtypeBranch(), TARGET, (torch.randn(3, 8),))
+    assert cm.report.validation.passed and cm.report.validation.outputs[0].rule == "scaled"
+
+
+def test_lossy_tolerance_without_noise_rule(tmp_path):
+    path = tmp_path / "loose.toml"
+    path.write_text('extends = "ort-cpu"\nname = "loose"\n[tolerance]\nnoise = false\natol = 1e-3\nrtol = 1e-2\n')
+    t = load_target(path)
+    assert (t.tolerance.noise, t.tolerance.atol) == (None, 1e-3)
+    cm = compilers.compile(Affine(), t, (torch.randn(2, 8),))
+    assert cm.report.validation.outputs[0].rule == "lossy" and cm.report.validation.reference.startswith("no float64")
+    with pytest.raises(compilers.TargetError, match="needs min_cosine"):
+        load_target(TARGET).with_(noise=None)
+
+
+def test_samples_and_calibration_are_separate_inputs():
+    model = Affine()
+    calib = [(torch.randn(4, 8),) for _ in range(3)]
+    cm = compilers.compile(model, TARGET, (torch.randn(2, 8),), calibration=calib, samples=[(torch.randn(6, 8),)])
+    assert cm.report.validation.samples == 3      # example, grown example, one sample: calibration not used
+    cm = compilers.compile(model, TARGET, (torch.randn(2, 8),), calibration=calib)
+    assert cm.report.validation.samples == 5      # without samples, the calibration data validates too
+
+
+def test_calibration_from_a_dataloader_and_bad_samples_named():
+    from torch.utils.data import DataLoader, TensorDataset
+    model = Affine()
+    loader = DataLoader(TensorDataset(torch.randn(12, 8)), batch_size=4)   # yields [x] lists
+    cm = compilers.compile(model, TARGET, (torch.randn(2, 8),), calibration=loader)
+    assert cm.report.validation.samples == 5
+    with pytest.raises(compilers.InputError, match=r"calibration sample 1: .*dim 1 is 5.*x: float32\(batch, 8\)"):
+        compilers.compile(model, TARGET, (torch.randn(2, 8),), calibration=[(torch.randn(2, 8),), (torch.randn(2, 5),)])
+    with pytest.raises(compilers.InputError, match="must be an iterable"):
+        compilers.compile(model, TARGET, (torch.randn(2, 8),), samples=torch.randn(2, 8))
+
+
+def test_sample_that_breaks_eager_is_an_input_error():
+    class NoOnes(nn.Module):
+        def forward(self, x):
+            if x.shape[0] == 1:
+                raise ValueError("batch of one")
+            return x * 2
+    with pytest.raises(compilers.InputError, match="validation sample 1 makes the eager model fail.*batch of one"):
+        compilers.compile(NoOnes(), "torchscript-cpu", (torch.randn(2, 3),), samples=[(torch.randn(1, 3),)])
+
+
+def test_calibration_digest_is_part_of_the_cache_key():
+    from compilers.cache import cache_key
+    from compilers.calibration import digest
+    model = Affine()
+    cm = compilers.compile(model, TARGET, (torch.randn(2, 8),))
+    args = (model, cm.signature, cm.target, {"torch": "x"})
+    a, b = digest([[torch.zeros(2, 8)]]), digest([[torch.ones(2, 8)]])
+    assert a != b and digest([[torch.zeros(2, 8)]]) == a
+    assert len({cache_key(*args), cache_key(*args, a), cache_key(*args, b)}) == 3
+
+
+def test_engine_failure_on_a_sample_is_a_failed_verdict():
+    class OneRow(nn.Module):
+        def forward(self, x):
+            return x + torch.ones(1, 4)
+
+    class TwoRows(nn.Module):   # a mutant that only broadcasts for the example's batch of two
+        def forward(self, x):
+            return x + torch.ones(2, 4)
+
+    cm = compilers.compile(TwoRows(), TARGET, (torch.randn(2, 4),), validate=False)
+    result = compilers.validate(cm, OneRow(), [(torch.randn(2, 4),), (torch.randn(3, 4),)])
+    assert not result.passed and result.outputs[0].passed
+    assert len(result.errors) == 1 and result.errors[0].startswith("the compiled model fails on the sample 2 (batch=3)")
+    assert "error:" in str(result)

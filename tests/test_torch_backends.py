@@ -14,7 +14,7 @@ from torch import nn
 import compilers
 from compilers.backends.inductor import missing_isa
 from compilers.target import load_target
-from conftest import assert_same_output, to_numpy
+from conftest import assert_same_output, to_numpy, with_batchnorm_statistics
 
 TS, IND = "torchscript-cpu", "inductor-cpu"
 
@@ -28,11 +28,7 @@ class ConvNet(nn.Module):
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                                   nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
         self.fc = nn.Linear(8, 4)
-        with torch.no_grad():
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.3, 0.3)
-                    m.running_var.uniform_(0.5, 1.5)
+        with_batchnorm_statistics(self)
 
     def forward(self, image):
         return self.fc(self.body(image).flatten(1))
@@ -271,3 +267,17 @@ def test_inductor_refuses_a_dim_export_pins():
     lstm = nn.LSTM(4, 5, batch_first=True).eval()
     with pytest.raises(compilers.ExportError, match="pins dynamic dim"):
         compilers.compile(lstm, IND, (torch.randn(2, 6, 4),), dynamic_shapes={"input": {0: "batch", 1: "seq"}})
+
+
+def test_artifact_with_an_option_this_version_dropped_still_loads(ts_conv, tmp_path):
+    """torchscript-cpu artifacts saved before `threads` was removed carry `threads = 0`; they load with a warning."""
+    model, cm = ts_conv
+    path = cm.save(tmp_path / "old")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["target"]["options"]["threads"] = 0
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match=r"ignoring option\(s\) \['threads'\]"):
+        loaded = compilers.load(path)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_same_output(loaded(x), model(x))

@@ -1,7 +1,7 @@
 """The `compilers` command: compile, targets, validate, report.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
-dict with `model`, `example_inputs` and optionally `dynamic_shapes` and `calibration`.
+dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`.
 Exit status: 0 done, 1 validation failed, 2 bad input or a compiler error.
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
           "export and engine build can take a while...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     cm = api.compile(parts["model"], target, parts["example_inputs"], dynamic_shapes=parts.get("dynamic_shapes"),
-                     calibration=parts.get("calibration"), validate="warn" if a.no_fail else not a.no_validate,
+                     calibration=parts.get("calibration"), samples=parts.get("samples"),
+                     validate="warn" if a.no_fail else not a.no_validate,
                      cache_dir=a.cache_dir)
     print(f"compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     cm.save(a.out)
@@ -84,7 +85,7 @@ def cmd_targets(a: argparse.Namespace) -> int:
 def cmd_validate(a: argparse.Namespace) -> int:
     cm = load(a.artifact)
     parts = load_factory(a.factory)
-    samples = [parts["example_inputs"], *list(parts.get("calibration") or [])]
+    samples = [parts["example_inputs"], *list(parts.get("samples") or parts.get("calibration") or [])]
     result = api.validate(cm, parts["model"], samples)
     print(result)
     return 0 if result.passed else 1

@@ -1,12 +1,14 @@
 """CompiledModel: called like the model; saved to and loaded from a directory with a manifest."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +144,15 @@ def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledMod
             raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (altered or corrupt); re-save the artifact")
     target = Target.from_dict(manifest["target"], source=str(path / MANIFEST))
     backend = get_backend(target.backend)
+    known = {f.name for f in dataclasses.fields(backend.Settings)}
+    dropped = sorted(set(target.options) - known)
+    if dropped:   # an option an older compilers had: the engine's files do not depend on it
+        warnings.warn(f"{path}: ignoring option(s) {dropped} that this compilers no longer has", RuntimeWarning, stacklevel=2)
+        target = dataclasses.replace(target, options={k: v for k, v in target.options.items() if k in known})
     try:
         settings = backend.settings(target)
     except TargetError as e:
-        raise ArtifactError(f"{path} was saved with options this compilers no longer takes ({e}); recompile it") from None
+        raise ArtifactError(f"{path} holds options this compilers cannot use ({e}); recompile it") from None
     reason = backend.unavailable_reason(target) or backend.probe(target)
     if reason:
         raise BackendUnavailable(f"cannot load {path}: {reason}")
