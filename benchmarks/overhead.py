@@ -43,7 +43,7 @@ def minilm_speed() -> dict:
     parts = minilm.factory()
     model = parts["model"]
     cm = compilers.compile(model, "ort-cpu", parts["example_inputs"], dynamic_shapes=parts["dynamic_shapes"],
-                           calibration=parts["calibration"])
+                           calibration=parts["calibration"], samples=parts["samples"])
     x = minilm.batch(8, 128)
     with torch.inference_mode():
         t = interleaved({"eager": lambda: model(**x), "ort-cpu": lambda: cm(**x)}, blocks=15, per_block=2)

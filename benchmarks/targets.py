@@ -48,7 +48,7 @@ def main() -> int:
     for name in names:
         print(f"compiling {name}...", file=sys.stderr, flush=True)
         cm = compilers.compile(model, name, parts["example_inputs"], dynamic_shapes=parts["dynamic_shapes"],
-                               calibration=parts["calibration"])
+                               calibration=parts["calibration"], samples=parts["samples"])
         compiled[name] = cm
         fns[name] = (lambda c: lambda: c(**x))(cm)
     if "openvino-cpu-bf16" in compiled:

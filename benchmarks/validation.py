@@ -52,7 +52,7 @@ def gpt2():
 def minilm():
     import minilm as m
     parts = m.factory()
-    return parts["model"], parts["example_inputs"], parts["dynamic_shapes"], parts["calibration"]
+    return parts["model"], parts["example_inputs"], parts["dynamic_shapes"], parts["samples"]
 
 
 MODELS = {"resnet50": resnet50, "vit": vit, "gpt2": gpt2, "minilm": minilm}

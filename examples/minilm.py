@@ -29,6 +29,15 @@ SENTENCES = [
 ]
 
 
+# Held out from calibration: int8 targets are validated on sentences they were not calibrated on.
+HELD_OUT = [
+    "The train to the airport leaves every twenty minutes.", "She forgot her umbrella at the bakery.",
+    "A compiler turns source code into machine instructions.", "The children built a snowman in the park.",
+    "Stock prices fell sharply after the announcement.", "He plays the guitar in a small jazz band.",
+    "Fresh basil makes the tomato sauce taste better.", "The museum is closed on Mondays.",
+]
+
+
 def model_dir() -> Path:
     """The unpacked model, extracted once (atomically) into ~/.cache/compilers/all-MiniLM-L6-v2."""
     import all_minilm_l6_v2
@@ -78,15 +87,17 @@ def tokenize(sentences: list[str], length: int | None = None) -> dict[str, torch
             "attention_mask": torch.tensor([e.attention_mask for e in enc], dtype=torch.long)}
 
 
-def batch(size: int, length: int | None = None, offset: int = 0) -> dict[str, torch.Tensor]:
-    """`size` real sentences (cycling through SENTENCES from `offset`)."""
-    return tokenize([SENTENCES[(offset + i) % len(SENTENCES)] for i in range(size)], length)
+def batch(size: int, length: int | None = None, offset: int = 0, pool: list[str] = SENTENCES) -> dict[str, torch.Tensor]:
+    """`size` real sentences (cycling through `pool` from `offset`)."""
+    return tokenize([pool[(offset + i) % len(pool)] for i in range(size)], length)
 
 
 DYNAMIC = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 
 
 def factory() -> dict:
-    """For `compilers compile examples/minilm.py:factory`: dynamic batch and sequence, real sentences."""
+    """For `compilers compile examples/minilm.py:factory`: dynamic batch and sequence, real sentences.
+    Calibration: each sentence on its own (int8 ranges); validation: held-out sentences, padded batches."""
     return {"model": load_encoder(), "example_inputs": batch(8), "dynamic_shapes": DYNAMIC,
-            "calibration": [batch(4, offset=8), batch(2, 128, offset=3)]}
+            "calibration": [batch(1, offset=i) for i in range(len(SENTENCES))],
+            "samples": [batch(4, pool=HELD_OUT), batch(2, 128, offset=4, pool=HELD_OUT)]}

@@ -18,7 +18,7 @@ import minilm  # noqa: E402
 def encoder():
     parts = minilm.factory()
     cm = compilers.compile(parts["model"], "ort-cpu", parts["example_inputs"], dynamic_shapes=parts["dynamic_shapes"],
-                           calibration=parts["calibration"])
+                           calibration=parts["calibration"], samples=parts["samples"])
     return parts["model"], cm
 
 

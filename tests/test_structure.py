@@ -20,7 +20,7 @@ LAYERS = [
     {"target", "settings", "treespec"},
     {"signature"},
     {"calibration", "reference", "lower"},
-    {"validate", "cache"},
+    {"validate", "cache", "quantize"},
     {"report"},
     {"backends"},
     {"runtime"},

@@ -14,10 +14,11 @@ import torch
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Spec
 from .cache import cache_key
-from .calibration import Calibration, calibration_set, flat_samples
+from .calibration import calibration_set, flat_samples
 from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
 from .host import library_versions
 from .lower import run_ladder
+from .quantize import CalibrationPlan, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
@@ -95,6 +96,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         captured = capture(model, example_inputs, dynamic_shapes, r.target.shapes)
         sig = captured.signature
         calib = None if calibration is None else calibration_set(sig, calibration, example_inputs)
+        plan = plan_calibration(r.target, calib) if r.target.precision == "int8" else None
         extra = flat_samples(sig, samples, example_inputs, "validation") if samples is not None else \
             list(calib.samples if calib else ())
         seconds["capture"] = time.perf_counter() - t0
@@ -106,8 +108,10 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
             entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
             cm = _cached(entry)
         if cm is None:
-            cm = _build(model, r, sig, captured.runs[0].inputs, calib, seconds, versions)
+            cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions)
             cm.report.notes.extend(captured.notes)
+            if plan is not None and samples is None:
+                cm.report.notes.append("validated on the calibration data: pass samples= to validate on held-out inputs")
         cm.report.cache = None if entry is None else ("hit" if cm.report.cache == "hit" else "miss")
 
         if validate:
@@ -149,7 +153,7 @@ def _cached(entry: Path) -> CompiledModel | None:
 
 
 def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
-           calibration: Calibration | None, seconds: dict[str, float], versions: dict[str, str]) -> CompiledModel:
+           calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str]) -> CompiledModel:
     report = Report(target=r.target.name, backend=r.backend.name, precision=r.target.precision, versions=versions)
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:

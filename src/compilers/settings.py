@@ -39,6 +39,11 @@ def parse(cls: type, options: Mapping[str, Any], where: str) -> Any:
     values = {}
     for name, value in options.items():
         meta, want = fields[name].metadata, hints[name]
+        if typing.get_origin(want) is tuple:    # tuple[str, ...]: a TOML array of strings
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TargetError(f"{where}: option {name} = {value!r} must be a list of strings")
+            values[name] = tuple(value)
+            continue
         ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
@@ -55,5 +60,5 @@ def parse(cls: type, options: Mapping[str, Any], where: str) -> Any:
 def describe(cls: type) -> list[dict[str, Any]]:
     """The options of a settings class: name, type, default, doc and choices (for docs and `compilers targets`)."""
     hints = typing.get_type_hints(cls)
-    return [{"name": f.name, "type": hints[f.name].__name__, "default": f.default, "doc": f.metadata.get("doc", ""),
+    return [{"name": f.name, "type": getattr(hints[f.name], "__name__", str(hints[f.name])), "default": f.default, "doc": f.metadata.get("doc", ""),
              "choices": f.metadata.get("choices")} for f in dataclasses.fields(cls)]

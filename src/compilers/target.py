@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .errors import TargetError
+from .settings import option, parse
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
@@ -72,9 +73,30 @@ class DimRange:
         return f"{self.min}..{self.max if self.max is not None else 'inf'}"
 
 
+@dataclass(frozen=True)
+class Quantization:
+    """How an int8 target calibrates and quantizes: a descriptor's [quantization] table.
+
+    Weights are quantized to symmetric int8 (per output channel unless `per_channel = false`), the scheme
+    TensorRT's explicit quantization reads too; activations follow `activations`."""
+
+    samples: int = option(300, "calibration samples used at most; fewer given is a note in the report", minimum=1)
+    preset: str = option("auto", "transformer: the scheme for attention models (keeps softmax, layer norm and "
+                                 "residual adds in float); auto: transformer when the graph has attention",
+                         choices=("auto", "transformer", "default"))
+    activations: str = option("auto", "activation quantization: symmetric, asymmetric, or the backend's "
+                                      "default for the model type", choices=("auto", "symmetric", "asymmetric"))
+    per_channel: bool = option(True, "weights quantized per output channel (else per tensor)")
+    method: str = option("minmax", "activation range estimation where the backend lets you choose",
+                         choices=("minmax", "entropy", "percentile"))
+    fast_bias_correction: bool = option(True, "correct the bias shift that quantizing weights causes")
+    keep_float: tuple[str, ...] = option((), "operation types never quantized (e.g. [\"MatMul\"])")
+
+
 _TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
+_QUANTIZATION_KEYS = {f.name for f in dataclasses.fields(Quantization)}
 _TOP_KEYS = {"name", "backend", "device", "precision", "description", "extends",
-             "options", "tolerance", "shapes", "unsupported"}
+             "options", "tolerance", "shapes", "unsupported", "quantization"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +112,7 @@ class Target:
     shapes: Mapping[str, Mapping[int, DimRange]] = field(default_factory=dict)
     tolerance: Tolerance = field(default_factory=Tolerance)
     unsupported: Mapping[str, str] = field(default_factory=dict)   # module type name -> why it is refused
+    quantization: Quantization = field(default_factory=Quantization)   # used by int8 targets
     source: str = "<code>"
 
     def __post_init__(self):
@@ -101,17 +124,23 @@ class Target:
         object.__setattr__(self, "unsupported", MappingProxyType(dict(self.unsupported)))
 
     def with_(self, **overrides: Any) -> "Target":
-        """A copy with fields, tolerance keys (atol, rtol, min_cosine, ...) or backend options replaced."""
-        fields, tol, opts = {}, {}, dict(self.options)
+        """A copy with fields, tolerance keys (noise, min_cosine, ...), quantization keys (samples, preset, ...)
+        or backend options replaced."""
+        fields, tol, quant, opts = {}, {}, {}, dict(self.options)
         for key, value in overrides.items():
             if key in _TOLERANCE_KEYS:
                 tol[key] = value
+            elif key in _QUANTIZATION_KEYS:
+                quant[key] = value
             elif key in {f.name for f in dataclasses.fields(self)}:
                 fields[key] = value
             else:
                 opts[key] = value
         if tol:
             fields["tolerance"] = dataclasses.replace(fields.get("tolerance", self.tolerance), **tol)
+        if quant:
+            current = dataclasses.asdict(fields.get("quantization", self.quantization))
+            fields["quantization"] = parse(Quantization, {**current, **quant}, f"target {self.name!r} [quantization]")
         return dataclasses.replace(self, options=opts, **fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,6 +152,8 @@ class Target:
             "shapes": {inp: {str(d): dataclasses.asdict(r) for d, r in dims.items()}
                        for inp, dims in self.shapes.items()},
             "unsupported": dict(self.unsupported),
+            "quantization": {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in dataclasses.asdict(self.quantization).items()},
         }
 
     @classmethod
@@ -149,7 +180,8 @@ class Target:
         return cls(name=data["name"], backend=data["backend"], device=data.get("device", "cpu"),
                    precision=data.get("precision", "fp32"), description=data.get("description", ""),
                    options=data.get("options", {}), shapes=shapes, tolerance=Tolerance(**tol),
-                   unsupported=data.get("unsupported", {}), source=source)
+                   unsupported=data.get("unsupported", {}), source=source,
+                   quantization=parse(Quantization, data.get("quantization", {}), f"{source} [quantization]"))
 
 
 def builtin_dir() -> Path:

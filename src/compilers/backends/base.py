@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..calibration import Calibration
 from ..host import installed_versions
 from ..lower import Lowered
+from ..quantize import CalibrationPlan
 from ..settings import NoSettings, parse
 from ..signature import FlatModule, Signature
 from ..target import Target
@@ -116,8 +116,9 @@ class Backend(ABC):
         """Lower by a route of the backend's own (a direct import); ONNX routes are lower.py's."""
         raise NotImplementedError(route)
 
-    def optimize(self, lowered: Lowered, spec: Spec, calibration: Calibration | None) -> Optimized:
-        """Graph-level fusion and, for int8 targets, calibration and quantization."""
+    def optimize(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan | None) -> Optimized:
+        """Graph-level fusion and, for int8 targets, calibration and quantization (`calibration` is given
+        exactly when the target is int8)."""
         return Optimized(lowered)
 
     @abstractmethod

@@ -6,21 +6,24 @@ target sets INFERENCE_PRECISION_HINT, and build checks the precisions the compil
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import ExportError
-from ..lower import Lowered
-from ..settings import option
-from ..signature import FlatModule, Signature
-from ..target import Target
-from .base import Backend, Engine, Optimized, Spec
+from ...errors import ExportError
+from ...lower import Lowered
+from ...quantize import CalibrationPlan
+from ...settings import option
+from ...signature import FlatModule, Signature
+from ...target import Target
+from ..base import Backend, Engine, Optimized, Spec
 
 MODEL_XML = "model.xml"
-_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# the precision the plugin computes in; int8 models compute their unquantized layers in f32, never silently bf16
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,26 @@ class OpenVinoBackend(Backend):
         model = ov.convert_model(module, example_input=tuple(examples), input=input_shapes(spec.signature))
         return Lowered(route=route, model=model, nodes=len(model.get_ops()))
 
+    def optimize(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan | None) -> Optimized:
+        if calibration is None:
+            return Optimized(lowered)
+        from .quantize import quantize
+        model = self._model(lowered)
+        name_inputs(model, spec.signature)
+        quantized, notes = quantize(model, calibration, spec.target.quantization)
+        return Optimized(dataclasses.replace(lowered, model=quantized), notes=notes)
+
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
-        import openvino as ov
-        lowered = optimized.lowered
-        model = lowered.model if lowered.model is not None else ov.Core().read_model(str(lowered.path))
+        model = self._model(optimized.lowered)
         name_inputs(model, spec.signature)
         engine = OpenVinoEngine(model, spec.target, spec.settings)
         engine.check_precision(spec.target)
         return engine
+
+    @staticmethod
+    def _model(lowered: Lowered) -> Any:
+        import openvino as ov
+        return lowered.model if lowered.model is not None else ov.Core().read_model(str(lowered.path))
 
     def load(self, spec: Spec) -> Engine:
         import openvino as ov
@@ -138,7 +153,8 @@ class OpenVinoEngine(Engine):
     def check_precision(self, target: Target) -> None:
         """Fail closed when the plugin runs a lower float precision than the target asked for."""
         _, _, precisions = self.layers()
-        lower = {"fp32": ("bf16", "f16", "fp16"), "bf16": ("f16", "fp16")}.get(target.precision, ())
+        lower = {"fp32": ("bf16", "f16", "fp16"), "int8": ("bf16", "f16", "fp16"), "bf16": ("f16", "fp16")}.get(
+            target.precision, ())
         silent = {p: n for p, n in precisions.items() if p.lower() in lower}
         if silent:
             raise ExportError(f"OpenVINO runs {silent} layers although target {target.name!r} is {target.precision}; "

@@ -1,0 +1,114 @@
+"""openvino-cpu-int8: NNCF post-training quantization, calibrated on the calibration samples, validated by the
+int8 accuracy contract (cosine >= 0.99 per float output on held-out samples)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import compilers
+from compilers.target import load_target
+from test_mutants import CNN, MLP, bert, padded, randn
+
+pytest.importorskip("nncf")
+INT8 = "openvino-cpu-int8"
+BERT_DYN = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+
+
+def calibration(make, n: int = 16) -> list:
+    return [make(seed) for seed in range(100, 100 + n)]
+
+
+@pytest.fixture(scope="module")
+def cnn_int8():
+    torch.manual_seed(0)
+    model = CNN().eval()
+    cm = compilers.compile(model, INT8, (randn(2, 3, 16, 16, seed=0),),
+                           calibration=calibration(lambda s: (randn(4, 3, 16, 16, seed=s),)),
+                           samples=[(randn(5, 3, 16, 16, seed=1),), (randn(1, 3, 16, 16, seed=2),)])
+    return model, cm
+
+
+def test_target_describes_its_scheme_and_contract():
+    t = load_target(INT8)
+    assert (t.precision, t.quantization.preset, t.quantization.per_channel) == ("int8", "auto", True)
+    assert (t.tolerance.noise, t.tolerance.min_cosine, t.tolerance.min_int_agreement) == (None, 0.99, 0.99)
+    assert compilers.unavailable_reason(t) is None
+
+
+def test_cnn_runs_in_int8_and_keeps_the_contract(cnn_int8):
+    model, cm = cnn_int8
+    r = cm.report
+    assert {"i8", "u8"} & set(r.precisions) and "bf16" not in r.precisions
+    assert any("NNCF post-training int8" in n and "default preset" in n for n in r.notes)
+    assert any("calibrated on 16 sample(s)" in n for n in r.notes)
+    assert any("300 calibration samples, 16 given" in n for n in r.notes)
+    v = r.validation
+    assert v.passed and v.samples == 4 and all(o.rule == "lossy" and o.cosine >= 0.99 for o in v.outputs)
+    assert v.outputs[0].error > 1e-4   # really quantized: far beyond fp32 noise
+    x = randn(3, 3, 16, 16, seed=7)
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.nn.functional.cosine_similarity(cm(x).flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_transformer_preset_is_chosen_for_attention():
+    torch.manual_seed(0)
+    model = bert().eval()
+    cm = compilers.compile(model, INT8, padded(2, 8, 0), dynamic_shapes=BERT_DYN,
+                           calibration=calibration(lambda s: padded(4, 12, s)), samples=[padded(3, 10, 1)])
+    assert any("transformer preset (the graph has attention)" in n for n in cm.report.notes)
+    assert cm.report.validation.passed
+
+
+def test_int8_needs_calibration_data():
+    with pytest.raises(compilers.InputError, match="needs calibration data"):
+        compilers.compile(MLP(), INT8, (randn(4, 20, seed=0),))
+
+
+def test_keep_float_types_are_not_quantized():
+    torch.manual_seed(0)
+    model = CNN().eval()
+    calib = calibration(lambda s: (randn(4, 3, 16, 16, seed=s),), 8)
+    full = compilers.compile(model, INT8, (randn(2, 3, 16, 16, seed=0),), calibration=calib)
+    kept = compilers.compile(model, load_target(INT8).with_(keep_float=["MatMul"]), (randn(2, 3, 16, 16, seed=0),),
+                             calibration=calib)
+    count = {cm: next(int(n.split(": ")[1].split()[0]) for n in cm.report.notes if "quantizers" in n) for cm in (full, kept)}
+    assert count[kept] < count[full]
+    assert any("kept in float: MatMul" in n for n in kept.report.notes)
+
+
+def test_contract_missed_is_refused():
+    torch.manual_seed(0)
+    strict = load_target(INT8).with_(min_cosine=0.9999999)
+    with pytest.raises(compilers.ValidationError, match="cosine"):
+        compilers.compile(MLP().eval(), strict, (randn(4, 20, seed=0),),
+                          calibration=calibration(lambda s: (randn(8, 20, seed=s),), 8))
+
+
+def test_calibration_digest_keys_the_cache(tmp_path):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    ex = (randn(4, 20, seed=0),)
+    a = calibration(lambda s: (randn(8, 20, seed=s),), 4)
+    b = calibration(lambda s: (randn(8, 20, seed=s + 50),), 4)
+    caches = [compilers.compile(model, INT8, ex, calibration=c, cache_dir=tmp_path).report.cache for c in (a, a, b)]
+    assert caches == ["miss", "hit", "miss"]
+
+
+def test_saved_int8_artifact_gives_identical_outputs_in_a_fresh_process(cnn_int8, tmp_path):
+    _, cm = cnn_int8
+    path = cm.save(tmp_path / "cnn-int8")
+    x = randn(3, 3, 16, 16, seed=9)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import torch, compilers
+        cm = compilers.load({str(path)!r})
+        torch.save(cm(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
