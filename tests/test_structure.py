@@ -110,3 +110,13 @@ def test_signature_names_the_batch_dim_of_inputs_and_outputs():
     assert shapes == {"output.per_token": ("n", "seq", 1), "output.pooled": ("n", 1), "output.fixed": (3, 4)}
     assert [sig.batch_axis(s) for s in sig.outputs] == [0, 0, None]
     assert type(sig).from_dict(sig.to_dict()) == sig
+
+
+def test_backend_settings_describe_their_options():
+    from compilers.backends import get_backend
+    from compilers.settings import describe
+    rows = {r["name"]: r for r in describe(get_backend("onnxruntime").Settings)}
+    assert rows["threads"]["type"] == "int" and rows["threads"]["default"] == 0 and "cores" in rows["threads"]["doc"]
+    assert rows["graph_optimization_level"]["choices"] == ("disable", "basic", "extended", "all")
+    settings = get_backend("openvino").settings(compilers.load_target("openvino-cpu").with_(threads=1))
+    assert (settings.threads, settings.performance_hint) == (1, "LATENCY")
