@@ -276,6 +276,22 @@ def test_correct_compile_passes(target: str, subject: str) -> None:
     assert all(o.error <= o.allowed / 2 for o in result.outputs if o.allowed), str(result)   # a margin, not a coin flip
 
 
+FIXED_RULE_MISSES = ["bert: ffn activation in bf16", "bert: LayerNorm eps 1e-12 -> 1e-5", "bert: ffn output in fp16",
+                     "cnn: conv in fp16", "cnn: activation in bf16"]
+
+
+def test_fixed_tolerances_miss_defects_the_noise_rule_catches() -> None:
+    """Why not atol/rtol: with atol 1e-4 and rtol 1e-3 these mutants pass validation on ort-cpu (each is caught
+    by the default rule in test_mutant_is_caught)."""
+    fixed = compilers.load_target("ort-cpu").with_(noise=None, atol=1e-4, rtol=1e-3)
+    for mutant in FIXED_RULE_MISSES:
+        subject_name, mutate = MUTANTS[mutant]
+        model, subject = original(subject_name)
+        broken = mutate(copy.deepcopy(model)).eval()
+        cm = compilers.compile(broken, fixed, subject.example, dynamic_shapes=subject.dynamic_shapes, validate=False)
+        assert compilers.validate(cm, model, [subject.example, *subject.samples]).passed, mutant
+
+
 def test_resnet50_noise_passes_where_fixed_tolerances_fail() -> None:
     """The deep-network case the noise rule exists for: a correct ort-cpu compile of ResNet-50 differs from eager
     by 3e-4 on activations up to ~250 (fp32 noise: eager itself is as far from float64), which atol 1e-4 +
