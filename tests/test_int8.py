@@ -81,12 +81,46 @@ def test_keep_float_types_are_not_quantized():
     assert any("kept in float: MatMul" in n for n in kept.report.notes)
 
 
-def test_contract_missed_is_refused():
-    torch.manual_seed(0)
-    strict = load_target(INT8).with_(min_cosine=0.9999999)
-    with pytest.raises(compilers.ValidationError, match="cosine"):
-        compilers.compile(MLP().eval(), strict, (randn(4, 20, seed=0),),
-                          calibration=calibration(lambda s: (randn(8, 20, seed=s),), 8))
+class Outliers(torch.nn.Module):
+    """An MLP whose hidden layer has one channel a thousand times larger than the others (undone by the next
+    layer's weights): int8 activations with one scale per tensor lose every other channel before `b`."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = torch.nn.Linear(16, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)
+        with torch.no_grad():
+            self.a.weight[0] *= 1000
+            self.a.bias[0] *= 1000
+            self.b.weight[:, 0] /= 1000
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+OUTLIER_CALIBRATION = calibration(lambda s: (randn(8, 16, seed=s),))
+OUTLIER_SAMPLES = [(randn(8, 16, seed=s),) for s in (1, 2, 3)]
+
+
+def test_accuracy_loop_keeps_the_outlier_layer_in_float():
+    model = Outliers().eval()
+    plain = load_target(INT8).with_(max_float_layers=0)
+    with pytest.raises(compilers.ValidationError, match="cosine") as refused:
+        compilers.compile(model, plain, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION, samples=OUTLIER_SAMPLES)
+    assert refused.value.report.outputs[0].cosine < 0.5          # plain int8 destroys it
+    cm = compilers.compile(model, INT8, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION, samples=OUTLIER_SAMPLES)
+    loop = cm.report.quantization
+    assert [name for name, _ in loop["kept_float"]] == ["__module.model.b/aten::linear/MatMul"]
+    assert loop["kept_float"][0][1] > 0.1 and loop["margin_before"] < 0 <= loop["margin_after"] and loop["passed"]
+    assert cm.report.validation.passed and cm.report.validation.outputs[0].cosine >= 0.99
+    assert any(n.startswith("int8 accuracy loop: 3 layers quantized; kept in float: __module.model.b") for n in cm.report.notes)
+
+
+def test_contract_the_loop_cannot_meet_is_refused_with_advice():
+    strict = load_target(INT8).with_(min_cosine=0.9999999, max_float_layers=1)
+    with pytest.raises(compilers.ValidationError, match=r"accuracy loop kept 1 of 3 quantized layers in float.*bf16"):
+        compilers.compile(Outliers().eval(), strict, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION,
+                          samples=OUTLIER_SAMPLES)
 
 
 def test_calibration_digest_keys_the_cache(tmp_path):

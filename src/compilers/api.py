@@ -1,13 +1,14 @@
 """compile / validate / targets: the pipeline resolve -> capture -> lower -> optimize -> build -> validate -> package."""
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -18,7 +19,7 @@ from .calibration import calibration_set, flat_samples
 from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
 from .host import library_versions
 from .lower import run_ladder
-from .quantize import CalibrationPlan, plan_calibration
+from .quantize import CalibrationPlan, accuracy_loop, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
@@ -102,18 +103,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         seconds["capture"] = time.perf_counter() - t0
         versions = library_versions(r.backend.versions())
 
-        cm, entry = None, None
-        if cache_dir is not None:
-            digest = calib.digest if calib is not None and r.target.precision == "int8" else None
-            entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
-            cm = _cached(entry)
-        if cm is None:
-            cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions)
-            cm.report.notes.extend(captured.notes)
-            if plan is not None and samples is None:
-                cm.report.notes.append("validated on the calibration data: pass samples= to validate on held-out inputs")
-        cm.report.cache = None if entry is None else ("hit" if cm.report.cache == "hit" else "miss")
-
+        reference = None
         if validate:
             t1 = time.perf_counter()
             labels = ["example", GROWN]
@@ -121,13 +111,30 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
                 model, sig, list(zip(labels, captured.runs)),
                 [(f"sample {i + 1}", flat) for i, flat in enumerate(extra[:MAX_VALIDATION_SAMPLES - 1])],
                 float64=r.target.tolerance.noise is not None)
+            seconds["reference"] = time.perf_counter() - t1
+
+        cm, entry = None, None
+        if cache_dir is not None:
+            digest = calib.digest if calib is not None and r.target.precision == "int8" else None
+            entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
+            cm = _cached(entry)
+        if cm is None:
+            judge = None if plan is None or reference is None else functools.partial(_check_against, reference)
+            cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge)
+            cm.report.notes.extend(captured.notes)
+            if plan is not None and samples is None:
+                cm.report.notes.append("validated on the calibration data: pass samples= to validate on held-out inputs")
+        cm.report.cache = None if entry is None else ("hit" if cm.report.cache == "hit" else "miss")
+
+        if reference is not None:
+            t1 = time.perf_counter()
             result = check(cm, reference)
             cm.report.validation = result
             cm.report.seconds["validate"] = time.perf_counter() - t1
             if not result.passed:
                 tried = "".join(f"; {route} failed: {why[:200]}" for route, why in cm.report.attempts)
                 msg = (f"{r.target.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
-                       f"beyond tolerance\n{result}")
+                       f"beyond tolerance{_int8_advice(cm)}\n{result}")
                 if validate is True:
                     raise ValidationError(msg, result)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -152,8 +159,24 @@ def _cached(entry: Path) -> CompiledModel | None:
     return cm
 
 
+def _check_against(reference: Reference, cm: CompiledModel) -> ValidationReport:
+    return check(cm, reference)
+
+
+def _int8_advice(cm: CompiledModel) -> str:
+    loop = cm.report.quantization
+    if not loop:
+        return ""
+    kept = ", ".join(name for name, _ in loop["kept_float"]) or "none helped"
+    return (f"; the int8 accuracy loop kept {len(loop['kept_float'])} of {loop['layers']} quantized layers in float "
+            f"({kept}) and the contract still fails: try a bf16 target (openvino-cpu-bf16), more representative "
+            "calibration data, or a larger [quantization] max_float_layers")
+
+
 def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
-           calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str]) -> CompiledModel:
+           calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str],
+           judge: Callable[[CompiledModel], ValidationReport] | None = None) -> CompiledModel:
+    """Lower, optimize and build; for int8 with a `judge` (the validation), run the accuracy loop."""
     report = Report(target=r.target.name, backend=r.backend.name, precision=r.target.precision, versions=versions)
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:
@@ -169,22 +192,33 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
         optimized = r.backend.optimize(lowered, spec, calibration)
         seconds["optimize"] = time.perf_counter() - t
         t = time.perf_counter()
-        engine = r.backend.build(optimized, spec)
+
+        def build(keep: tuple[str, ...], probe: bool = False) -> CompiledModel:
+            chosen = optimized if not keep else \
+                r.backend.probe_float(optimized, keep[0]) if probe else r.backend.keep_float(optimized, keep)
+            return CompiledModel(r.backend.build(chosen, spec), signature, r.target, report)
+        layers = r.backend.quantized_layers(optimized) if judge and r.target.quantization.max_float_layers else []
+        cm, summary = accuracy_loop(build, lambda layer: build((layer,), probe=True), layers, judge,
+                                    r.target.quantization.max_float_layers) if layers else (build(()), None)
+        if summary is not None:
+            report.quantization = asdict(summary)
+            report.notes.append(f"int8 accuracy loop: {summary}")
         seconds["build"] = time.perf_counter() - t
+    engine = cm.engine
     info = engine.describe()
     report.nodes_after = info.get("nodes")
     report.fused = dict(info.get("fused") or optimized.fused)
     report.executed = dict(info.get("executed") or {})
     report.precisions = dict(info.get("precisions") or {})
     report.notes.extend(optimized.notes)
-    return CompiledModel(engine, signature, r.target, report)
+    return cm
 
 
 def check(cm: CompiledModel, reference: Reference) -> ValidationReport:
     """Run `cm` on every sample of `reference` and give the verdict. A compiled model that raises on a sample
     fails (the grown example is skipped where the engine declares its size out of range)."""
     results: list[list[Any] | None] = []
-    errors = []
+    errors, skipped = [], []
     for label, flat in zip(reference.labels, reference.samples):
         try:
             results.append(cm.run_flat(flat))
@@ -192,13 +226,13 @@ def check(cm: CompiledModel, reference: Reference) -> ValidationReport:
         except InputError as e:
             if label != GROWN:
                 raise
-            cm.report.notes.append(f"grown validation sample skipped: {e}")
+            skipped.append(f"the {label}: {e}")
         except Exception as e:
             hint = " The export probably baked a size in; check dynamic_shapes." if label == GROWN else ""
             errors.append(f"the compiled model fails on the {label} ({_sizes(cm.signature, flat)}): "
                           f"{type(e).__name__}: {str(e)[:300]}.{hint}")
         results.append(None)
-    return compare(cm.signature.output_names, reference, results, cm.target.tolerance, errors)
+    return compare(cm.signature.output_names, reference, results, cm.target.tolerance, errors, skipped)
 
 
 def _sizes(signature: Signature, flat: list[Any]) -> str:

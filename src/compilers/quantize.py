@@ -1,15 +1,24 @@
-"""INT8, what every int8 backend shares: the calibration data it needs and the samples it takes.
+"""INT8, what every int8 backend shares: the calibration data it takes, and the accuracy loop.
 
-The accuracy loop (sensitivity ranking, keeping the worst layers in float) lands here next; today an int8
-engine that misses its accuracy contract is refused by validation like any other.
+The loop: when the quantized model misses the target's accuracy contract on the validation samples,
+measure how much keeping each quantized layer alone in float would help (its sensitivity: the growth of
+the contract margin on those samples), then keep the most sensitive layers in float, most sensitive first,
+until the contract holds or `max_float_layers` is reached. Sensitivity is measured on the validation
+samples, not on the calibration data: int8 error shows where the contract is judged (MiniLM calibrated
+on single sentences loses accuracy on padded batches, and only those rank its layers usefully). A backend takes part by listing its quantized layers and by rebuilding
+with a set of them in float (`Backend.quantized_layers`, `keep_float`, and `probe_float`, a quick
+approximation for ranking).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from .calibration import Calibration
 from .errors import InputError
 from .target import Target
+from .validate import ValidationReport, margin
 
 
 @dataclass(frozen=True)
@@ -33,3 +42,51 @@ def plan_calibration(target: Target, calibration: Calibration | None) -> Calibra
         notes.append(f"the scheme asks for {scheme.samples} calibration samples, {len(used)} given: ranges may "
                      "miss values production inputs reach; give more representative samples")
     return CalibrationPlan(used, tuple(notes))
+
+
+@dataclass
+class LoopReport:
+    """What the accuracy loop did: layers quantized, those kept in float (with their sensitivity: how much
+    the contract margin grows when that layer alone stays float), the contract margin before and after
+    (worst cosine minus min_cosine, or agreement minus min_int_agreement), and its time."""
+
+    layers: int
+    kept_float: list[tuple[str, float]] = field(default_factory=list)
+    margin_before: float = 0.0
+    margin_after: float = 0.0
+    passed: bool = False
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        kept = ", ".join(f"{name} (+{s:.4f})" for name, s in self.kept_float) or "none"
+        return (f"{self.layers} layers quantized; kept in float: {kept}; contract margin {self.margin_before:+.4f} -> "
+                f"{self.margin_after:+.4f} ({'met' if self.passed else 'missed'}); {self.seconds:.1f}s")
+
+
+def accuracy_loop(build: Callable[[tuple[str, ...]], Any], probe: Callable[[str], Any], layers: Sequence[str],
+                  judge: Callable[[Any], ValidationReport], max_float: int) -> tuple[Any, LoopReport | None]:
+    """The compiled model `build(())`, or, when `judge` refuses it, `build(kept)` with the most sensitive
+    layers in float, as few as `judge` accepts (at most `max_float`; the last one tried when none is
+    accepted). `probe(layer)` is a quick build with that layer in float, to rank layers. The LoopReport is
+    None when the first build passed."""
+    t0 = time.perf_counter()
+    first = build(())
+    result = judge(first)
+    if result.passed or not layers:
+        return first, None
+    base = margin(result)
+    report = LoopReport(len(layers), margin_before=base)
+    sensitivity = {layer: margin(judge(probe(layer))) - base for layer in layers}
+    cm, kept = first, []
+    for layer in sorted(layers, key=lambda name: -sensitivity[name])[:max_float]:
+        if sensitivity[layer] <= 0:      # keeping it in float does not help: neither will the rest
+            break
+        kept.append(layer)
+        cm = build(tuple(kept))
+        result = judge(cm)
+        if result.passed:
+            break
+    report.kept_float = [(layer, sensitivity[layer]) for layer in kept]
+    report.margin_after, report.passed = margin(result), result.passed
+    report.seconds = time.perf_counter() - t0
+    return cm, report

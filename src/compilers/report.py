@@ -23,6 +23,7 @@ class Report:
     validation: ValidationReport | None = None
     seconds: dict[str, float] = field(default_factory=dict)         # stage -> wall time
     cache: str | None = None                                        # "hit", "miss" or None (no cache_dir)
+    quantization: dict[str, Any] | None = None                      # the int8 accuracy loop (quantize.LoopReport)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
 

@@ -91,6 +91,8 @@ class Quantization:
                          choices=("minmax", "entropy", "percentile"))
     fast_bias_correction: bool = option(True, "correct the bias shift that quantizing weights causes")
     keep_float: tuple[str, ...] = option((), "operation types never quantized (e.g. [\"MatMul\"])")
+    max_float_layers: int = option(8, "the accuracy loop keeps at most this many quantized layers in float "
+                                      "before it gives up (0: no loop)", minimum=0)
 
 
 _TOLERANCE_KEYS = {f.name for f in dataclasses.fields(Tolerance)}

@@ -68,6 +68,7 @@ class ValidationReport:
     tolerance: Tolerance
     reference: str = ""              # how the exact reference was made, or why there was none
     errors: tuple[str, ...] = ()     # samples on which the compiled model raised instead of answering
+    skipped: tuple[str, ...] = ()    # samples left out, and why
 
     @property
     def passed(self) -> bool:
@@ -75,13 +76,15 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance.to_dict(),
-                "reference": self.reference, "errors": list(self.errors), "outputs": [asdict(o) for o in self.outputs]}
+                "reference": self.reference, "errors": list(self.errors), "skipped": list(self.skipped),
+                "outputs": [asdict(o) for o in self.outputs]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ValidationReport":
         known = {f.name for f in fields(OutputCheck)}   # artifacts of older versions carry other columns
         return cls(tuple(OutputCheck(**{k: v for k, v in o.items() if k in known}) for o in d["outputs"]),
-                   d["samples"], Tolerance(**d["tolerance"]), d.get("reference", ""), tuple(d.get("errors", ())))
+                   d["samples"], Tolerance(**d["tolerance"]), d.get("reference", ""), tuple(d.get("errors", ())),
+                   tuple(d.get("skipped", ())))
 
     def __str__(self) -> str:
         w = max([12] + [len(o.name) for o in self.outputs])
@@ -93,6 +96,7 @@ class ValidationReport:
                          f"{_f(o.cosine) if o.rule != 'exact' else f'{o.agreement:9.3f}'}  "
                          f"{'ok' if o.passed else 'FAIL: ' + o.failure}")
         lines.extend(f"error: {e}" for e in self.errors)
+        lines.extend(f"skipped: {e}" for e in self.skipped)
         tol = ", ".join(f"{k}={v}" for k, v in self.tolerance.to_dict().items())
         lines.append(f"{self.samples} sample(s); reference: {self.reference or 'eager'}; tolerance {tol}; "
                      f"{'PASSED' if self.passed else 'FAILED'}")
@@ -202,7 +206,7 @@ def _worst(a: OutputCheck, b: OutputCheck) -> OutputCheck:
 
 
 def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequence[Any] | None], tol: Tolerance,
-            errors: Sequence[str] = ()) -> ValidationReport:
+            errors: Sequence[str] = (), skipped: Sequence[str] = ()) -> ValidationReport:
     """The verdict on flat compiled outputs `results[i]` for `reference.samples[i]` (None: sample skipped)."""
     rows: list[OutputCheck | None] = [None] * len(names)
     checked = 0
@@ -213,4 +217,22 @@ def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequen
         for j, name in enumerate(names):
             row = check_output(name, ref[j], got[j], tol, exact[j] if exact is not None else None)
             rows[j] = row if rows[j] is None else _worst(rows[j], row)
-    return ValidationReport(tuple(r for r in rows if r is not None), checked, tol, reference.note, tuple(errors))
+    return ValidationReport(tuple(r for r in rows if r is not None), checked, tol, reference.note, tuple(errors),
+                            tuple(skipped))
+
+
+def margin(result: ValidationReport) -> float:
+    """How far the worst output lies inside (> 0) or outside (< 0) a lossy contract: cosine above
+    `min_cosine`, integer agreement above `min_int_agreement`, SNR above `min_snr_db` (per 100 dB)."""
+    tol, worst = result.tolerance, math.inf
+    if result.errors:
+        return -math.inf
+    for o in result.outputs:
+        if o.rule == "exact":
+            worst = min(worst, o.agreement - tol.min_int_agreement)
+            continue
+        if tol.min_cosine is not None:
+            worst = min(worst, (o.cosine if o.cosine is not None else -1.0) - tol.min_cosine)
+        if tol.min_snr_db is not None:
+            worst = min(worst, ((o.snr_db if o.snr_db is not None else math.inf) - tol.min_snr_db) / 100)
+    return worst

@@ -37,6 +37,7 @@ class Optimized:
     lowered: Lowered
     fused: dict[str, int] = field(default_factory=dict)   # fused operator type -> count
     notes: list[str] = field(default_factory=list)
+    quantization: Any = None    # int8: what the backend needs to rebuild with layers kept in float
 
 
 class Engine(ABC):
@@ -120,6 +121,19 @@ class Backend(ABC):
         """Graph-level fusion and, for int8 targets, calibration and quantization (`calibration` is given
         exactly when the target is int8)."""
         return Optimized(lowered)
+
+    def quantized_layers(self, optimized: Optimized) -> list[str]:
+        """The quantized layers `keep_float` can put back in float (empty: no accuracy loop for this backend)."""
+        return []
+
+    def keep_float(self, optimized: Optimized, layers: Sequence[str]) -> Optimized:
+        """`optimized` quantized again with `layers` left in float."""
+        raise NotImplementedError(f"the {self.name} backend cannot keep quantized layers in float")
+
+    def probe_float(self, optimized: Optimized, layer: str) -> Optimized:
+        """A quick approximation of `keep_float(optimized, [layer])`, good enough to rank layers by how much
+        keeping them in float helps (default: the real thing)."""
+        return self.keep_float(optimized, [layer])
 
     @abstractmethod
     def build(self, optimized: Optimized, spec: Spec) -> Engine:

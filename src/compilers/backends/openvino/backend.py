@@ -60,7 +60,23 @@ class OpenVinoBackend(Backend):
         model = self._model(lowered)
         name_inputs(model, spec.signature)
         quantized, notes = quantize(model, calibration, spec.target.quantization)
-        return Optimized(dataclasses.replace(lowered, model=quantized), notes=notes)
+        return Optimized(dataclasses.replace(lowered, model=quantized), notes=notes,
+                         quantization=_Int8(model, calibration, spec.target.quantization))
+
+    def quantized_layers(self, optimized: Optimized) -> list[str]:
+        from .quantize import quantized_layers
+        return quantized_layers(optimized.lowered.model) if optimized.quantization is not None else []
+
+    def probe_float(self, optimized: Optimized, layer: str) -> Optimized:
+        from .quantize import bypass
+        return dataclasses.replace(optimized, lowered=dataclasses.replace(
+            optimized.lowered, model=bypass(optimized.lowered.model, [layer])))
+
+    def keep_float(self, optimized: Optimized, layers: Sequence[str]) -> Optimized:
+        from .quantize import quantize
+        int8: _Int8 = optimized.quantization
+        model, notes = quantize(int8.float_model, int8.calibration, int8.scheme, keep=layers)
+        return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, model=model), notes=notes)
 
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
         model = self._model(optimized.lowered)
@@ -77,6 +93,15 @@ class OpenVinoBackend(Backend):
     def load(self, spec: Spec) -> Engine:
         import openvino as ov
         return OpenVinoEngine(ov.Core().read_model(str(spec.workdir / MODEL_XML)), spec.target, spec.settings)
+
+
+@dataclass(frozen=True)
+class _Int8:
+    """What re-quantizing with layers kept in float needs: the model before quantization and the calibration."""
+
+    float_model: Any
+    calibration: CalibrationPlan
+    scheme: Any
 
 
 def input_shapes(signature: Signature) -> list[tuple[Any, Any]]:
