@@ -1,7 +1,6 @@
 """compile / validate / targets: the pipeline resolve -> capture -> lower -> optimize -> build -> validate -> package."""
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 import time
@@ -13,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .backends import get_backend, unavailable_reason
-from .backends.base import Backend, Spec
+from .backends.base import Backend, Optimized, Spec
 from .cache import cache_key
 from .calibration import calibration_set, flat_samples
 from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
@@ -119,7 +118,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
             entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
             cm = _cached(entry)
         if cm is None:
-            judge = None if plan is None or reference is None else functools.partial(_check_against, reference)
+            judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
             cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge)
             cm.report.notes.extend(captured.notes)
             if plan is not None and samples is None:
@@ -159,10 +158,6 @@ def _cached(entry: Path) -> CompiledModel | None:
     return cm
 
 
-def _check_against(reference: Reference, cm: CompiledModel) -> ValidationReport:
-    return check(cm, reference)
-
-
 def _int8_advice(cm: CompiledModel) -> str:
     loop = cm.report.quantization
     if not loop:
@@ -193,13 +188,17 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
         seconds["optimize"] = time.perf_counter() - t
         t = time.perf_counter()
 
-        def build(keep: tuple[str, ...], probe: bool = False) -> CompiledModel:
-            chosen = optimized if not keep else \
-                r.backend.probe_float(optimized, keep[0]) if probe else r.backend.keep_float(optimized, keep)
+        def engine(chosen: Optimized) -> CompiledModel:
             return CompiledModel(r.backend.build(chosen, spec), signature, r.target, report)
+
+        def build(keep: tuple[str, ...]) -> CompiledModel:
+            return engine(r.backend.keep_float(optimized, keep) if keep else optimized)
+
+        def probe(layer: str) -> CompiledModel:
+            return engine(r.backend.probe_float(optimized, layer))
         layers = r.backend.quantized_layers(optimized) if judge and r.target.quantization.max_float_layers else []
-        cm, summary = accuracy_loop(build, lambda layer: build((layer,), probe=True), layers, judge,
-                                    r.target.quantization.max_float_layers) if layers else (build(()), None)
+        cm, summary = accuracy_loop(build, probe, layers, judge, r.target.quantization.max_float_layers) \
+            if layers else (build(()), None)
         if summary is not None:
             report.quantization = asdict(summary)
             report.notes.append(f"int8 accuracy loop: {summary}")
