@@ -392,7 +392,7 @@ except compilers.BackendUnavailable as e:
 
 @pytest.mark.parametrize("overrides, match", [
     ({"device": "cuda"}, "device 'cuda' is not supported by the onnxruntime backend yet \\(cpu only\\)"),
-    ({"precision": "int8"}, "precision int8 is not supported by the onnxruntime backend yet \\(fp32 only\\)"),
+    ({"precision": "bf16"}, "precision bf16 is not supported by the onnxruntime backend yet \\(fp32, int8 only\\)"),
 ])
 def test_unsupported_device_or_precision_is_backend_unavailable(overrides, match):
     with pytest.raises(compilers.BackendUnavailable, match=match):

@@ -15,6 +15,7 @@ from test_mutants import CNN, MLP, bert, padded, randn
 
 pytest.importorskip("nncf")
 INT8 = "openvino-cpu-int8"
+ORT_INT8 = "ort-cpu-int8"
 BERT_DYN = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
 
 
@@ -146,3 +147,42 @@ def test_saved_int8_artifact_gives_identical_outputs_in_a_fresh_process(cnn_int8
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert torch.equal(torch.load(tmp_path / "y.pt"), cm(x))
+
+
+# -- ort-cpu-int8 -------------------------------------------------------------------------------------------
+def test_ort_int8_is_a_symmetric_qdq_model_tensorrt_can_read(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    torch.manual_seed(0)
+    model = CNN().eval()
+    cm = compilers.compile(model, ORT_INT8, (randn(2, 3, 16, 16, seed=0),),
+                           calibration=calibration(lambda s: (randn(4, 3, 16, 16, seed=s),)),
+                           samples=[(randn(5, 3, 16, 16, seed=1),)])
+    assert cm.report.validation.passed and {"QLinearConv", "QGemm"} <= set(cm.report.fused)
+    assert any("onnxruntime static int8 (QDQ)" in n and "activations symmetric" in n for n in cm.report.notes)
+    graph = onnx.load(str(cm.save(tmp_path / "q") / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    zero_points = [inits[n.input[2]] for n in qdq if len(n.input) > 2 and n.input[2] in inits]
+    assert qdq and zero_points and not any(z.any() for z in zero_points)                       # symmetric
+    assert {z.dtype for z in zero_points} == {np.dtype(np.int8), np.dtype(np.int32)}           # int8 (int32 biases)
+    assert {graph.node[i].op_type for i in range(len(graph.node))} & {"Conv", "Gemm"}           # float ops behind QDQ
+    loaded = compilers.load(tmp_path / "q")
+    x = randn(3, 3, 16, 16, seed=4)
+    assert torch.equal(loaded(x), cm(x))
+
+
+def test_ort_int8_transformer_keeps_the_contract():
+    torch.manual_seed(0)
+    cm = compilers.compile(bert().eval(), ORT_INT8, padded(2, 8, 0), dynamic_shapes=BERT_DYN,
+                           calibration=calibration(lambda s: padded(4, 12, s)), samples=[padded(3, 10, 1)])
+    assert cm.report.validation.passed and cm.report.validation.outputs[0].cosine >= 0.99
+
+
+def test_ort_int8_refuses_what_its_loop_cannot_rescue():
+    """ONNX Runtime quantizes the outlier tensor around the activation too, so keeping one operator in float
+    does not rescue this model: it is refused, with the layers tried and the advice."""
+    with pytest.raises(compilers.ValidationError, match=r"accuracy loop kept .* in float.*bf16"):
+        compilers.compile(Outliers().eval(), ORT_INT8, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION,
+                          samples=OUTLIER_SAMPLES)

@@ -26,10 +26,19 @@ def quiet() -> Iterator[io.StringIO]:
     captured = io.StringIO()
     for l in loggers:
         l.setLevel(logging.ERROR)
+    root = logging.getLogger()
+    root.addFilter(_library_warnings)     # onnxruntime.quantization logs its advice on the root logger
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
             warnings.simplefilter("ignore")
             yield captured
     finally:
+        root.removeFilter(_library_warnings)
         for l, level in zip(loggers, levels):
             l.setLevel(level)
+
+
+def _library_warnings(record: logging.LogRecord) -> bool:
+    """False (drop) for below-error records that a noisy library logs on the root logger."""
+    return record.levelno >= logging.ERROR or not any(f"{n.replace('.', '/')}/" in record.pathname
+                                                      for n in NOISY_LOGGERS)

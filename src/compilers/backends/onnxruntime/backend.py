@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..host import installed_versions
-from ..lower import Lowered
-from ..quiet import quiet
-from ..settings import option
-from ..target import Target
-from .base import Backend, Engine, Optimized, Spec
+from ...host import installed_versions
+from ...lower import Lowered
+from ...quantize import CalibrationPlan
+from ...quiet import quiet
+from ...settings import option
+from ...target import Target
+from ..base import Backend, Engine, Optimized, Spec
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -46,9 +47,21 @@ class OrtSettings:
     transformer_model_type: str = option("bert", "fusion family of onnxruntime.transformers.optimizer")
 
 
+@dataclass(frozen=True)
+class _Int8:
+    """What quantizing again with layers kept in float needs."""
+
+    source: Path                 # the float ONNX model
+    calibration: CalibrationPlan
+    scheme: Any
+    input_names: tuple[str, ...]
+    workdir: Path
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     bound_libraries = ("onnxruntime",)
+    precisions = ("fp32", "int8")
     Settings = OrtSettings
     requires = ("onnxruntime",)
 
@@ -64,8 +77,12 @@ class OnnxRuntimeBackend(Backend):
             return "this onnxruntime build has no CPUExecutionProvider"
         return None
 
-    def optimize(self, lowered: Lowered, spec: Spec, calibration) -> Optimized:
+    def optimize(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan | None) -> Optimized:
         import onnx
+        if calibration is not None:
+            int8 = _Int8(lowered.path, calibration, spec.target.quantization, tuple(spec.signature.input_names),
+                         spec.workdir)
+            return self._quantized(Optimized(lowered, quantization=int8), ())
         opt = Optimized(lowered)
         settings: OrtSettings = spec.settings
         if not settings.transformer_fusions:
@@ -93,9 +110,36 @@ class OnnxRuntimeBackend(Backend):
             opt.notes.append("no transformer pattern found to fuse")
         return opt
 
+    def _quantized(self, optimized: Optimized, keep: Sequence[str]) -> Optimized:
+        from .quantize import quantize
+        int8: _Int8 = optimized.quantization
+        path = int8.workdir / f"int8-{len(list(int8.workdir.glob('int8-*.onnx')))}.onnx"
+        with quiet():
+            notes = quantize(int8.source, path, int8.calibration, int8.scheme, int8.input_names, keep)
+        notes.append("transformer fusions are not applied to int8 models (ONNX Runtime fuses the QDQ pairs)")
+        return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, path=path, model=None),
+                                   notes=notes)
+
+    def quantized_layers(self, optimized: Optimized) -> list[str]:
+        import onnx
+        from .quantize import quantized_layers
+        if optimized.quantization is None:
+            return []
+        return quantized_layers(onnx.load(str(optimized.lowered.path)))
+
+    def keep_float(self, optimized: Optimized, layers: Sequence[str]) -> Optimized:
+        return self._quantized(optimized, layers)
+
+    def probe_float(self, optimized: Optimized, layer: str) -> Optimized:
+        import onnx
+        from .quantize import bypass
+        probe = bypass(onnx.load(str(optimized.lowered.path)), layer)
+        return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, model=probe))
+
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
-        model_bytes = Path(optimized.lowered.path).read_bytes()
-        final = spec.workdir / "ort-optimized.onnx"
+        lowered = optimized.lowered
+        model_bytes = lowered.model.SerializeToString() if lowered.model is not None else Path(lowered.path).read_bytes()
+        final = spec.workdir / "ort-optimized.onnx"     # what the session made of it, to describe
         engine = OrtEngine(model_bytes, spec.settings, optimized_path=final)
         import onnx
         graph = onnx.load(str(final)).graph
