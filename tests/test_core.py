@@ -504,3 +504,21 @@ def test_engine_failure_on_a_sample_is_a_failed_verdict():
     assert not result.passed and result.outputs[0].passed
     assert len(result.errors) == 1 and result.errors[0].startswith("the compiled model fails on the sample 2 (batch=3)")
     assert "error:" in str(result)
+
+
+def test_engine_that_is_not_thread_safe_gets_its_calls_serialized(affine):
+    """An engine declaring thread_safe = False is called under a lock: threads still get their own answers."""
+    from concurrent.futures import ThreadPoolExecutor
+    model, cm = affine
+    engine = cm.engine
+    engine.thread_safe = False          # as a backend without a thread-safe runtime would declare
+    try:
+        serial = compilers.CompiledModel(engine, cm.signature, cm.target, cm.report)
+        assert serial._run is not engine.run
+        xs = [torch.randn(1 + i % 4, 8) for i in range(16)]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(serial, xs))
+        for x, y in zip(xs, outs):
+            torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-3)
+    finally:
+        del engine.thread_safe

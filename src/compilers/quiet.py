@@ -16,22 +16,22 @@ NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._inductor
 
 
 @contextlib.contextmanager
-def quiet() -> Iterator[io.StringIO]:
-    """Silence the noisy libraries' loggers, warnings and prints for the block; yields what they printed.
+def quiet() -> Iterator[None]:
+    """Silence the noisy libraries' loggers, warnings and prints for the block.
 
     stdout/stderr are redirected only inside the block; they are the process's streams, so call this
     around compile stages, never around inference."""
     loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
     levels = [l.level for l in loggers]
-    captured = io.StringIO()
     for l in loggers:
         l.setLevel(logging.ERROR)
     root = logging.getLogger()
     root.addFilter(_library_warnings)     # onnxruntime.quantization logs its advice on the root logger
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            yield captured
+            yield
     finally:
         root.removeFilter(_library_warnings)
         for l, level in zip(loggers, levels):

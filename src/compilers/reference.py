@@ -32,9 +32,6 @@ class Reference:
     exact: tuple[list[torch.Tensor] | None, ...]
     note: str                        # how the exact outputs were made, or why there are none
 
-    def __len__(self) -> int:
-        return len(self.samples)
-
 
 def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequence[tuple[str, EagerRun]] = (),
                       samples: Sequence[tuple[str, Sequence[Any]]] = (), *, float64: bool = True) -> Reference:

@@ -5,6 +5,7 @@ import collections
 import copy
 import dataclasses
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,9 @@ class OnnxRuntimeBackend(Backend):
     def _quantized(self, optimized: Optimized, keep: Sequence[str]) -> Optimized:
         from .quantize import quantize
         int8: _Int8 = optimized.quantization
-        path = int8.workdir / f"int8-{len(list(int8.workdir.glob('int8-*.onnx')))}.onnx"
+        fd, name = tempfile.mkstemp(prefix="int8-", suffix=".onnx", dir=int8.workdir)
+        os.close(fd)
+        path = Path(name)
         with quiet():
             notes = quantize(int8.source, path, int8.calibration, int8.scheme, int8.input_names, keep)
         notes.append("transformer fusions are not applied to int8 models (ONNX Runtime fuses the QDQ pairs)")
