@@ -448,6 +448,20 @@ def test_lossy_tolerance_without_noise_rule(tmp_path):
         load_target(TARGET).with_(noise=None)
 
 
+def test_cosine_contract_is_judged_per_batch_item():
+    """One request of 64 answered badly hardly moves the whole batch's cosine; its own cosine fails."""
+    from compilers.validate import check_output
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(64, 32, generator=g)
+    got = ref.clone()
+    got[5] += 0.6 * torch.randn(32, generator=g)
+    tol = load_target(TARGET).with_(noise=None, min_cosine=0.99).tolerance
+    whole, per_item = check_output("y", ref, got, tol), check_output("y", ref, got, tol, batch_axis=0)
+    assert whole.passed and whole.cosine > 0.99
+    assert not per_item.passed and per_item.cosine < 0.9 and "worst batch item" in per_item.failure
+    assert check_output("y", ref, ref.clone(), tol, batch_axis=0).passed
+
+
 def test_samples_and_calibration_are_separate_inputs():
     model = Affine()
     calib = [(torch.randn(4, 8),) for _ in range(3)]

@@ -100,16 +100,16 @@ class Outliers(torch.nn.Module):
 
 
 OUTLIER_CALIBRATION = calibration(lambda s: (randn(8, 16, seed=s),))
-OUTLIER_SAMPLES = [(randn(8, 16, seed=s),) for s in (1, 2, 3)]
+OUTLIER_SAMPLES = [(randn(8, 16, seed=s),) for s in (1, 2, 3)]   # the first is also the example
 
 
 def test_accuracy_loop_keeps_the_outlier_layer_in_float():
     model = Outliers().eval()
     plain = load_target(INT8).with_(max_float_layers=0)
     with pytest.raises(compilers.ValidationError, match="cosine") as refused:
-        compilers.compile(model, plain, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION, samples=OUTLIER_SAMPLES)
+        compilers.compile(model, plain, OUTLIER_SAMPLES[0], calibration=OUTLIER_CALIBRATION, samples=OUTLIER_SAMPLES)
     assert refused.value.report.outputs[0].cosine < 0.5          # plain int8 destroys it
-    cm = compilers.compile(model, INT8, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION, samples=OUTLIER_SAMPLES)
+    cm = compilers.compile(model, INT8, OUTLIER_SAMPLES[0], calibration=OUTLIER_CALIBRATION, samples=OUTLIER_SAMPLES)
     loop = cm.report.quantization
     assert [name for name, _ in loop["kept_float"]] == ["__module.model.b/aten::linear/MatMul"]
     assert loop["kept_float"][0][1] > 0.1 and loop["margin_before"] < 0 <= loop["margin_after"] and loop["passed"]
@@ -120,7 +120,7 @@ def test_accuracy_loop_keeps_the_outlier_layer_in_float():
 def test_contract_the_loop_cannot_meet_is_refused_with_advice():
     strict = load_target(INT8).with_(min_cosine=0.9999999, max_float_layers=1)
     with pytest.raises(compilers.ValidationError, match=r"accuracy loop kept 1 of 3 quantized layers in float.*bf16"):
-        compilers.compile(Outliers().eval(), strict, (randn(4, 16, seed=0),), calibration=OUTLIER_CALIBRATION,
+        compilers.compile(Outliers().eval(), strict, OUTLIER_SAMPLES[0], calibration=OUTLIER_CALIBRATION,
                           samples=OUTLIER_SAMPLES)
 
 

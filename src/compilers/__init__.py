@@ -10,9 +10,9 @@ from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportErr
 from .report import Report
 from .runtime import CompiledModel, load
 from .target import DimRange, Target, Tolerance, load_target
-from .validate import ValidationReport
+from .validate import Metric, ValidationReport
 
 __version__ = "0.1.0"
 __all__ = ["compile", "load", "validate", "targets", "unavailable_reason", "Target", "Tolerance", "DimRange", "load_target",
-           "CompiledModel", "Report", "ValidationReport", "CompilerError", "TargetError", "BackendUnavailable",
+           "CompiledModel", "Report", "ValidationReport", "Metric", "CompilerError", "TargetError", "BackendUnavailable",
            "ExportError", "ValidationError", "InputError", "ArtifactError"]

@@ -5,7 +5,7 @@ import logging
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -24,7 +24,7 @@ from .report import Report
 from .runtime import CompiledModel, load
 from .signature import Signature, as_call, capture
 from .target import Target, builtin_targets, load_target
-from .validate import ValidationReport, compare
+from .validate import Metric, MetricCheck, ValidationReport, compare
 
 log = logging.getLogger("compilers")
 MAX_VALIDATION_SAMPLES = 32
@@ -71,7 +71,8 @@ def check_supported(model: torch.nn.Module, target: Target) -> None:
 def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs: Any, *,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
-            validate: bool | str = True, cache_dir: str | Path | None = None) -> CompiledModel:
+            validate: bool | str = True, metric: Metric | None = None,
+            cache_dir: str | Path | None = None) -> CompiledModel:
     """Compile `model` for `target`, validate it against eager, and return a CompiledModel.
 
     example_inputs: a tuple (positional args), a dict (keyword args) or a lone tensor.
@@ -80,12 +81,16 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
     samples: validation samples shaped like example_inputs; when not given, validation uses the example
         and up to 31 calibration samples.
     validate: True raises ValidationError on a mismatch, "warn" warns, False skips.
+    metric: a task metric (e.g. accuracy on labelled data) the compiled model must also keep, within its
+        `max_drop` of eager's score; the int8 accuracy loop keeps layers in float until it does.
     cache_dir: reuse a build when weights, code, signature, target, versions and CPU ISA match.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
     if validate not in (True, False, "warn"):
         raise InputError(f"validate must be True, False or 'warn', not {validate!r}")
+    if metric is not None and (not isinstance(metric, Metric) or not validate):
+        raise InputError("metric must be a compilers.Metric(fn, max_drop), and needs validate=True or 'warn'")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     r = resolve(target)
@@ -110,6 +115,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
                 model, sig, list(zip(labels, captured.runs)),
                 [(f"sample {i + 1}", flat) for i, flat in enumerate(extra[:MAX_VALIDATION_SAMPLES - 1])],
                 float64=r.target.tolerance.noise is not None)
+            reference = _with_metric(reference, metric, model)
             seconds["reference"] = time.perf_counter() - t1
 
         cm, entry = None, None
@@ -231,7 +237,29 @@ def check(cm: CompiledModel, reference: Reference) -> ValidationReport:
             errors.append(f"the compiled model fails on the {label} ({_sizes(cm.signature, flat)}): "
                           f"{type(e).__name__}: {str(e)[:300]}.{hint}")
         results.append(None)
-    return compare(cm.signature.output_names, reference, results, cm.target.tolerance, errors, skipped)
+    sig = cm.signature
+    result = compare(sig.output_names, reference, results, cm.target.tolerance, errors, skipped,
+                     [sig.batch_axis(spec) for spec in sig.outputs])
+    if reference.metric is None:
+        return result
+    metric, eager = reference.metric
+    return replace(result, metric=MetricCheck(metric.name, eager, _score(metric, cm, "the compiled model"), metric.max_drop))
+
+
+def _with_metric(reference: Reference, metric: Metric | None, model: torch.nn.Module) -> Reference:
+    return reference if metric is None else replace(reference, metric=(metric, _score(metric, model, "eager")))
+
+
+def _score(metric: Metric, model: Callable[..., Any], what: str) -> float:
+    """`metric.fn(model)` as a float; InputError when the user's metric fails or gives no number."""
+    try:
+        with torch.inference_mode():
+            score = float(metric.fn(model))
+    except Exception as e:
+        raise InputError(f"metric {metric.name!r} failed on {what}: {type(e).__name__}: {e}") from e
+    if score != score:
+        raise InputError(f"metric {metric.name!r} gave NaN on {what}")
+    return score
 
 
 def _sizes(signature: Signature, flat: list[Any]) -> str:
@@ -239,8 +267,9 @@ def _sizes(signature: Signature, flat: list[Any]) -> str:
     return ", ".join(f"{d}={n}" for d, n in sizes.items()) or "static shapes"
 
 
-def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any]) -> ValidationReport:
-    """Compare `cm` with eager `model` on `samples` (each shaped like the example inputs)."""
+def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any],
+             metric: Metric | None = None) -> ValidationReport:
+    """Compare `cm` with eager `model` on `samples` (each shaped like the example inputs), and on `metric`."""
     flats = flat_samples(cm.signature, samples, None, "validation")
     if not flats:
         raise InputError("validate needs at least one sample")
@@ -249,6 +278,6 @@ def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any]) 
     try:
         reference = compute_reference(model, cm.signature, (), [(f"sample {i + 1}", f) for i, f in enumerate(flats)],
                                       float64=cm.target.tolerance.noise is not None)
-        return check(cm, reference)
+        return check(cm, _with_metric(reference, metric, model))
     finally:
         model.train(was_training)

@@ -31,6 +31,7 @@ class Reference:
     outputs: tuple[list[torch.Tensor], ...]
     exact: tuple[list[torch.Tensor] | None, ...]
     note: str                        # how the exact outputs were made, or why there are none
+    metric: tuple[Any, float] | None = None   # a task metric (validate.Metric) and eager's score on it
 
 
 def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequence[tuple[str, EagerRun]] = (),

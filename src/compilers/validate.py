@@ -13,7 +13,8 @@ passes when its own distance from float64 stays within `noise` times that, plus 
 Where the model cannot run in float64, or its float64 twin strays further from eager fp32 than rounding
 can explain (`MAX_FP32_NOISE`), the "scaled" rule takes fp32 eager as the reference and an assumed noise
 of `SCALED_NOISE` (the fp32 noise measured on ResNet-50). Lossy precisions (bf16, int8) are judged
-by cosine similarity / SNR per output instead; explicit `atol`/`rtol` add an element-wise check against
+by cosine similarity / SNR per output instead, the cosine taken per batch item where the output has a
+batch dim (each item is somebody's request: the worst one must keep the contract); explicit `atol`/`rtol` add an element-wise check against
 fp32 eager (an element fails when it exceeds both). Integer and bool outputs must match exactly (or on
 `min_int_agreement` of their elements). Non-finite values must sit where eager has them.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class OutputCheck:
     max_error: float = 0.0           # max|compiled - reference| / max|reference|
     max_allowed: float | None = None
     max_abs: float = 0.0             # max|compiled - eager|, for orientation
-    cosine: float | None = None
+    cosine: float | None = None      # worst batch item's cosine to eager (the whole output's without a batch dim)
     snr_db: float | None = None
     agreement: float = 1.0           # fraction of equal elements (integer / bool outputs)
     failure: str | None = None
@@ -57,6 +58,39 @@ class OutputCheck:
     @property
     def passed(self) -> bool:
         return self.failure is None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A task metric the compiled model must keep, beside the target's tolerance: `fn(model)` scores
+    anything called like the model (higher is better; e.g. accuracy on labelled data) and is run on eager
+    once and on each compiled candidate, which passes when it scores at most `max_drop` below eager."""
+
+    fn: Callable[[Any], float]
+    max_drop: float = 0.01
+    name: str = "metric"
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    """A Metric's scores: eager's, the compiled model's, and the drop allowed."""
+
+    name: str
+    eager: float
+    compiled: float
+    max_drop: float
+
+    @property
+    def margin(self) -> float:
+        return self.compiled - (self.eager - self.max_drop)
+
+    @property
+    def passed(self) -> bool:
+        return self.margin >= 0
+
+    def __str__(self) -> str:
+        return (f"{self.name}: {self.compiled:.4f} compiled, {self.eager:.4f} eager, drop allowed {self.max_drop:g}: "
+                f"{'ok' if self.passed else 'FAIL'}")
 
 
 @dataclass(frozen=True)
@@ -69,22 +103,23 @@ class ValidationReport:
     reference: str = ""              # how the exact reference was made, or why there was none
     errors: tuple[str, ...] = ()     # samples on which the compiled model raised instead of answering
     skipped: tuple[str, ...] = ()    # samples left out, and why
+    metric: MetricCheck | None = None
 
     @property
     def passed(self) -> bool:
-        return not self.errors and all(o.passed for o in self.outputs)
+        return not self.errors and all(o.passed for o in self.outputs) and (self.metric is None or self.metric.passed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance.to_dict(),
                 "reference": self.reference, "errors": list(self.errors), "skipped": list(self.skipped),
-                "outputs": [asdict(o) for o in self.outputs]}
+                "outputs": [asdict(o) for o in self.outputs], "metric": asdict(self.metric) if self.metric else None}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ValidationReport":
         known = {f.name for f in fields(OutputCheck)}   # artifacts of older versions carry other columns
         return cls(tuple(OutputCheck(**{k: v for k, v in o.items() if k in known}) for o in d["outputs"]),
                    d["samples"], Tolerance(**d["tolerance"]), d.get("reference", ""), tuple(d.get("errors", ())),
-                   tuple(d.get("skipped", ())))
+                   tuple(d.get("skipped", ())), MetricCheck(**d["metric"]) if d.get("metric") else None)
 
     def __str__(self) -> str:
         w = max([12] + [len(o.name) for o in self.outputs])
@@ -97,6 +132,8 @@ class ValidationReport:
                          f"{'ok' if o.passed else 'FAIL: ' + o.failure}")
         lines.extend(f"error: {e}" for e in self.errors)
         lines.extend(f"skipped: {e}" for e in self.skipped)
+        if self.metric is not None:
+            lines.append(str(self.metric))
         tol = ", ".join(f"{k}={v}" for k, v in self.tolerance.to_dict().items())
         lines.append(f"{self.samples} sample(s); reference: {self.reference or 'eager'}; tolerance {tol}; "
                      f"{'PASSED' if self.passed else 'FAILED'}")
@@ -126,8 +163,26 @@ def _relative(diff: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
             ratio(float(np.abs(diff).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))))
 
 
-def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = None) -> OutputCheck:
-    """Agreement of one output leaf on one sample: `ref` is eager's output, `exact` the float64 one (or None)."""
+def _cosine(r: np.ndarray, g: np.ndarray) -> float:
+    rn, gn = np.linalg.norm(r), np.linalg.norm(g)
+    return float(np.dot(r, g) / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
+
+
+def _worst_item_cosine(r: np.ndarray, g: np.ndarray, batch_axis: int | None) -> float:
+    """The lowest cosine over the items along `batch_axis` (the whole array's without one); non-finite
+    elements, which must sit at the same places in both, left out."""
+    finite = np.isfinite(r)
+    r, g = np.where(finite, r, 0.0), np.where(finite, g, 0.0)
+    if batch_axis is None or r.ndim == 0 or r.shape[batch_axis] == 0:
+        return _cosine(r.ravel(), g.ravel())
+    items = zip(np.moveaxis(r, batch_axis, 0), np.moveaxis(g, batch_axis, 0))
+    return min(_cosine(a.ravel(), b.ravel()) for a, b in items)
+
+
+def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = None,
+                 batch_axis: int | None = None) -> OutputCheck:
+    """Agreement of one output leaf on one sample: `ref` is eager's output, `exact` the float64 one (or None);
+    the cosine is the worst over the items along `batch_axis`."""
     r, g = _as_numpy(ref), _as_numpy(got)
     dtype = str(ref.dtype).removeprefix("torch.")
     if r.shape != g.shape:
@@ -144,13 +199,12 @@ def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = Non
     if not np.array_equal(np.isfinite(g64), np.isfinite(r64)) or not np.array_equal(np.isnan(g64), np.isnan(r64)):
         return OutputCheck(name, dtype, failure="non-finite values where eager has finite ones, or the reverse",
                            error=math.inf, max_error=math.inf, max_abs=math.inf)
+    cosine = _worst_item_cosine(r64, g64, batch_axis)
     finite = np.isfinite(r64)
     r64, g64 = r64[finite], g64[finite]
     x64 = _as_numpy(exact).astype(np.float64)[finite] if exact is not None else None
     diff = g64 - r64
     max_abs = float(np.abs(diff).max(initial=0.0))
-    rn, gn = np.linalg.norm(r64), np.linalg.norm(g64)
-    cosine = float(np.dot(r64, g64) / (rn * gn)) if rn > 0 and gn > 0 else (1.0 if rn == gn else 0.0)
     noise_power = float(np.sum(diff ** 2))
     snr = math.inf if noise_power == 0 else 10 * math.log10(max(float(np.sum(r64 ** 2)), 1e-300) / noise_power)
     row = dict(name=name, dtype=dtype, max_abs=max_abs, cosine=cosine, snr_db=snr if math.isfinite(snr) else None)
@@ -182,7 +236,8 @@ def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = Non
         if bad.any():
             failures.append(f"{int(bad.sum())} element(s) exceed atol={atol:g} and rtol={rtol:g}")
     if tol.min_cosine is not None and cosine < tol.min_cosine:
-        failures.append(f"cosine {cosine:.6f} < {tol.min_cosine}")
+        failures.append(f"cosine {cosine:.6f} < {tol.min_cosine}"
+                        + (" (worst batch item)" if batch_axis is not None and r.ndim else ""))
     if tol.min_snr_db is not None and snr < tol.min_snr_db:
         failures.append(f"SNR {snr:.1f} dB < {tol.min_snr_db}")
     return OutputCheck(**row, failure="; ".join(failures) or None)
@@ -206,8 +261,11 @@ def _worst(a: OutputCheck, b: OutputCheck) -> OutputCheck:
 
 
 def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequence[Any] | None], tol: Tolerance,
-            errors: Sequence[str] = (), skipped: Sequence[str] = ()) -> ValidationReport:
-    """The verdict on flat compiled outputs `results[i]` for `reference.samples[i]` (None: sample skipped)."""
+            errors: Sequence[str] = (), skipped: Sequence[str] = (),
+            batch_axes: Sequence[int | None] = ()) -> ValidationReport:
+    """The verdict on flat compiled outputs `results[i]` for `reference.samples[i]` (None: sample skipped);
+    `batch_axes[j]`: where output j has its batch dim (None or missing: it has none)."""
+    axes = list(batch_axes) + [None] * (len(names) - len(batch_axes))
     rows: list[OutputCheck | None] = [None] * len(names)
     checked = 0
     for ref, exact, got in zip(reference.outputs, reference.exact, results):
@@ -215,7 +273,7 @@ def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequen
             continue
         checked += 1
         for j, name in enumerate(names):
-            row = check_output(name, ref[j], got[j], tol, exact[j] if exact is not None else None)
+            row = check_output(name, ref[j], got[j], tol, exact[j] if exact is not None else None, axes[j])
             rows[j] = row if rows[j] is None else _worst(rows[j], row)
     return ValidationReport(tuple(r for r in rows if r is not None), checked, tol, reference.note, tuple(errors),
                             tuple(skipped))
@@ -223,10 +281,13 @@ def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequen
 
 def margin(result: ValidationReport) -> float:
     """How far the worst output lies inside (> 0) or outside (< 0) a lossy contract: cosine above
-    `min_cosine`, integer agreement above `min_int_agreement`, SNR above `min_snr_db` (per 100 dB)."""
+    `min_cosine`, integer agreement above `min_int_agreement`, SNR above `min_snr_db` (per 100 dB), and
+    the task metric above eager's score less its allowed drop."""
     tol, worst = result.tolerance, math.inf
     if result.errors:
         return -math.inf
+    if result.metric is not None:
+        worst = result.metric.margin
     for o in result.outputs:
         if o.rule == "exact":
             worst = min(worst, o.agreement - tol.min_int_agreement)
