@@ -277,7 +277,27 @@ def test_cache_reuses_builds_and_notices_new_weights(tmp_path):
     third = compilers.compile(model, TARGET, x, cache_dir=tmp_path)
     assert third.report.cache == "miss"
     torch.testing.assert_close(third(x[0]), model(x[0]), atol=1e-4, rtol=1e-3)
-    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".")]) == 2
+    assert len([p for p in tmp_path.iterdir() if not p.name.startswith(".") and p.name != "references"]) == 2
+
+
+def test_cache_keeps_eager_reference_for_the_next_target(tmp_path):
+    """A second target compiled from the same model and samples reads eager's outputs from the cache;
+    other samples, or new weights, make a new reference; a damaged one is remade."""
+    model = Affine()
+    x, samples = (torch.randn(2, 8),), [(torch.randn(3, 8),)]
+    first = compilers.compile(model, TARGET, x, samples=samples, cache_dir=tmp_path)
+    assert first.report.validation.reference == "float64 eager"
+    other = load_target(TARGET).with_(name="ort-cpu-again", threads=1)
+    second = compilers.compile(model, other, x, samples=samples, cache_dir=tmp_path)
+    assert second.report.cache == "miss" and second.report.validation.reference == "float64 eager, read from the cache"
+    fresh = compilers.compile(model, other.with_(threads=2), x, samples=[(torch.randn(3, 8),)], cache_dir=tmp_path)
+    assert fresh.report.validation.reference == "float64 eager"
+    refs = sorted((tmp_path / "references").iterdir())
+    assert len(refs) == 2
+    for path in refs:
+        path.write_bytes(b"damaged")
+    again = compilers.compile(model, other.with_(threads=3), x, samples=samples, cache_dir=tmp_path)
+    assert again.report.validation.reference == "float64 eager" and again.report.validation.passed
 
 
 # -- CLI -----------------------------------------------------------------------------------
@@ -536,3 +556,34 @@ def test_engine_that_is_not_thread_safe_gets_its_calls_serialized(affine):
             torch.testing.assert_close(y, model(x), atol=1e-4, rtol=1e-3)
     finally:
         del engine.thread_safe
+
+
+def _stderr_of(code: str, tty: bool) -> str:
+    """What a child process running `code` writes to its stderr, a terminal when `tty`."""
+    import os
+    import pty
+    if not tty:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stderr
+    master, slave = pty.openpty()
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:          # the child closed its end
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert child.wait(timeout=120) == 0
+    return out.decode(errors="replace")
+
+
+def test_long_loops_show_progress_on_a_terminal_only():
+    code = ("import torch, compilers\n"
+            "compilers.compile(torch.nn.Linear(4, 2), 'ort-cpu', (torch.randn(2, 4),), samples=[(torch.randn(2, 4),)] * 12)")
+    shown = _stderr_of(code, tty=True)
+    assert "eager reference" in shown and "12/12" in shown and "float64 reference" in shown and "14/14" in shown
+    assert "reference" not in _stderr_of(code, tty=False)

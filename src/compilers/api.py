@@ -13,7 +13,7 @@ import torch
 
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
-from .cache import cache_key
+from .cache import cache_key, load_reference, reference_path, save_reference
 from .calibration import calibration_set, flat_samples
 from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
 from .host import library_versions
@@ -22,7 +22,7 @@ from .quantize import CalibrationPlan, accuracy_loop, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
-from .signature import Signature, as_call, capture
+from .signature import Captured, Signature, capture
 from .target import Target, builtin_targets, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 
@@ -110,11 +110,8 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         reference = None
         if validate:
             t1 = time.perf_counter()
-            labels = ["example", GROWN]
-            reference = compute_reference(
-                model, sig, list(zip(labels, captured.runs)),
-                [(f"sample {i + 1}", flat) for i, flat in enumerate(extra[:MAX_VALIDATION_SAMPLES - 1])],
-                float64=r.target.tolerance.noise is not None)
+            reference = _reference(model, captured, extra[:MAX_VALIDATION_SAMPLES - 1],
+                                   r.target.tolerance.noise is not None, cache_dir)
             reference = _with_metric(reference, metric, model)
             seconds["reference"] = time.perf_counter() - t1
 
@@ -149,6 +146,23 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         model.train(was_training)
     cm.report.seconds["total"] = time.perf_counter() - t0
     return cm
+
+
+def _reference(model: torch.nn.Module, captured: Captured, extra: list[list[Any]], float64: bool,
+               cache_dir: str | Path | None) -> Reference:
+    """Eager's outputs on the example, the grown example and the `extra` samples; read from `cache_dir`
+    when an earlier compile of the same model on the same samples made them."""
+    runs = list(zip(["example", GROWN], captured.runs))
+    samples = [(f"sample {i + 1}", flat) for i, flat in enumerate(extra)]
+    path = None if cache_dir is None else reference_path(
+        Path(cache_dir), model, captured.signature, [label for label, _ in runs + samples],
+        [run.inputs for _, run in runs] + extra, float64)
+    reference = None if path is None else load_reference(path)
+    if reference is None:
+        reference = compute_reference(model, captured.signature, runs, samples, float64=float64)
+        if path is not None:
+            save_reference(path, reference)
+    return reference
 
 
 def _cached(entry: Path) -> CompiledModel | None:

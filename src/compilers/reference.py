@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import InputError
+from .progress import track
 from .signature import EagerRun, FlatModule, Signature
 
 #: a float64 twin is made only for models whose float64 weights fit in this many bytes
@@ -44,7 +45,7 @@ def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequen
     inputs = [run.inputs for _, run in runs] + [list(flat) for _, flat in samples]
     outputs = [list(run.outputs) for _, run in runs]
     with torch.inference_mode():
-        for label, flat in samples:
+        for label, flat in track(samples, len(samples), "eager reference"):
             try:
                 outputs.append(list(eager(*flat)))
             except Exception as e:
@@ -68,7 +69,8 @@ def _float64_outputs(model: torch.nn.Module, signature: Signature,
     try:
         twin = FlatModule(copy.deepcopy(model).double(), signature).eval()
         with torch.inference_mode():
-            return [list(twin(*[_float64(x) for x in flat])) for flat in samples], "float64 eager"
+            return [list(twin(*[_float64(x) for x in flat]))
+                    for flat in track(samples, len(samples), "float64 reference")], "float64 eager"
     except Exception as e:   # a model that pins dtypes (x.float(), fp32-only ops) cannot run in float64
         return None, f"the model does not run in float64 ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
 
