@@ -61,8 +61,11 @@ def test_transformer_preset_is_chosen_for_attention():
     model = bert().eval()
     cm = compilers.compile(model, INT8, padded(2, 8, 0), dynamic_shapes=BERT_DYN,
                            calibration=calibration(lambda s: padded(4, 12, s)), samples=[padded(3, 10, 1)])
-    assert any("transformer preset (the graph has attention)" in n for n in cm.report.notes)
+    assert any("transformer preset (the graph has attention), SmoothQuant alpha 0.95" in n for n in cm.report.notes)
     assert cm.report.validation.passed
+    off = compilers.compile(model, load_target(INT8).with_(smooth_quant=-1), padded(2, 8, 0), dynamic_shapes=BERT_DYN,
+                            calibration=calibration(lambda s: padded(4, 12, s)), samples=[padded(3, 10, 1)])
+    assert not any("SmoothQuant" in n for n in off.report.notes) and off.report.validation.passed
 
 
 def test_int8_needs_calibration_data():

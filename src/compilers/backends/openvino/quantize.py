@@ -24,6 +24,7 @@ def quantize(model: Any, plan: CalibrationPlan, scheme: Quantization, keep: Sequ
     quantizers inserted, samples)."""
     import nncf
     import numpy as np
+    from nncf.quantization import advanced_parameters as advanced
     transformer = scheme.preset == "transformer" or (scheme.preset == "auto" and has_attention(model))
     presets = {"symmetric": nncf.QuantizationPreset.PERFORMANCE, "asymmetric": nncf.QuantizationPreset.MIXED}
     items: list[Sequence[Any]] = [[x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in flat]
@@ -35,11 +36,12 @@ def quantize(model: Any, plan: CalibrationPlan, scheme: Quantization, keep: Sequ
         ignored_scope=nncf.IgnoredScope(names=list(keep), types=list(scheme.keep_float), validate=False)
         if scheme.keep_float or keep else None,
         advanced_parameters=nncf.AdvancedQuantizationParameters(
-            weights_quantization_params=None if scheme.per_channel else
-            nncf.quantization.advanced_parameters.QuantizationParameters(per_channel=False)))
+            smooth_quant_alphas=advanced.AdvancedSmoothQuantParameters(matmul=scheme.smooth_quant),
+            weights_quantization_params=None if scheme.per_channel else advanced.QuantizationParameters(per_channel=False)))
     fq = collections.Counter(op.get_type_name() for op in quantized.get_ops())["FakeQuantize"]
     notes = [f"NNCF post-training int8: {fq} quantizers, {'transformer' if transformer else 'default'} preset"
              + (" (the graph has attention)" if transformer and scheme.preset == "auto" else "")
+             + (f", SmoothQuant alpha {scheme.smooth_quant:g}" if transformer and scheme.smooth_quant >= 0 else "")
              + f", activations {scheme.activations}, weights {'per channel' if scheme.per_channel else 'per tensor'}"
              + (f", kept in float: {', '.join(scheme.keep_float)}" if scheme.keep_float else ""), *plan.notes]
     return quantized, notes
