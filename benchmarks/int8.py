@@ -1,11 +1,14 @@
 """openvino-cpu-int8 against eager and against the raw OpenVINO + NNCF call an expert writes.
 
 MiniLM-L6 (real weights), batch 8, sequence 128: `compilers.compile(model, "openvino-cpu-int8", ...)` calibrated on
-the demo's 16 sentences and validated on held-out sentences (the accuracy loop may keep layers in float), vs
-`nncf.quantize(ov.convert_model(model), model_type=TRANSFORMER)` on the same calibration data, compiled with
-the same plugin config. ResNet-50 (random init), batch 8: the same comparison with the default preset.
+the 96 sentences of calibration/sentences.txt and validated on the 32 held-out ones (the accuracy loop may keep
+layers in float), vs `nncf.quantize(ov.convert_model(model), model_type=TRANSFORMER)` on the same calibration
+data, compiled with the same plugin config and with OpenVINO's defaults (bf16 for what stays float on this CPU).
+Also compiled calibrated on 16 sentences only, where plain int8 misses the contract and the loop steps in.
+ResNet-50 (random init), batch 8: the same comparison with the default preset.
 Reports latency (median of interleaved blocks) and, for MiniLM, the worst per-sentence cosine to eager on the
-held-out sentences. Targets: MiniLM int8 >= 3x eager and >= 0.9x raw NNCF; ResNet-50 within 3% of raw.
+held-out sentences. Targets: MiniLM int8 >= 3x eager, >= 0.9x the faster raw NNCF, worst sentence >= 0.99;
+ResNet-50 within 3% of raw.
 
     .venv/bin/python benchmarks/int8.py [--models minilm,resnet50]
 """
@@ -25,55 +28,69 @@ from timing import interleaved  # noqa: E402
 TARGET = "openvino-cpu-int8"
 
 
-def raw_nncf(model: torch.nn.Module, example: tuple, calibration: list[tuple], cm: compilers.CompiledModel,
-             transformer: bool):
-    """What an expert writes: convert, nncf.quantize (transformer preset where it applies), compile with the
-    same plugin config as `cm`."""
+def raw_nncf(model: torch.nn.Module, example: tuple, calibration: list[tuple], transformer: bool):
+    """What an expert writes: convert, nncf.quantize (transformer preset where it applies)."""
     import nncf
     import openvino as ov
     ov_model = ov.convert_model(model, example_input=example)
     data = nncf.Dataset([[t.numpy() for t in sample] for sample in calibration])
-    q = nncf.quantize(ov_model, data, subset_size=len(calibration),
-                      model_type=nncf.ModelType.TRANSFORMER if transformer else None)
+    return nncf.quantize(ov_model, data, subset_size=len(calibration),
+                         model_type=nncf.ModelType.TRANSFORMER if transformer else None)
+
+
+def same_config(quantized, cm: compilers.CompiledModel):
+    """`quantized` compiled with the plugin config of `cm` (f32 for what stays float, same threads and hint)."""
+    import openvino as ov
     config = {k: cm.engine.compiled.get_property(k) for k in
               ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")}
-    return ov.Core().compile_model(q, "CPU", config)
+    return ov.Core().compile_model(quantized, "CPU", config)
 
 
 def minilm() -> tuple[bool, list[str]]:
+    import openvino as ov
     import minilm as m
     parts = m.factory()
     model = parts["model"]
-    cm = compilers.compile(model, TARGET, parts["example_inputs"], dynamic_shapes=parts["dynamic_shapes"],
-                           calibration=parts["calibration"], samples=parts["samples"])
+    dyn = dict(dynamic_shapes=parts["dynamic_shapes"], samples=parts["samples"])
+    cm = compilers.compile(model, TARGET, parts["example_inputs"], calibration=parts["calibration"], **dyn)
+    # the accuracy loop at work: calibrated on 16 sentences only, plain int8 misses the contract
+    few = compilers.compile(model, TARGET, parts["example_inputs"], calibration=parts["calibration"][:16], **dyn)
     calib = [(s["input_ids"], s["attention_mask"]) for s in parts["calibration"]]
     ex = (parts["example_inputs"]["input_ids"], parts["example_inputs"]["attention_mask"])
-    raw = raw_nncf(model, ex, calib, cm, transformer=True)
+    quantized = raw_nncf(model, ex, calib, transformer=True)
+    requests = {"raw NNCF": same_config(quantized, cm).create_infer_request(),
+                "raw NNCF, defaults": ov.Core().compile_model(quantized, "CPU").create_infer_request()}
     x = m.batch(8, 128)
     feed = [x["input_ids"].numpy(), x["attention_mask"].numpy()]
-    request = raw.create_infer_request()
+    held = parts["samples"]
     with torch.inference_mode():
-        t = interleaved({"eager": lambda: model(**x), TARGET: lambda: cm(**x), "raw NNCF": lambda: request.infer(feed)},
-                        blocks=15, per_block=2)
-        held = [s for s in parts["samples"]]
-        cos = {TARGET: [], "raw NNCF": []}
-        for s in held:
-            ref = model(**s)
-            cos[TARGET].append(torch.nn.functional.cosine_similarity(cm(**s), ref, dim=-1).min().item())
-            out = torch.from_numpy(request.infer([s["input_ids"].numpy(), s["attention_mask"].numpy()])[0].copy())
-            cos["raw NNCF"].append(torch.nn.functional.cosine_similarity(out, ref, dim=-1).min().item())
-    kept = cm.report.quantization["kept_float"] if cm.report.quantization else []
-    lines = [f"MiniLM-L6 b8 s128 ({torch.get_num_threads()} threads, median of 15 interleaved blocks; "
-             f"worst per-sentence cosine on {sum(len(s['input_ids']) for s in held)} held-out sentences)"]
+        runs = {"eager": lambda: model(**x), TARGET: lambda: cm(**x), f"{TARGET} (16 sentences)": lambda: few(**x)}
+        runs.update({name: (lambda r=r: r.infer(feed)) for name, r in requests.items()})
+        t = interleaved(runs, blocks=15, per_block=2)
+        refs = [model(**s) for s in held]
+
+        def worst(fn) -> float:
+            return min(torch.nn.functional.cosine_similarity(fn(s), ref, dim=-1).min().item() for s, ref in zip(held, refs))
+        cos = {TARGET: worst(lambda s: cm(**s)), f"{TARGET} (16 sentences)": worst(lambda s: few(**s))}
+        for name, r in requests.items():
+            cos[name] = worst(lambda s, r=r: torch.from_numpy(
+                r.infer([s["input_ids"].numpy(), s["attention_mask"].numpy()])[0].copy()))
+    lines = [f"MiniLM-L6 b8 s128 ({torch.get_num_threads()} threads, median of 15 interleaved blocks; calibrated on "
+             f"{len(calib)} sentences; worst per-sentence cosine on {sum(len(s['input_ids']) for s in held)} held-out sentences)"]
     for name in t:
-        c = f"  worst sentence cosine {min(cos[name]):.4f}" if name in cos else ""
-        lines.append(f"  {name:18s} {t[name] * 1e3:7.1f} ms  {t['eager'] / t[name]:5.2f}x eager{c}")
-    lines.append(f"  {TARGET}: {len(kept)} layer(s) kept in float by the accuracy loop: "
-                 + (", ".join(n.split('/')[0].removeprefix('__module.model.') for n, _ in kept) or "none"))
-    speedup, vs_raw = t["eager"] / t[TARGET], t["raw NNCF"] / t[TARGET]
-    ok = speedup >= 3 and vs_raw >= 0.9
-    lines.append(f"  {TARGET} = {speedup:.2f}x eager (need >= 3), {vs_raw:.2f}x raw NNCF speed (need >= 0.9): "
-                 f"{'OK' if ok else 'MISSED'}")
+        c = f"  worst sentence cosine {cos[name]:.4f}" if name in cos else ""
+        lines.append(f"  {name:34s} {t[name] * 1e3:7.1f} ms  {t['eager'] / t[name]:5.2f}x eager{c}")
+    for name, c in ((TARGET, cm), (f"{TARGET} (16 sentences)", few)):
+        loop = c.report.quantization
+        kept = [n.split('/')[0].removeprefix('__module.model.') for n, _ in loop["kept_float"]] if loop else []
+        lines.append(f"  {name}: accuracy loop kept {len(kept)} layer(s) in float" + (
+            f" ({', '.join(kept)}; contract margin {loop['margin_before']:+.4f} -> {loop['margin_after']:+.4f})"
+            if loop else " (plain int8 met the contract)"))
+    speedup = t["eager"] / t[TARGET]
+    vs_raw = min(t["raw NNCF"], t["raw NNCF, defaults"]) / t[TARGET]
+    ok = speedup >= 3 and vs_raw >= 0.9 and cos[TARGET] >= 0.99
+    lines.append(f"  {TARGET} = {speedup:.2f}x eager (need >= 3), {vs_raw:.2f}x the faster raw NNCF (need >= 0.9), "
+                 f"worst sentence {cos[TARGET]:.4f} (need >= 0.99): {'OK' if ok else 'MISSED'}")
     return ok, lines
 
 
@@ -86,8 +103,7 @@ def resnet50() -> tuple[bool, list[str]]:
     samples = [(torch.randn(2, 3, 224, 224, generator=g),)]
     x = torch.randn(8, 3, 224, 224, generator=g)
     cm = compilers.compile(model, TARGET, (x[:2],), calibration=calib, samples=samples)
-    raw = raw_nncf(model, (x[:2],), calib, cm, transformer=False)
-    request = raw.create_infer_request()
+    request = same_config(raw_nncf(model, (x[:2],), calib, transformer=False), cm).create_infer_request()
     with torch.inference_mode():
         t = interleaved({"eager": lambda: model(x), TARGET: lambda: cm(x), "raw NNCF": lambda: request.infer([x.numpy()])},
                         blocks=10, per_block=2)

@@ -587,3 +587,8 @@ def test_long_loops_show_progress_on_a_terminal_only():
     shown = _stderr_of(code, tty=True)
     assert "eager reference" in shown and "12/12" in shown and "float64 reference" in shown and "14/14" in shown
     assert "reference" not in _stderr_of(code, tty=False)
+    int8 = ("import torch, compilers\n"
+            "compilers.compile(torch.nn.Linear(4, 2), 'ort-cpu-int8', (torch.randn(2, 4),), "
+            "calibration=[(torch.randn(2, 4),)] * 10)")
+    shown = _stderr_of(int8, tty=True)
+    assert "int8 calibration" in shown and "10/10" in shown

@@ -91,7 +91,7 @@ class Quantization:
                          choices=("minmax", "entropy", "percentile"))
     fast_bias_correction: bool = option(True, "correct the bias shift that quantizing weights causes")
     smooth_quant: float = option(0.95, "SmoothQuant alpha for the MatMul inputs of transformer models (moves "
-                                       "activation outliers into the weights; OpenVINO); -1: off", minimum=-1)
+                                       "activation outlier channels into the weights); -1: off", minimum=-1)
     keep_float: tuple[str, ...] = option((), "operation types never quantized (e.g. [\"MatMul\"])")
     max_float_layers: int = option(8, "the accuracy loop keeps at most this many quantized layers in float "
                                       "before it gives up (0: no loop)", minimum=0)

@@ -5,7 +5,6 @@ import collections
 import copy
 import dataclasses
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +47,6 @@ class OrtSettings:
     transformer_model_type: str = option("bert", "fusion family of onnxruntime.transformers.optimizer")
 
 
-@dataclass(frozen=True)
-class _Int8:
-    """What quantizing again with layers kept in float needs."""
-
-    source: Path                 # the float ONNX model
-    calibration: CalibrationPlan
-    scheme: Any
-    input_names: tuple[str, ...]
-    workdir: Path
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     bound_libraries = ("onnxruntime",)
@@ -81,9 +69,7 @@ class OnnxRuntimeBackend(Backend):
     def optimize(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan | None) -> Optimized:
         import onnx
         if calibration is not None:
-            int8 = _Int8(lowered.path, calibration, spec.target.quantization, tuple(spec.signature.input_names),
-                         spec.workdir)
-            return self._quantized(Optimized(lowered, quantization=int8), ())
+            return self._quantized(lowered, spec, calibration)
         opt = Optimized(lowered)
         settings: OrtSettings = spec.settings
         if not settings.transformer_fusions:
@@ -111,33 +97,45 @@ class OnnxRuntimeBackend(Backend):
             opt.notes.append("no transformer pattern found to fuse")
         return opt
 
-    def _quantized(self, optimized: Optimized, keep: Sequence[str]) -> Optimized:
-        from .quantize import quantize
-        int8: _Int8 = optimized.quantization
-        fd, name = tempfile.mkstemp(prefix="int8-", suffix=".onnx", dir=int8.workdir)
-        os.close(fd)
-        path = Path(name)
+    def _quantized(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan) -> Optimized:
+        """Pre-process the float model as ONNX Runtime recommends, smooth a transformer's activations, then
+        quantize it (quantize.py). `Optimized.quantization` is the float model that was quantized."""
+        import onnx
+        from .quantize import preprocess, quantize, uses_transformer_preset
+        from .smooth import smooth
+        scheme = spec.target.quantization
+        alpha = scheme.smooth_quant
+        source, path = spec.workdir / "int8-source.onnx", spec.workdir / "int8.onnx"
+        notes = []
         with quiet():
-            notes = quantize(int8.source, path, int8.calibration, int8.scheme, int8.input_names, keep)
+            skipped = preprocess(lowered.path, source)
+            model = onnx.load(str(lowered.path if skipped else source))
+            smoothed = smooth(model, calibration, spec.signature.input_names, alpha) \
+                if alpha >= 0 and uses_transformer_preset(model.graph, scheme) else 0
+            onnx.save(model, str(source))
+            notes += quantize(source, path, calibration, scheme, spec.signature.input_names)
+        if skipped:
+            notes.append(f"onnxruntime pre-quantization pass skipped: {skipped}")
+        if smoothed:
+            notes.append(f"SmoothQuant (alpha {alpha:g}): {smoothed} activations smoothed into the weights of the "
+                         "MatMuls that read them")
         notes.append("transformer fusions are not applied to int8 models (ONNX Runtime fuses the QDQ pairs)")
-        return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, path=path, model=None),
-                                   notes=notes)
+        return Optimized(dataclasses.replace(lowered, path=path, model=None), notes=notes, quantization=source)
 
     def quantized_layers(self, optimized: Optimized) -> list[str]:
         import onnx
-        from .quantize import quantized_layers
+        from .qdq import quantized_layers
         if optimized.quantization is None:
             return []
         return quantized_layers(onnx.load(str(optimized.lowered.path)))
 
     def keep_float(self, optimized: Optimized, layers: Sequence[str]) -> Optimized:
-        return self._quantized(optimized, layers)
-
-    def probe_float(self, optimized: Optimized, layer: str) -> Optimized:
+        """The int8 model with `layers` and the float path into them put back in float (no re-calibration:
+        the other tensors keep their ranges)."""
         import onnx
-        from .quantize import bypass
-        probe = bypass(onnx.load(str(optimized.lowered.path)), layer)
-        return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, model=probe))
+        from .qdq import keep_float
+        model = keep_float(onnx.load(str(optimized.lowered.path)), onnx.load(str(optimized.quantization)), layers)
+        return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, model=model))
 
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
         lowered = optimized.lowered
