@@ -69,7 +69,7 @@ def main() -> int:
     print(f"\nvalidated on the example, the example grown, and {len(parts['samples'])} batches of held-out sentences; "
           f"int8 calibrated on {len(parts['calibration'])} other sentences "
           f"(rel error: RMS error vs a float64 eager run, relative to the output, with the bound the target allowed; "
-          f"cosine vs eager fp32); latency: median of 15 runs, {torch.get_num_threads()} threads")
+          f"cosine: the worst sentence's vs eager fp32); latency: median of 15 runs, {torch.get_num_threads()} threads")
     return 0
 
 
