@@ -14,7 +14,6 @@ ResNet-50 within 3% of raw.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compilers  # noqa: E402
-from timing import interleaved  # noqa: E402
+from timing import interleaved, resnet50_setup, run_checks  # noqa: E402
 
 TARGET = "openvino-cpu-int8"
 
@@ -95,13 +94,7 @@ def minilm() -> tuple[bool, list[str]]:
 
 
 def resnet50() -> tuple[bool, list[str]]:
-    from transformers import ResNetConfig, ResNetModel
-    torch.manual_seed(0)
-    model = ResNetModel(ResNetConfig()).eval()
-    g = torch.Generator().manual_seed(0)
-    calib = [(torch.randn(1, 3, 224, 224, generator=g),) for _ in range(16)]
-    samples = [(torch.randn(2, 3, 224, 224, generator=g),)]
-    x = torch.randn(8, 3, 224, 224, generator=g)
+    model, calib, samples, x = resnet50_setup()
     cm = compilers.compile(model, TARGET, (x[:2],), calibration=calib, samples=samples)
     request = same_config(raw_nncf(model, (x[:2],), calib, transformer=False), cm).create_infer_request()
     with torch.inference_mode():
@@ -115,17 +108,5 @@ def resnet50() -> tuple[bool, list[str]]:
     return ok, lines
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="minilm,resnet50")
-    a = ap.parse_args()
-    ok = True
-    for name in a.models.split(","):
-        passed, lines = {"minilm": minilm, "resnet50": resnet50}[name]()
-        ok &= passed
-        print("\n".join(lines), flush=True)
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_checks(__doc__, {"minilm": minilm, "resnet50": resnet50}))

@@ -12,7 +12,6 @@ of interleaved blocks. Targets: ResNet-50 within 3% of raw (time ratio <= 1.03);
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compilers  # noqa: E402
-from timing import interleaved  # noqa: E402
+from timing import interleaved, resnet50_setup, run_checks  # noqa: E402
 
 TARGET = "ort-cpu-int8"
 
@@ -75,13 +74,7 @@ def cosine(a, b) -> float:
 
 
 def resnet50() -> tuple[bool, list[str]]:
-    from transformers import ResNetConfig, ResNetModel
-    torch.manual_seed(0)
-    model = ResNetModel(ResNetConfig()).eval()
-    g = torch.Generator().manual_seed(0)
-    calib = [(torch.randn(1, 3, 224, 224, generator=g),) for _ in range(16)]
-    samples = [(torch.randn(2, 3, 224, 224, generator=g),)]
-    x = torch.randn(8, 3, 224, 224, generator=g)
+    model, calib, samples, x = resnet50_setup()
     cm = compilers.compile(model, TARGET, (x[:2],), calibration=calib, samples=samples)
     raw = raw_ort(model, (x[:2],), ["pixel_values"], ({0: torch.export.Dim("batch")},), calib, cm)
     feed = {"pixel_values": x.numpy()}
@@ -139,17 +132,5 @@ def minilm() -> tuple[bool, list[str]]:
     return ok, lines
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet50,minilm")
-    a = ap.parse_args()
-    ok = True
-    for name in a.models.split(","):
-        passed, lines = {"resnet50": resnet50, "minilm": minilm}[name]()
-        ok &= passed
-        print("\n".join(lines), flush=True)
-    return 0 if ok else 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_checks(__doc__, {"resnet50": resnet50, "minilm": minilm}))
