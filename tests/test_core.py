@@ -513,6 +513,35 @@ def test_sample_that_breaks_eager_is_an_input_error():
         compilers.compile(NoOnes(), "torchscript-cpu", (torch.randn(2, 3),), samples=[(torch.randn(1, 3),)])
 
 
+class Picky(nn.Module):
+    """Doubles its input, counting its calls; refuses a batch of one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(3, 3), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if x.shape[0] == 1:
+            raise ValueError("batch of one")
+        return self.lin(x)
+
+
+def test_calibration_runs_in_eager_first_and_once_per_cache(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    good = [(torch.randn(2, 3, generator=g),) for _ in range(12)]
+    with pytest.raises(compilers.InputError, match="calibration sample 12 makes the eager model fail.*batch of one"):
+        compilers.compile(Picky(), "ort-cpu-int8", (torch.randn(2, 3),), calibration=good + [(torch.randn(1, 3),)],
+                          samples=[(torch.randn(2, 3),)])
+    model, samples = Picky(), [(torch.randn(4, 3, generator=g),)]
+    compilers.compile(model, "ort-cpu-int8", (torch.randn(2, 3),), calibration=good, samples=samples, cache_dir=tmp_path)
+    first, model.calls = model.calls, 0
+    again = compilers.compile(model, "ort-cpu-int8", (torch.randn(2, 3),), calibration=good, samples=samples,
+                              cache_dir=tmp_path)
+    assert first >= len(good) and model.calls < len(good)    # the second compile does not run eager over the data
+    assert again.report.cache == "hit" and again.report.validation.passed
+
+
 def test_calibration_digest_is_part_of_the_cache_key():
     from compilers.cache import cache_key
     from compilers.calibration import digest

@@ -13,12 +13,12 @@ import torch
 
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
-from .cache import cache_key, load_reference, reference_path, save_reference
+from .cache import cache_key, calibration_checked, load_reference, reference_path, save_reference
 from .calibration import calibration_set, flat_samples
 from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
 from .host import library_versions
 from .lower import run_ladder
-from .quantize import CalibrationPlan, accuracy_loop, plan_calibration
+from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
@@ -102,6 +102,8 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         sig = captured.signature
         calib = None if calibration is None else calibration_set(sig, calibration, example_inputs)
         plan = plan_calibration(r.target, calib) if r.target.precision == "int8" else None
+        if plan is not None:
+            _check_calibration(model, sig, plan, calib.digest, cache_dir)
         extra = flat_samples(sig, samples, example_inputs, "validation") if samples is not None else \
             list(calib.samples if calib else ())
         seconds["capture"] = time.perf_counter() - t0
@@ -163,6 +165,18 @@ def _reference(model: torch.nn.Module, captured: Captured, extra: list[list[Any]
         if path is not None:
             save_reference(path, reference)
     return reference
+
+
+def _check_calibration(model: torch.nn.Module, signature: Signature, plan: CalibrationPlan, digest: str,
+                       cache_dir: str | Path | None) -> None:
+    """Eager on every calibration sample (InputError for one it fails on), once per model and data in `cache_dir`."""
+    marker = None if cache_dir is None else calibration_checked(Path(cache_dir), model, signature, digest)
+    if marker is not None and marker.is_file():
+        return
+    check_in_eager(model, signature, plan)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def _cached(entry: Path) -> CompiledModel | None:

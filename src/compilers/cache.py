@@ -68,6 +68,12 @@ def reference_path(cache_dir: Path, model: torch.nn.Module, signature: Signature
     return cache_dir / "references" / f"{key[:32]}.pt"
 
 
+def calibration_checked(cache_dir: Path, model: torch.nn.Module, signature: Signature, digest: str) -> Path:
+    """The marker left in `cache_dir` once eager ran on every calibration sample (keyed like a reference)."""
+    key = _model_hash(model, {"signature": signature.to_dict(), "calibration": digest, "torch": torch.__version__})
+    return cache_dir / "references" / f"calibration-{key[:32]}.ok"
+
+
 def load_reference(path: Path) -> Reference | None:
     """The cached Reference at `path`, or None when there is none (or it cannot be read: it is remade)."""
     if not path.is_file():

@@ -15,8 +15,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import torch
+
 from .calibration import Calibration
 from .errors import InputError
+from .progress import track
+from .signature import FlatModule, Signature
 from .target import Target
 from .validate import ValidationReport, margin
 
@@ -42,6 +46,19 @@ def plan_calibration(target: Target, calibration: Calibration | None) -> Calibra
         notes.append(f"the scheme asks for {scheme.samples} calibration samples, {len(used)} given: ranges may "
                      "miss values production inputs reach; give more representative samples")
     return CalibrationPlan(used, tuple(notes))
+
+
+def check_in_eager(model: torch.nn.Module, signature: Signature, plan: CalibrationPlan) -> None:
+    """Run eager on every calibration sample first: one it fails on is an InputError naming it, before a
+    backend's calibration stumbles over it."""
+    eager = FlatModule(model, signature).eval()
+    with torch.inference_mode():
+        for i, flat in enumerate(track(plan.samples, len(plan.samples), "calibration samples in eager")):
+            try:
+                eager(*flat)
+            except Exception as e:
+                raise InputError(f"calibration sample {i} makes the eager model fail ({type(e).__name__}: "
+                                 f"{str(e)[:300]}); give samples the model accepts") from None
 
 
 @dataclass
