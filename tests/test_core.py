@@ -528,6 +528,7 @@ class Picky(nn.Module):
 
 
 def test_calibration_runs_in_eager_first_and_once_per_cache(tmp_path):
+    torch.manual_seed(0)                     # the weights, and the examples below
     g = torch.Generator().manual_seed(0)
     good = [(torch.randn(2, 3, generator=g),) for _ in range(12)]
     with pytest.raises(compilers.InputError, match="calibration sample 12 makes the eager model fail.*batch of one"):
@@ -616,8 +617,8 @@ def test_long_loops_show_progress_on_a_terminal_only():
     shown = _stderr_of(code, tty=True)
     assert "eager reference" in shown and "12/12" in shown and "float64 reference" in shown and "14/14" in shown
     assert "reference" not in _stderr_of(code, tty=False)
-    int8 = ("import torch, compilers\n"
+    int8 = ("import torch, compilers\n"     # progress only: a 2-wide int8 output's accuracy is not the point here
             "compilers.compile(torch.nn.Linear(4, 2), 'ort-cpu-int8', (torch.randn(2, 4),), "
-            "calibration=[(torch.randn(2, 4),)] * 10)")
+            "calibration=[(torch.randn(2, 4),)] * 10, validate=False)")
     shown = _stderr_of(int8, tty=True)
     assert "int8 calibration" in shown and "10/10" in shown
