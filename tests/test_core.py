@@ -443,12 +443,7 @@ def test_model_without_float64_is_judged_by_the_scaled_rule():
 
 
 def test_model_computing_otherwise_in_float64_falls_back_to_the_scaled_rule():
-    class DtypeBranch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.lin = nn.Linear(8, 4)
-
+    class DtypeBranch(PinsFloat32):
         def forward(self, x):
             y = self.lin(x)
             return y * 1.5 if x.dtype == torch.float64 else y

@@ -122,9 +122,11 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
             digest = calib.digest if calib is not None and r.target.precision == "int8" else None
             entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
             cm = _cached(entry)
+        judged = None     # the accuracy loop's verdict on the model it returns, where it ran
         if cm is None:
             judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
             cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge)
+            judged = cm.report.validation
             cm.report.notes.extend(captured.notes)
             if plan is not None and samples is None:
                 cm.report.notes.append("validated on the calibration data: pass samples= to validate on held-out inputs")
@@ -132,7 +134,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
 
         if reference is not None:
             t1 = time.perf_counter()
-            result = check(cm, reference)
+            result = judged if judged is not None else check(cm, reference)
             cm.report.validation = result
             cm.report.seconds["validate"] = time.perf_counter() - t1
             if not result.passed:
@@ -205,7 +207,8 @@ def _int8_advice(cm: CompiledModel) -> str:
 def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
            calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str],
            judge: Callable[[CompiledModel], ValidationReport] | None = None) -> CompiledModel:
-    """Lower, optimize and build; for int8 with a `judge` (the validation), run the accuracy loop."""
+    """Lower, optimize and build; for int8 with a `judge` (the validation), run the accuracy loop, whose
+    verdict on the model returned is left in its report."""
     report = Report(target=r.target.name, backend=r.backend.name, precision=r.target.precision, versions=versions)
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:
@@ -230,9 +233,10 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
 
         def probe(layer: str) -> CompiledModel:
             return engine(r.backend.probe_float(optimized, layer))
-        layers = r.backend.quantized_layers(optimized) if judge and r.target.quantization.max_float_layers else []
-        cm, summary = accuracy_loop(build, probe, layers, judge, r.target.quantization.max_float_layers) \
-            if layers else (build(()), None)
+        max_float = r.target.quantization.max_float_layers
+        layers = r.backend.quantized_layers(optimized) if judge and max_float else []
+        cm, summary, report.validation = accuracy_loop(build, probe, layers, judge, max_float) if layers else \
+            (build(()), None, None)
         if summary is not None:
             report.quantization = asdict(summary)
             report.notes.append(f"int8 accuracy loop: {summary}")

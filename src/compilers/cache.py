@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,7 +92,7 @@ def save_reference(path: Path, reference: Reference) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".reference-", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save({**asdict(reference), "metric": None}, tmp)
+        torch.save({f.name: getattr(reference, f.name) for f in fields(reference) if f.name != "metric"}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -19,8 +19,8 @@ import torch
 
 from .calibration import Calibration
 from .errors import InputError
-from .progress import track
-from .signature import FlatModule, Signature
+from .reference import eager_outputs
+from .signature import Signature
 from .target import Target
 from .validate import ValidationReport, margin
 
@@ -51,14 +51,8 @@ def plan_calibration(target: Target, calibration: Calibration | None) -> Calibra
 def check_in_eager(model: torch.nn.Module, signature: Signature, plan: CalibrationPlan) -> None:
     """Run eager on every calibration sample first: one it fails on is an InputError naming it, before a
     backend's calibration stumbles over it."""
-    eager = FlatModule(model, signature).eval()
-    with torch.inference_mode():
-        for i, flat in enumerate(track(plan.samples, len(plan.samples), "calibration samples in eager")):
-            try:
-                eager(*flat)
-            except Exception as e:
-                raise InputError(f"calibration sample {i} makes the eager model fail ({type(e).__name__}: "
-                                 f"{str(e)[:300]}); give samples the model accepts") from None
+    eager_outputs(model, signature, [(f"sample {i}", flat) for i, flat in enumerate(plan.samples)], "calibration",
+                  "calibration samples in eager")
 
 
 @dataclass
@@ -81,16 +75,17 @@ class LoopReport:
 
 
 def accuracy_loop(build: Callable[[tuple[str, ...]], Any], probe: Callable[[str], Any], layers: Sequence[str],
-                  judge: Callable[[Any], ValidationReport], max_float: int) -> tuple[Any, LoopReport | None]:
+                  judge: Callable[[Any], ValidationReport],
+                  max_float: int) -> tuple[Any, LoopReport | None, ValidationReport]:
     """The compiled model `build(())`, or, when `judge` refuses it, `build(kept)` with the most sensitive
     layers in float, as few as `judge` accepts (at most `max_float`; the last one tried when none is
-    accepted). `probe(layer)` is a quick build with that layer in float, to rank layers. The LoopReport is
-    None when the first build passed."""
+    accepted); with `judge`'s verdict on it. `probe(layer)` is a quick build with that layer in float, to
+    rank layers. The LoopReport is None when the first build passed."""
     t0 = time.perf_counter()
     first = build(())
     result = judge(first)
     if result.passed or not layers:
-        return first, None
+        return first, None, result
     base = margin(result)
     report = LoopReport(len(layers), margin_before=base)
     sensitivity = {layer: margin(judge(probe(layer))) - base for layer in layers}
@@ -106,4 +101,4 @@ def accuracy_loop(build: Callable[[tuple[str, ...]], Any], probe: Callable[[str]
     report.kept_float = [(layer, sensitivity[layer]) for layer in kept]
     report.margin_after, report.passed = margin(result), result.passed
     report.seconds = time.perf_counter() - t0
-    return cm, report
+    return cm, report, result

@@ -40,20 +40,29 @@ def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequen
     """The Reference over eager `runs` already made and fresh flat `samples` (each with its label): eager
     outputs, plus the float64 twin's where `float64` is set and the model runs in float64.
     InputError if eager fails on a sample."""
-    eager = FlatModule(model, signature).eval()
     labels = [label for label, _ in runs] + [label for label, _ in samples]
     inputs = [run.inputs for _, run in runs] + [list(flat) for _, flat in samples]
     outputs = [list(run.outputs) for _, run in runs]
-    with torch.inference_mode():
-        for label, flat in track(samples, len(samples), "eager reference"):
-            try:
-                outputs.append(list(eager(*flat)))
-            except Exception as e:
-                raise InputError(f"validation {label} makes the eager model fail ({type(e).__name__}: "
-                                 f"{str(e)[:300]}); give samples the model accepts") from None
+    outputs += eager_outputs(model, signature, samples, "validation", "eager reference")
     exact, note = _float64_outputs(model, signature, inputs) if float64 else (None, "no float64 reference asked for")
     return Reference(tuple(labels), tuple(inputs), tuple(outputs),
                      tuple(exact) if exact is not None else (None,) * len(inputs), note)
+
+
+def eager_outputs(model: torch.nn.Module, signature: Signature, samples: Sequence[tuple[str, Sequence[Any]]],
+                  what: str, progress: str) -> list[list[torch.Tensor]]:
+    """Eager's flat outputs on the labelled flat `samples` of the `what` set (a `progress` bar on a terminal);
+    InputError naming the first sample eager fails on."""
+    eager = FlatModule(model, signature).eval()
+    outputs = []
+    with torch.inference_mode():
+        for label, flat in track(samples, len(samples), progress):
+            try:
+                outputs.append(list(eager(*flat)))
+            except Exception as e:
+                raise InputError(f"{what} {label} makes the eager model fail ({type(e).__name__}: "
+                                 f"{str(e)[:300]}); give samples the model accepts") from None
+    return outputs
 
 
 def _float64_outputs(model: torch.nn.Module, signature: Signature,

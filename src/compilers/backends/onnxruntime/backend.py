@@ -47,6 +47,14 @@ class OrtSettings:
     transformer_model_type: str = option("bert", "fusion family of onnxruntime.transformers.optimizer")
 
 
+@dataclass(frozen=True)
+class _Int8:
+    """The QDQ model and the float model it was quantized from, loaded once for the accuracy loop's edits."""
+
+    quantized: Any   # onnx.ModelProto
+    source: Any
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     bound_libraries = ("onnxruntime",)
@@ -99,7 +107,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _quantized(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan) -> Optimized:
         """Pre-process the float model as ONNX Runtime recommends, smooth a transformer's activations, then
-        quantize it (quantize.py). `Optimized.quantization` is the float model that was quantized."""
+        quantize it (quantize.py). `Optimized.quantization` holds the QDQ model and the float one it came from."""
         import onnx
         from .quantize import preprocess, quantize, uses_transformer_preset
         from .smooth import smooth
@@ -120,21 +128,19 @@ class OnnxRuntimeBackend(Backend):
             notes.append(f"SmoothQuant (alpha {alpha:g}): {smoothed} activations smoothed into the weights of the "
                          "MatMuls that read them")
         notes.append("transformer fusions are not applied to int8 models (ONNX Runtime fuses the QDQ pairs)")
-        return Optimized(dataclasses.replace(lowered, path=path, model=None), notes=notes, quantization=source)
+        int8 = _Int8(onnx.load(str(path)), model)
+        return Optimized(dataclasses.replace(lowered, path=path, model=None), notes=notes, quantization=int8)
 
     def quantized_layers(self, optimized: Optimized) -> list[str]:
-        import onnx
         from .qdq import quantized_layers
-        if optimized.quantization is None:
-            return []
-        return quantized_layers(onnx.load(str(optimized.lowered.path)))
+        return quantized_layers(optimized.quantization.quantized) if optimized.quantization is not None else []
 
     def keep_float(self, optimized: Optimized, layers: Sequence[str]) -> Optimized:
         """The int8 model with `layers` and the float path into them put back in float (no re-calibration:
         the other tensors keep their ranges)."""
-        import onnx
         from .qdq import keep_float
-        model = keep_float(onnx.load(str(optimized.lowered.path)), onnx.load(str(optimized.quantization)), layers)
+        int8: _Int8 = optimized.quantization
+        model = keep_float(int8.quantized, int8.source, layers)
         return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, model=model))
 
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
