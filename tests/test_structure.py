@@ -24,7 +24,10 @@ LAYERS = [
     {"report"},
     {"backends"},
     {"runtime"},
+    {"bench"},
+    {"select"},
     {"api"},
+    {"plot"},
     {"cli", "__init__"},
 ]
 BACKEND_LIBRARIES = ("onnxruntime", "openvino", "onnxscript", "nncf", "tensorrt")

@@ -5,6 +5,7 @@
     cm.save("out/"); cm2 = compilers.load("out/")
 """
 from .api import compile, targets, unavailable_reason, validate
+from .bench import Benchmark, Timing, benchmark
 from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError)
 from .report import Report
@@ -13,6 +14,6 @@ from .target import DimRange, Target, Tolerance, load_target
 from .validate import Metric, ValidationReport
 
 __version__ = "0.1.0"
-__all__ = ["compile", "load", "validate", "targets", "unavailable_reason", "Target", "Tolerance", "DimRange", "load_target",
+__all__ = ["compile", "load", "validate", "benchmark", "Benchmark", "Timing", "targets", "unavailable_reason", "Target", "Tolerance", "DimRange", "load_target",
            "CompiledModel", "Report", "ValidationReport", "Metric", "CompilerError", "TargetError", "BackendUnavailable",
            "ExportError", "ValidationError", "InputError", "ArtifactError"]

@@ -5,6 +5,7 @@ be reused on a CPU or with a library that differs.
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 from functools import lru_cache
@@ -23,6 +24,18 @@ def cpu_isa() -> str:
         flags = []
     keep = sorted(f for f in flags if re.match(r"(avx|amx|sse|fma|f16c|vnni|bf16|neon|sve)", f))
     return f"{platform.machine()}:{','.join(keep) or platform.processor()}"
+
+
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The CPU's model name and the cores this process may use, e.g. `Intel(R) Xeon(R) ... (2 cores)`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+    except OSError:
+        name = ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name or platform.processor() or platform.machine()} ({cores} cores)"
 
 
 def installed_versions(libraries: tuple[str, ...]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -49,23 +49,33 @@ class CompiledModel:
         """Run on checked flat inputs; outputs come back as torch tensors on the inputs' device (numpy
         arrays for numpy inputs), in the eager model's dtypes. CPU tensors and numpy arrays are handed
         over without copies; a torch engine gets tensors on its own device."""
-        as_torch = any(isinstance(x, torch.Tensor) for x in flat)
+        device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None)
         if self._numpy_engine:
-            outs = self._run([x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in flat])
-            if as_torch:
+            outs = self._run([_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat])
+            if device is not None:
                 outs = [torch.from_numpy(o) for o in outs]
         else:
             outs = self._run([torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
                               else x.to(self._engine_device) for x in flat])
-            if not as_torch:
+            if device is None:
                 outs = [o.detach().cpu().numpy() for o in outs]
-        if as_torch:
-            device = next(x.device for x in flat if isinstance(x, torch.Tensor))
+        if device is not None:
             return [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
                     for o, dt in zip(outs, self._out_dtypes)]
         return [o if o.dtype == dt else o.astype(dt) for o, dt in zip(outs, self._out_np_dtypes)]
 
     predict = __call__
+
+    def raw_call(self, *args: Any, **kwargs: Any) -> Callable[[], Any] | None:
+        """The backend library's own call on these inputs, converted once up front: `cm(...)` minus this
+        package's work (binding, checks, conversions). None for an engine that has none."""
+        flat = self.signature.flatten(args, kwargs)
+        if self._numpy_engine:
+            flat = [_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        else:
+            flat = [torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in flat]
+            flat = [x.to(self._engine_device) for x in flat]
+        return self.engine.raw_call(flat)
 
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target.name!r}, route={self.report.route!r})"
@@ -93,6 +103,14 @@ class CompiledModel:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as a numpy array (a copy for a tensor on another device)."""
+    try:
+        return x.numpy()
+    except (RuntimeError, TypeError):   # a tensor that requires grad, or lives on another device
+        return x.detach().cpu().numpy()
 
 
 def _serialized(run: Any) -> Any:

@@ -138,6 +138,34 @@ class Signature:
             out.append(x)
         return out
 
+    def resized(self, flat: Sequence[Any], sizes: Mapping[str, int]) -> list[Any]:
+        """`flat` with each dynamic dim named in `sizes` set to that size, by repeating (or cutting) the
+        inputs along it; InputError for a dim the signature does not have or a size outside its range."""
+        for dim, size in sizes.items():
+            if dim not in self.dims:
+                raise InputError(f"the model has no dynamic dim {dim!r}; its dynamic dims are "
+                                 f"{', '.join(self.dims) or 'none'}")
+            if not self.dims[dim].contains(size):
+                raise InputError(f"size {size} of dim {dim!r} lies outside the compiled range {self.dims[dim]}")
+        out = []
+        for spec, x in zip(self.inputs, flat):
+            for i, d in enumerate(spec.shape):
+                if isinstance(d, str) and d in sizes and x.shape[i] != sizes[d]:
+                    x = x.index_select(i, torch.arange(sizes[d]) % x.shape[i])
+            out.append(x)
+        return out
+
+    def call_args(self, flat: Sequence[Any]) -> tuple[tuple, dict[str, Any]]:
+        """(args, kwargs) that pass the flat inputs `flat` to the model (forward's leading parameters by
+        position, the rest by keyword)."""
+        values = {name: tree.build(flat) for name, tree in self.args.items()}
+        args = []
+        for name in self.positional:
+            if name not in values:
+                break
+            args.append(values.pop(name))
+        return tuple(args), values
+
     def dim_sizes(self, flat: Sequence[Any]) -> dict[str, int]:
         """The size of each dynamic dim in the flat inputs `flat`."""
         return {d: int(x.shape[i]) for spec, x in zip(self.inputs, flat) for i, d in enumerate(spec.shape)

@@ -9,7 +9,7 @@ import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..host import installed_versions
 from ..lower import Lowered
@@ -62,6 +62,11 @@ class Engine(ABC):
     def describe(self) -> dict[str, Any]:
         """What the engine is made of: node count and executed/fused operator types, where known."""
         return {}
+
+    def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any] | None:
+        """The backend library's own call on `inputs` (already in this engine's array kind and device), with
+        nothing of this package around it: what the call overhead is measured against. None if there is none."""
+        return None
 
 
 class Backend(ABC):

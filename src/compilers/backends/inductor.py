@@ -14,7 +14,7 @@ import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch._inductor
@@ -189,6 +189,14 @@ class InductorEngine(Engine):
         # The kernels assume contiguous inputs and do not check: a transposed view would be read wrongly.
         with torch.inference_mode():
             return list(self.runner(*[x.contiguous() for x in inputs]))
+
+    def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
+        runner, inputs = self.runner, [x.contiguous() for x in inputs]
+
+        def raw() -> Any:
+            with torch.inference_mode():
+                return runner(*inputs)
+        return raw
 
     def save(self, directory: Path) -> None:
         if not self.path.is_file():

@@ -17,7 +17,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -142,6 +142,14 @@ class TorchScriptEngine(Engine):
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         with torch.inference_mode():
             return list(self.call(*inputs))
+
+    def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
+        call = self.call
+
+        def raw() -> Any:
+            with torch.inference_mode():
+                return call(*inputs)
+        return raw
 
     def save(self, directory: Path) -> None:
         (directory / MODEL_FILE).write_bytes(self.data)

@@ -8,7 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...host import installed_versions
 from ...lower import Lowered
@@ -201,6 +201,10 @@ class OrtEngine(Engine):
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
+
+    def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
+        run, names, feed = self.session.run, self.output_names, dict(zip(self.input_names, inputs))
+        return lambda: run(names, feed)
 
     def save(self, directory: Path) -> None:
         (directory / MODEL_FILE).write_bytes(self.model_bytes)

@@ -9,9 +9,11 @@ import collections
 import dataclasses
 import os
 import threading
+
+import numpy as np
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ...errors import ExportError
 from ...lower import Lowered
@@ -148,14 +150,31 @@ class OpenVinoEngine(Engine):
         self.model = model
         self.compiled = ov.Core().compile_model(model, "CPU", config)
         self.outputs = list(self.compiled.outputs)
+        self._tensor = ov.Tensor
         self._local = threading.local()   # an infer request serves one call at a time: one per thread
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
+        # The low-level request calls: InferRequest.infer(inputs) costs ~35 us more per call on a small model.
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
-        result = request.infer(list(inputs), share_inputs=True)
-        return [result[o] for o in self.outputs]
+        for i, x in enumerate(inputs):   # shares the arrays' memory: no copy of the inputs
+            request.set_input_tensor(i, self._tensor(x if x.flags.c_contiguous else np.ascontiguousarray(x),
+                                                     shared_memory=True))
+        request.infer()
+        # the request reuses its output buffers on the next call: hand out copies
+        return [request.get_output_tensor(i).data.copy() for i in range(len(self.outputs))]
+
+    def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
+        request, tensor, n = self.compiled.create_infer_request(), self._tensor, len(self.outputs)
+        inputs = [np.ascontiguousarray(x) for x in inputs]
+
+        def raw() -> list[Any]:
+            for i, x in enumerate(inputs):
+                request.set_input_tensor(i, tensor(x, shared_memory=True))
+            request.infer()
+            return [request.get_output_tensor(i).data for i in range(n)]
+        return raw
 
     def save(self, directory: Path) -> None:
         import openvino as ov

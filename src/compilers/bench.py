@@ -1,0 +1,333 @@
+"""Benchmarking: the one timing method of this package. `compilers.benchmark`, `compilers bench`, the
+auto targets, `make demo` and the scripts in benchmarks/ all measure with it.
+
+Every model is timed in one process, interleaved: the models take turns block by block, so machine noise
+(another process, a clock change) hits all of them alike. Each call is timed on its own, so a result holds
+the latency distribution (min, p50, p90, p99, max), not only a mean. The spread of the per-block medians
+says how steady the machine was; a timing whose spread exceeds NOISY is flagged as too noisy to trust.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .host import cpu_name
+from .progress import track
+from .runtime import CompiledModel
+from .signature import Signature, as_call
+
+#: a timing whose per-block medians spread more than this (interquartile range / median) is flagged noisy
+NOISY = 0.10
+#: pause before each block: thread pools (OpenMP, ONNX Runtime, TBB) spin-wait for a while after a call and
+#: would slow whichever model runs next
+SETTLE = 0.01
+EAGER = "eager"
+RAW = " raw"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One model at one batch size: per-call latency in milliseconds, or why it could not run."""
+
+    name: str
+    batch: int
+    calls: int = 0
+    min_ms: float = math.nan
+    p50_ms: float = math.nan
+    p90_ms: float = math.nan
+    p99_ms: float = math.nan
+    max_ms: float = math.nan
+    mean_ms: float = math.nan
+    spread: float = math.nan     # interquartile range of the per-block medians, relative to their median
+    error: str | None = None
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second, one call at a time."""
+        return self.batch / self.mean_ms * 1e3 if self.error is None else math.nan
+
+    @property
+    def noisy(self) -> bool:
+        return self.error is None and self.spread > NOISY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "throughput": self.throughput, "noisy": self.noisy}
+
+
+@dataclass
+class Benchmark:
+    """Timings of several models at several batch sizes, measured together."""
+
+    timings: list[Timing]
+    batch_sizes: list[int]
+    baseline: str | None = None     # the eager model's name, when it was timed
+    threads: int = 0                # torch's intra-op threads during the run (eager and torch engines)
+    machine: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)   # warmup, min_time, blocks, sizes
+
+    @property
+    def names(self) -> list[str]:
+        return list(dict.fromkeys(t.name for t in self.timings))
+
+    def get(self, name: str, batch: int | None = None) -> Timing:
+        """The timing of `name` at `batch` (default: the only, or first, batch size)."""
+        batch = self.batch_sizes[0] if batch is None else batch
+        for t in self.timings:
+            if t.name == name and t.batch == batch:
+                return t
+        raise KeyError(f"no timing of {name!r} at batch {batch}; timed: {', '.join(self.names)}")
+
+    def speedup(self, name: str, batch: int | None = None) -> float:
+        """The baseline's p50 over `name`'s: above 1 is faster than eager."""
+        if self.baseline is None:
+            return math.nan
+        return self.get(self.baseline, batch).p50_ms / self.get(name, batch).p50_ms
+
+    def overhead_us(self, name: str, batch: int | None = None) -> float:
+        """p50 of `name` minus p50 of the backend's own call on the same engine, in microseconds."""
+        raw = name + RAW
+        if raw not in self.names:
+            return math.nan
+        return (self.get(name, batch).p50_ms - self.get(raw, batch).p50_ms) * 1e3
+
+    @property
+    def noisy(self) -> list[Timing]:
+        return [t for t in self.timings if t.noisy]
+
+    def fastest(self, names: list[str] | None = None, batch: int | None = None, objective: str = "latency") -> str:
+        """The name among `names` (default: all but eager and raw calls) with the lowest p50 ("latency")
+        or the highest samples/s ("throughput") at `batch`."""
+        names = names if names is not None else [n for n in self.names if n != self.baseline and not n.endswith(RAW)]
+        ok = [self.get(n, batch) for n in names if self.get(n, batch).error is None]
+        if not ok:
+            raise InputError("no model ran: " + "; ".join(f"{n}: {self.get(n, batch).error}" for n in names))
+        best = min(ok, key=(lambda t: t.p50_ms) if objective == "latency" else (lambda t: -t.throughput))
+        return best.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch_sizes": self.batch_sizes, "baseline": self.baseline, "threads": self.threads,
+                "machine": self.machine, "settings": self.settings, "noisy_above": NOISY,
+                "timings": [t.to_dict() for t in self.timings]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Benchmark":
+        fields = set(Timing.__dataclass_fields__)
+        return cls([Timing(**{k: v for k, v in t.items() if k in fields}) for t in d["timings"]],
+                   list(d["batch_sizes"]), d.get("baseline"), d.get("threads", 0), d.get("machine", ""),
+                   dict(d.get("settings", {})))
+
+    def rows(self) -> tuple[list[str], list[list[str]]]:
+        """The table: a header and one row per model and batch size (what `str()` and the CLI print)."""
+        overheads = any(n.endswith(RAW) for n in self.names)
+        head = ["batch", "model", "p50 ms", "p90 ms", "p99 ms", "samples/s"]
+        head += ["vs eager"] * (self.baseline is not None) + ["overhead us"] * overheads + ["spread"]
+        rows = []
+        for batch in self.batch_sizes:
+            for name in self.names:
+                t = self.get(name, batch)
+                if t.error is not None:
+                    rows.append([str(batch), name, f"failed: {t.error}"[:90]] + [""] * (len(head) - 3))
+                    continue
+                row = [str(batch), name, _ms(t.p50_ms), _ms(t.p90_ms), _ms(t.p99_ms), f"{t.throughput:,.0f}"]
+                if self.baseline is not None:
+                    row.append(f"{self.speedup(name, batch):.2f}x")
+                if overheads:
+                    over = self.overhead_us(name, batch)
+                    row.append("" if math.isnan(over) else f"{over:.1f}")
+                row.append(f"±{t.spread * 50:.1f}%" + (" noisy" if t.noisy else ""))
+                rows.append(row)
+        return head, rows
+
+    def __str__(self) -> str:
+        head, rows = self.rows()
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        lines = ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                 for r in [head] + rows]
+        lines.append(self.footnote())
+        return "\n".join(lines)
+
+    def footnote(self) -> str:
+        s = self.settings
+        text = (f"{self.machine}, {self.threads} torch threads; per model and batch size: {s.get('blocks')} "
+                f"interleaved blocks, >= {s.get('min_time')} s of calls, each call timed; spread: half the "
+                "interquartile range of the block medians")
+        if self.noisy:
+            text += (f"\n{len(self.noisy)} timing(s) spread more than ±{NOISY * 50:.1f}% between blocks: too noisy "
+                     "to trust; rerun on an idle machine or with a longer min_time")
+        return text
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
+def benchmark(models: Any, inputs: Any, *, baseline: torch.nn.Module | None = None,
+              batch_sizes: list[int] | None = None, sizes: Mapping[str, int] | None = None,
+              warmup: float = 0.2, min_time: float = 1.0, blocks: int = 10, threads: int | None = None,
+              raw: bool = False) -> Benchmark:
+    """Time compiled models (and eager) on `inputs`, interleaved in this process.
+
+    models: a CompiledModel, an eager nn.Module, or a mapping name -> either (or any callable called like
+        the model). A CompiledModel is named after its target, a lone module "eager".
+    inputs: like compile's example_inputs: a tuple (positional), a dict (keywords) or one tensor.
+    baseline: the eager model, timed alongside as "eager"; `Benchmark.speedup` compares with it.
+    batch_sizes: resize the inputs along the batch dim (by repeating samples) and time each size.
+    sizes: other dynamic dims to set first, by name (e.g. {"seq": 64}); needs a CompiledModel among `models`.
+    warmup: seconds of calls per model before timing; min_time: seconds of timed calls per model and size,
+        split into `blocks` interleaved blocks.
+    threads: torch's intra-op threads during the run (eager and torch engines; other engines keep the
+        threads their target set).
+    raw: also time each compiled engine's own backend call ("<name> raw") to measure the call overhead.
+    """
+    named = _named(models, baseline)
+    if min_time <= 0 or warmup < 0 or blocks < 1:
+        raise InputError("min_time must be > 0, warmup >= 0 and blocks >= 1")
+    args, kwargs = as_call(inputs)
+    signature = next((m.signature for m in named.values() if isinstance(m, CompiledModel)), None)
+    batches = _batch_sizes(signature, args, kwargs, batch_sizes)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    timings: list[Timing] = []
+    try:
+        for batch in batches:
+            timings += _time_batch(named, signature, args, kwargs, batch, dict(sizes or {}), raw,
+                                   warmup, min_time, blocks)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return Benchmark(timings, batches, EAGER if EAGER in named else None, used, cpu_name(),
+                     {"warmup": warmup, "min_time": min_time, "blocks": blocks, "sizes": dict(sizes or {})})
+
+
+def _named(models: Any, baseline: torch.nn.Module | None) -> dict[str, Callable[..., Any]]:
+    if isinstance(models, Mapping):
+        named = dict(models)
+    elif isinstance(models, CompiledModel):
+        named = {models.target.name: models}
+    elif isinstance(models, torch.nn.Module):
+        named = {EAGER: models}
+    else:
+        raise InputError("models must be a CompiledModel, a torch.nn.Module or a mapping name -> either, "
+                         f"not {type(models).__name__}")
+    if baseline is not None:
+        if EAGER in named:
+            raise InputError("a model is already named 'eager'; pass the eager model once")
+        named = {EAGER: baseline, **named}
+    for name, m in named.items():
+        if not callable(m):
+            raise InputError(f"model {name!r} is a {type(m).__name__}, which cannot be called")
+    return named
+
+
+def _batch_sizes(signature: Signature | None, args: tuple, kwargs: dict, wanted: list[int] | None) -> list[int]:
+    if wanted is not None:
+        if not wanted or any(not isinstance(b, int) or b < 1 for b in wanted):
+            raise InputError(f"batch_sizes must be positive integers, not {wanted!r}")
+        if signature is not None and signature.batch is None:
+            raise InputError("the compiled model has no batch dim to resize; time it without batch_sizes")
+        return list(wanted)
+    if signature is not None and signature.batch is not None:
+        return [signature.dim_sizes(signature.flatten(args, kwargs))[signature.batch]]
+    first = _tensors(args, kwargs)
+    return [int(first[0].shape[0])] if first and first[0].dim() else [1]
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+    return [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+
+
+def _inputs_at(signature: Signature | None, args: tuple, kwargs: dict, batch: int,
+               sizes: dict[str, int]) -> tuple[tuple, dict]:
+    """The inputs with the batch dim (and `sizes`) set, samples repeated to fill it."""
+    if signature is not None:
+        flat = signature.flatten(args, kwargs)
+        if signature.batch is not None:
+            sizes = {**sizes, signature.batch: batch}
+        return signature.call_args(signature.resized(flat, sizes))
+    if sizes:
+        raise InputError("sizes= needs a CompiledModel among the models (its signature names the dims)")
+    from torch.utils._pytree import tree_map
+    n = _batch_sizes(None, args, kwargs, None)[0]
+    resize = lambda x: x.index_select(0, torch.arange(batch) % n) \
+        if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n and batch != n else x
+    return tree_map(resize, args), tree_map(resize, kwargs)
+
+
+def _time_batch(named: dict[str, Callable[..., Any]], signature: Signature | None, args: tuple, kwargs: dict,
+                batch: int, sizes: dict[str, int], raw: bool, warmup: float, min_time: float,
+                blocks: int) -> list[Timing]:
+    try:
+        a, k = _inputs_at(signature, args, kwargs, batch, sizes)
+    except InputError as e:
+        return [Timing(name, batch, error=str(e)) for name in named]
+    calls: dict[str, Callable[[], Any]] = {}
+    failed: dict[str, str] = {}
+    for name, model in named.items():
+        calls[name] = (lambda m: lambda: m(*a, **k))(model)
+        if raw and isinstance(model, CompiledModel):
+            try:
+                call = model.raw_call(*a, **k)
+            except Exception as e:   # the compiled call fails the same way; it reports it below
+                call = None
+            if call is not None:
+                calls[name + RAW] = call
+    per_block: dict[str, int] = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            try:
+                per_block[name] = _calls_per_block(call, warmup, min_time / blocks)
+            except Exception as e:
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        live = {n: c for n, c in calls.items() if n not in failed}
+        times = {n: [] for n in live}
+        block_medians = {n: [] for n in live}
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for _ in track(range(blocks), blocks, f"timing batch {batch}"):
+                for name, call in live.items():
+                    time.sleep(SETTLE)   # the previous model's thread pool stops spinning
+                    call()               # and this one's wakes up, untimed
+                    spent = []
+                    for _ in range(per_block[name]):
+                        t0 = time.perf_counter_ns()
+                        call()
+                        spent.append(time.perf_counter_ns() - t0)
+                    times[name] += spent
+                    block_medians[name].append(float(np.median(spent)))
+                gc.collect()
+        finally:
+            if enabled:
+                gc.enable()
+    out = []
+    for name in calls:
+        if name in failed:
+            out.append(Timing(name, batch, error=failed[name]))
+            continue
+        ms = np.asarray(times[name], dtype=np.float64) / 1e6
+        medians = np.asarray(block_medians[name])
+        q25, q50, q75 = np.percentile(medians, [25, 50, 75])
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        out.append(Timing(name, batch, len(ms), float(ms.min()), float(p50), float(p90), float(p99),
+                          float(ms.max()), float(ms.mean()), float((q75 - q25) / q50) if q50 > 0 else 0.0))
+    return out
+
+
+def _calls_per_block(call: Callable[[], Any], warmup: float, block_time: float) -> int:
+    """Warm `call` up for `warmup` seconds (at least twice); how many calls fill `block_time`."""
+    start = time.perf_counter()
+    spent = []
+    while len(spent) < 2 or time.perf_counter() - start < warmup:
+        t0 = time.perf_counter()
+        call()
+        spent.append(time.perf_counter() - t0)
+    return max(1, round(block_time / float(np.median(spent[len(spent) // 2:]))))
