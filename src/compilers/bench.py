@@ -133,7 +133,7 @@ class Benchmark:
             for name in self.names:
                 t = self.get(name, batch)
                 if t.error is not None:
-                    rows.append([str(batch), name, f"failed: {t.error}"[:90]] + [""] * (len(head) - 3))
+                    rows.append([str(batch), name, "failed"] + [""] * (len(head) - 3))
                     continue
                 row = [str(batch), name, _ms(t.p50_ms), _ms(t.p90_ms), _ms(t.p99_ms), f"{t.throughput:,.0f}"]
                 if self.baseline is not None:
@@ -158,6 +158,12 @@ class Benchmark:
         text = (f"{self.machine}, {self.threads} torch threads; per model and batch size: {s.get('blocks')} "
                 f"interleaved blocks, >= {s.get('min_time')} s of calls, each call timed; spread: half the "
                 "interquartile range of the block medians")
+        failures: dict[tuple[str, str], list[int]] = {}
+        for t in self.timings:
+            if t.error is not None:
+                failures.setdefault((t.name, t.error), []).append(t.batch)
+        for (name, error), batches in failures.items():
+            text += f"\n{name} failed at batch {', '.join(map(str, batches))}: {error}"
         if self.noisy:
             text += (f"\n{len(self.noisy)} timing(s) spread more than ±{NOISY * 50:.1f}% between blocks: too noisy "
                      "to trust; rerun on an idle machine or with a longer min_time")
@@ -192,6 +198,10 @@ def benchmark(models: Any, inputs: Any, *, baseline: torch.nn.Module | None = No
     args, kwargs = as_call(inputs)
     signature = next((m.signature for m in named.values() if isinstance(m, CompiledModel)), None)
     batches = _batch_sizes(signature, args, kwargs, batch_sizes)
+    unknown = set(sizes or {}) - set(signature.dims if signature is not None else ())
+    if unknown:
+        raise InputError(f"the model has no dynamic dim {', '.join(map(repr, sorted(unknown)))}; sizes= names dims of "
+                         f"a compiled model's signature ({', '.join(signature.dims) if signature else 'none given'})")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -205,6 +215,26 @@ def benchmark(models: Any, inputs: Any, *, baseline: torch.nn.Module | None = No
         torch.set_num_threads(before)
     return Benchmark(timings, batches, EAGER if EAGER in named else None, used, cpu_name(),
                      {"warmup": warmup, "min_time": min_time, "blocks": blocks, "sizes": dict(sizes or {})})
+
+
+def synthetic_inputs(signature: Signature, sizes: Mapping[str, int] | None = None, seed: int = 0) -> tuple[tuple, dict]:
+    """Inputs that fit `signature`, for timing a saved artifact without its model: floats random normal,
+    integers 1, bools True; each dynamic dim at its size in `sizes`, else its range's opt, else its min."""
+    sizes = dict(sizes or {})
+    unknown = set(sizes) - set(signature.dims)
+    if unknown:
+        raise InputError(f"the model has no dynamic dim {', '.join(sorted(unknown))}; its dynamic dims are "
+                         f"{', '.join(signature.dims) or 'none'}")
+    g = torch.Generator().manual_seed(seed)
+    flat = []
+    for spec in signature.inputs:
+        shape = [d if isinstance(d, int) else sizes.get(d) or signature.dims[d].opt or max(signature.dims[d].min, 1)
+                 for d in spec.shape]
+        if spec.dtype.is_floating_point:
+            flat.append(torch.randn(shape, generator=g).to(spec.dtype))
+        else:
+            flat.append(torch.ones(shape, dtype=spec.dtype))
+    return signature.call_args(flat)
 
 
 def _named(models: Any, baseline: torch.nn.Module | None) -> dict[str, Callable[..., Any]]:
@@ -231,8 +261,6 @@ def _batch_sizes(signature: Signature | None, args: tuple, kwargs: dict, wanted:
     if wanted is not None:
         if not wanted or any(not isinstance(b, int) or b < 1 for b in wanted):
             raise InputError(f"batch_sizes must be positive integers, not {wanted!r}")
-        if signature is not None and signature.batch is None:
-            raise InputError("the compiled model has no batch dim to resize; time it without batch_sizes")
         return list(wanted)
     if signature is not None and signature.batch is not None:
         return [signature.dim_sizes(signature.flatten(args, kwargs))[signature.batch]]
@@ -247,8 +275,9 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 def _inputs_at(signature: Signature | None, args: tuple, kwargs: dict, batch: int,
                sizes: dict[str, int]) -> tuple[tuple, dict]:
-    """The inputs with the batch dim (and `sizes`) set, samples repeated to fill it."""
-    if signature is not None:
+    """The inputs with the batch dim (and `sizes`) set, samples repeated to fill it. The batch dim is the
+    signature's; without one, dim 0 of every tensor whose dim 0 has the example's batch size."""
+    if signature is not None and (signature.batch is not None or sizes):
         flat = signature.flatten(args, kwargs)
         if signature.batch is not None:
             sizes = {**sizes, signature.batch: batch}

@@ -1,4 +1,4 @@
-"""The `compilers` command: compile, targets, validate, report.
+"""The `compilers` command: compile, targets, validate, bench, report.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
 dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`.
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import api
+from .bench import Benchmark, Timing, benchmark, synthetic_inputs
+from .plot import plot
+from .progress import track
 from .errors import CompilerError, InputError, ValidationError
 from .runtime import MANIFEST, load
 from .target import load_target
@@ -71,14 +74,22 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
+    from .target import builtin_autos
     rows = [(t.name, t.backend, t.device, t.precision, api.unavailable_reason(t)) for t in api.targets()]
+    autos = builtin_autos()
     if a.json:
         print(json.dumps([{"name": n, "backend": b, "device": d, "precision": p, "available": r is None, "reason": r}
-                          for n, b, d, p, r in rows], indent=1))
+                          for n, b, d, p, r in rows] +
+                         [{"name": x.name, "auto": True, "objective": x.objective, "candidates": list(x.candidates),
+                           "description": x.description} for x in autos], indent=1))
         return 0
     print(f"{'target':22s} {'backend':12s} {'device':7s} {'precision':9s} available")
     for n, b, d, p, r in rows:
         print(f"{n:22s} {b:12s} {d:7s} {p:9s} {'yes' if r is None else 'no: ' + r}")
+    if autos:
+        print(f"\n{'auto target':22s} {'objective':10s} candidates (compile picks the fastest valid one)")
+        for x in autos:
+            print(f"{x.name:22s} {x.objective:10s} {', '.join(x.candidates)}")
     return 0
 
 
@@ -89,6 +100,90 @@ def cmd_validate(a: argparse.Namespace) -> int:
     result = api.validate(cm, parts["model"], samples)
     print(result)
     return 0 if result.passed else 1
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    batch_sizes = _ints(a.batch_sizes, "--batch-sizes") if a.batch_sizes else None
+    sizes = dict(_size(item) for item in a.sizes.split(",")) if a.sizes else {}
+    compiled: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    if Path(a.what).is_dir():
+        if a.target:
+            raise InputError("--target compiles a factory's model; an artifact is timed as it was built")
+        cm = load(a.what)
+        models, baseline = {cm.target.name: cm}, None
+        inputs = synthetic_inputs(cm.signature, sizes)
+        title = f"{a.what} ({cm.target.name}), synthetic inputs"
+    else:
+        parts = load_factory(a.what)
+        names = a.target or [t.name for t in api.targets() if api.unavailable_reason(t) is None]
+        models, baseline, inputs = {}, parts["model"], parts["example_inputs"]
+        for name in track(names, len(names), "compiling", min_items=1):
+            print(f"compiling {name}...", file=sys.stderr, flush=True)
+            try:
+                cm = api.compile(parts["model"], name, inputs, dynamic_shapes=parts.get("dynamic_shapes"),
+                                 calibration=parts.get("calibration"), samples=parts.get("samples"),
+                                 cache_dir=a.cache_dir)
+            except CompilerError as e:
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                print(f"  {name} failed: {failed[name][:300]}", file=sys.stderr)
+                continue
+            label = name if cm.target.name == name else f"{name} ({cm.target.name})"
+            models[label] = cm
+            compiled[label] = {"target": cm.target.name, "route": cm.report.route, "seconds": cm.report.seconds.get("total")}
+        title = f"{type(parts['model']).__name__} from {a.what}"
+    result = benchmark(models, inputs, baseline=baseline, batch_sizes=batch_sizes, sizes=sizes,
+                       min_time=a.min_time, threads=a.threads, raw=a.overhead)
+    result.timings += [Timing(name, b, error=why) for b in result.batch_sizes for name, why in failed.items()]
+    _print_table(result, title)
+    if a.json:
+        _write_atomic(Path(a.json), json.dumps({"title": title, "compiled": compiled, **result.to_dict()}, indent=1))
+        print(f"wrote {a.json}", file=sys.stderr)
+    if a.plot:
+        plot(result, a.plot, title)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    return 0
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{what} must be comma-separated integers, like 1,8,32; got {text!r}") from None
+
+
+def _size(item: str) -> tuple[str, int]:
+    name, sep, value = item.partition("=")
+    if not sep or not value.strip().isdigit():
+        raise InputError(f"--sizes takes dim=size pairs, like seq=128; got {item!r}")
+    return name.strip(), int(value)
+
+
+def _print_table(result: Benchmark, title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(result)
+        return
+    head, rows = result.rows()
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(head):
+        table.add_column(h, justify="left" if i == 1 else "right", no_wrap=True)
+    for row in rows:
+        style = "red" if row[2].startswith("failed") else "yellow" if row[-1].endswith("noisy") else None
+        table.add_row(*row, style=style)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    console.print(result.footnote(), highlight=False)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -125,6 +220,20 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("artifact")
     v.add_argument("factory")
     v.set_defaults(run=cmd_validate)
+    b = sub.add_parser("bench", help="time compiled models against eager: latency percentiles and throughput per batch size")
+    b.add_argument("what", metavar="ARTIFACT_OR_FACTORY",
+                   help="an artifact directory (timed on synthetic inputs), or a factory whose model is compiled "
+                        "for each --target and timed against eager on its example inputs")
+    b.add_argument("--target", "-t", action="append", help="target to compile (repeatable; default: every available built-in)")
+    b.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32 (default: the example's batch size)")
+    b.add_argument("--sizes", help="other dynamic dims, e.g. seq=128")
+    b.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per model and batch size (default 1)")
+    b.add_argument("--threads", type=int, help="torch intra-op threads for eager and torch engines")
+    b.add_argument("--overhead", action="store_true", help="also time each engine's own backend call: the call overhead")
+    b.add_argument("--cache-dir", help="reuse compiled builds from this directory")
+    b.add_argument("--json", help="write the results here")
+    b.add_argument("--plot", help="write a PNG of latency and throughput versus batch size here")
+    b.set_defaults(run=cmd_bench)
     r = sub.add_parser("report", help="print what was done to build an artifact")
     r.add_argument("artifact")
     r.add_argument("--json", action="store_true")

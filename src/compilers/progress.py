@@ -11,10 +11,11 @@ T = TypeVar("T")
 MIN_ITEMS = 8
 
 
-def track(items: Iterable[T], total: int, what: str) -> Iterator[T]:
-    """`items`, drawing "what  done/total" on the terminal while they are consumed."""
+def track(items: Iterable[T], total: int, what: str, min_items: int = MIN_ITEMS) -> Iterator[T]:
+    """`items`, drawing "what  done/total" on the terminal while they are consumed (when there are at least
+    `min_items`: a few slow steps, like compiles, deserve a bar too)."""
     terminal = sys.__stderr__
-    if total < MIN_ITEMS or terminal is None or not terminal.isatty():
+    if total < min_items or terminal is None or not terminal.isatty():
         yield from items
         return
     try:
