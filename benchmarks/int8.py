@@ -6,7 +6,7 @@ layers in float), vs `nncf.quantize(ov.convert_model(model), model_type=TRANSFOR
 data, compiled with the same plugin config and with OpenVINO's defaults (bf16 for what stays float on this CPU).
 Also compiled calibrated on 16 sentences only, where plain int8 misses the contract and the loop steps in.
 ResNet-50 (random init), batch 8: the same comparison with the default preset.
-Reports latency (median of interleaved blocks) and, for MiniLM, the worst per-sentence cosine to eager on the
+Reports latency (p50 per call, compilers.benchmark: interleaved) and, for MiniLM, the worst per-sentence cosine to eager on the
 held-out sentences. Targets: MiniLM int8 >= 3x eager, >= 0.9x the faster raw NNCF, worst sentence >= 0.99;
 ResNet-50 within 3% of raw.
 
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compilers  # noqa: E402
-from timing import interleaved, resnet50_setup, run_checks  # noqa: E402
+from timing import resnet50_setup, run_checks  # noqa: E402
 
 TARGET = "openvino-cpu-int8"
 
@@ -40,9 +40,12 @@ def raw_nncf(model: torch.nn.Module, example: tuple, calibration: list[tuple], t
 def same_config(quantized, cm: compilers.CompiledModel):
     """`quantized` compiled with the plugin config of `cm` (f32 for what stays float, same threads and hint)."""
     import openvino as ov
-    config = {k: cm.engine.compiled.get_property(k) for k in
-              ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")}
-    return ov.Core().compile_model(quantized, "CPU", config)
+    return ov.Core().compile_model(quantized, "CPU", cm.engine.describe()["config"])
+
+
+def called_like_the_model(request):
+    """An OpenVINO infer request called like the encoder: (input_ids, attention_mask) -> outputs."""
+    return lambda input_ids, attention_mask: request.infer([input_ids.numpy(), attention_mask.numpy()])
 
 
 def minilm() -> tuple[bool, list[str]]:
@@ -60,12 +63,12 @@ def minilm() -> tuple[bool, list[str]]:
     requests = {"raw NNCF": same_config(quantized, cm).create_infer_request(),
                 "raw NNCF, defaults": ov.Core().compile_model(quantized, "CPU").create_infer_request()}
     x = m.batch(8, 128)
-    feed = [x["input_ids"].numpy(), x["attention_mask"].numpy()]
     held = parts["samples"]
+    runs = {TARGET: cm, f"{TARGET} (16 sentences)": few}
+    runs.update({name: called_like_the_model(r) for name, r in requests.items()})
+    timed = compilers.benchmark(runs, x, baseline=model, min_time=2.0)
+    t = {name: timed.get(name).p50_ms / 1e3 for name in timed.names}
     with torch.inference_mode():
-        runs = {"eager": lambda: model(**x), TARGET: lambda: cm(**x), f"{TARGET} (16 sentences)": lambda: few(**x)}
-        runs.update({name: (lambda r=r: r.infer(feed)) for name, r in requests.items()})
-        t = interleaved(runs, blocks=15, per_block=2)
         refs = [model(**s) for s in held]
 
         def worst(fn) -> float:
@@ -74,7 +77,7 @@ def minilm() -> tuple[bool, list[str]]:
         for name, r in requests.items():
             cos[name] = worst(lambda s, r=r: torch.from_numpy(
                 r.infer([s["input_ids"].numpy(), s["attention_mask"].numpy()])[0].copy()))
-    lines = [f"MiniLM-L6 b8 s128 ({torch.get_num_threads()} threads, median of 15 interleaved blocks; calibrated on "
+    lines = [f"MiniLM-L6 b8 s128 (p50 per call, compilers.benchmark, {timed.threads} threads; calibrated on "
              f"{len(calib)} sentences; worst per-sentence cosine on {sum(len(s['input_ids']) for s in held)} held-out sentences)"]
     for name in t:
         c = f"  worst sentence cosine {cos[name]:.4f}" if name in cos else ""
@@ -97,10 +100,10 @@ def resnet50() -> tuple[bool, list[str]]:
     model, calib, samples, x = resnet50_setup()
     cm = compilers.compile(model, TARGET, (x[:2],), calibration=calib, samples=samples)
     request = same_config(raw_nncf(model, (x[:2],), calib, transformer=False), cm).create_infer_request()
-    with torch.inference_mode():
-        t = interleaved({"eager": lambda: model(x), TARGET: lambda: cm(x), "raw NNCF": lambda: request.infer([x.numpy()])},
-                        blocks=10, per_block=2)
-    lines = [f"ResNet-50 b8 224x224 ({torch.get_num_threads()} threads, median of 10 interleaved blocks)"]
+    timed = compilers.benchmark({TARGET: cm, "raw NNCF": lambda x: request.infer([x.numpy()])}, (x,), baseline=model,
+                                min_time=2.0)
+    t = {name: timed.get(name).p50_ms / 1e3 for name in timed.names}
+    lines = [f"ResNet-50 b8 224x224 (p50 per call, compilers.benchmark, {timed.threads} threads)"]
     lines += [f"  {name:18s} {t[name] * 1e3:7.1f} ms  {t['eager'] / t[name]:5.2f}x eager" for name in t]
     ratio = t[TARGET] / t["raw NNCF"]
     ok = ratio <= 1.03

@@ -4,8 +4,8 @@ ResNet-50 (random init), batch 8: `compilers.compile(model, "ort-cpu-int8", ...)
 `torch.onnx.export` -> `quant_pre_process` -> `quantize_static` (QDQ, per-channel symmetric int8 weights,
 symmetric int8 activations as ours, the same calibration data) run by an InferenceSession with the same
 session options as ours. MiniLM-L6 (real weights), batch 8, sequence 128: the same comparison, calibrated on
-the demo's sentences and validated on held-out ones (worst per-sentence cosine to eager). Latency is the median
-of interleaved blocks. Targets: ResNet-50 within 3% of raw (time ratio <= 1.03); MiniLM meets the int8 contract
+the demo's sentences and validated on held-out ones (worst per-sentence cosine to eager). Latency is the p50 per
+call from compilers.benchmark (interleaved, in one process). Targets: ResNet-50 within 3% of raw (time ratio <= 1.03); MiniLM meets the int8 contract
 (cosine >= 0.99 on every held-out sentence) and runs faster than eager.
 
     .venv/bin/python benchmarks/int8_ort.py [--models resnet50,minilm]
@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compilers  # noqa: E402
-from timing import interleaved, resnet50_setup, run_checks  # noqa: E402
+from timing import resnet50_setup, run_checks  # noqa: E402
 
 TARGET = "ort-cpu-int8"
 
@@ -57,12 +57,10 @@ def raw_ort(model: torch.nn.Module, example: tuple, names: list[str], dynamic: t
     quantize_static(str(work / "pre.onnx"), str(work / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    ours = cm.engine.session.get_session_options()
+    ours = cm.engine.describe()["config"]
     options = ort.SessionOptions()
-    options.graph_optimization_level = ours.graph_optimization_level
-    options.intra_op_num_threads = ours.intra_op_num_threads
-    options.inter_op_num_threads = ours.inter_op_num_threads
-    options.execution_mode = ours.execution_mode
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ours["graph_optimization_level"])
+    options.intra_op_num_threads = ours["intra_op_num_threads"]
     options.log_severity_level = 3
     return ort.InferenceSession(str(work / "int8.onnx"), options, providers=["CPUExecutionProvider"])
 
@@ -81,9 +79,10 @@ def resnet50() -> tuple[bool, list[str]]:
     with torch.inference_mode():
         ref = model(x).last_hidden_state
         cos = {TARGET: cosine(cm(x).last_hidden_state, ref), "raw ORT": cosine(raw.run(None, feed)[0], ref)}
-        t = interleaved({"eager": lambda: model(x), TARGET: lambda: cm(x), "raw ORT": lambda: raw.run(None, feed)},
-                        blocks=10, per_block=2)
-    lines = [f"ResNet-50 b8 224x224 ({torch.get_num_threads()} threads, median of 10 interleaved blocks; "
+    timed = compilers.benchmark({TARGET: cm, "raw ORT": lambda x: raw.run(None, {"pixel_values": x.numpy()})}, (x,),
+                                baseline=model, min_time=2.0)
+    t = {name: timed.get(name).p50_ms / 1e3 for name in timed.names}
+    lines = [f"ResNet-50 b8 224x224 (p50 per call, compilers.benchmark, {timed.threads} threads; "
              "worst per-image cosine to eager)"]
     for name in t:
         c = f"  cosine {cos[name]:.4f}" if name in cos else ""
@@ -108,18 +107,18 @@ def minilm() -> tuple[bool, list[str]]:
     dims = ({0: batch, 1: seq}, {0: batch, 1: seq})
     raw = raw_ort(model, ex, names, dims, calib, cm)
     x = m.batch(8, 128)
-    feed = {n: x[n].numpy() for n in names}
     with torch.inference_mode():
         cos = {TARGET: 1.0, "raw ORT": 1.0}
         for s in parts["samples"]:
             ref = model(**s)
             cos[TARGET] = min(cos[TARGET], cosine(cm(**s), ref))
             cos["raw ORT"] = min(cos["raw ORT"], cosine(raw.run(None, {n: s[n].numpy() for n in names})[0], ref))
-        t = interleaved({"eager": lambda: model(**x), TARGET: lambda: cm(**x), "raw ORT": lambda: raw.run(None, feed)},
-                        blocks=15, per_block=2)
+    timed = compilers.benchmark({TARGET: cm, "raw ORT": lambda **kw: raw.run(None, {n: kw[n].numpy() for n in names})},
+                                x, baseline=model, min_time=2.0)
+    t = {name: timed.get(name).p50_ms / 1e3 for name in timed.names}
     held = sum(len(s["input_ids"]) for s in parts["samples"])
     loop = cm.report.quantization
-    lines = [f"MiniLM-L6 b8 s128 ({torch.get_num_threads()} threads, median of 15 interleaved blocks; "
+    lines = [f"MiniLM-L6 b8 s128 (p50 per call, compilers.benchmark, {timed.threads} threads; "
              f"worst per-sentence cosine on {held} held-out sentences)"]
     for name in t:
         c = f"  worst sentence cosine {cos[name]:.4f}" if name in cos else ""

@@ -10,10 +10,12 @@ from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportErr
                      ValidationError)
 from .report import Report
 from .runtime import CompiledModel, load
-from .target import DimRange, Target, Tolerance, load_target
+from .target import Auto, DimRange, Target, Tolerance, load_descriptor, load_target
 from .validate import Metric, ValidationReport
 
 __version__ = "0.1.0"
-__all__ = ["compile", "load", "validate", "benchmark", "Benchmark", "Timing", "targets", "unavailable_reason", "Target", "Tolerance", "DimRange", "load_target",
-           "CompiledModel", "Report", "ValidationReport", "Metric", "CompilerError", "TargetError", "BackendUnavailable",
-           "ExportError", "ValidationError", "InputError", "ArtifactError"]
+__all__ = ["compile", "load", "validate", "benchmark", "targets", "unavailable_reason",
+           "Target", "Tolerance", "DimRange", "Auto", "load_target", "load_descriptor",
+           "CompiledModel", "Report", "ValidationReport", "Metric", "Benchmark", "Timing",
+           "CompilerError", "TargetError", "BackendUnavailable", "ExportError", "ValidationError", "InputError",
+           "ArtifactError"]

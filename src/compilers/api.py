@@ -22,8 +22,9 @@ from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calib
 from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
+from .select import compile_auto, reusable
 from .signature import Captured, Signature, capture
-from .target import Target, builtin_targets, load_target
+from .target import Auto, Target, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 
 log = logging.getLogger("compilers")
@@ -68,7 +69,7 @@ def check_supported(model: torch.nn.Module, target: Target) -> None:
                                   f"{target.unsupported[name]} (declared in {target.source}); choose another target")
 
 
-def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs: Any, *,
+def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_inputs: Any, *,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
             validate: bool | str = True, metric: Metric | None = None,
@@ -84,6 +85,10 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
     metric: a task metric (e.g. accuracy on labelled data) the compiled model must also keep, within its
         `max_drop` of eager's score; the int8 accuracy loop keeps layers in float until it does.
     cache_dir: reuse a build when weights, code, signature, target, versions and CPU ISA match.
+
+    An auto target (e.g. "auto-cpu") compiles and validates each of its candidates, times the valid ones
+    and returns the fastest; `cm.report.candidates` holds every candidate's verdict and timing. With
+    `cache_dir` the choice is kept, and a second compile builds only the chosen target.
     """
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -91,9 +96,13 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         raise InputError(f"validate must be True, False or 'warn', not {validate!r}")
     if metric is not None and (not isinstance(metric, Metric) or not validate):
         raise InputError("metric must be a compilers.Metric(fn, max_drop), and needs validate=True or 'warn'")
+    descriptor = load_descriptor(target)
+    if isinstance(descriptor, Auto):
+        return _compile_auto(model, descriptor, example_inputs, dynamic_shapes, calibration, samples, validate,
+                             metric, cache_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    r = resolve(target)
+    r = resolve(descriptor)
     check_supported(model, r.target)
     was_training = model.training
     model.eval()
@@ -150,6 +159,23 @@ def compile(model: torch.nn.Module, target: str | Path | Target, example_inputs:
         model.train(was_training)
     cm.report.seconds["total"] = time.perf_counter() - t0
     return cm
+
+
+def _compile_auto(model: torch.nn.Module, auto: Auto, example_inputs: Any,
+                  dynamic_shapes: Mapping[str, Mapping[int, str]] | None, calibration: Iterable[Any] | None,
+                  samples: Iterable[Any] | None, validate: bool | str, metric: Metric | None,
+                  cache_dir: str | Path | None) -> CompiledModel:
+    """compile() for an auto target: `select.compile_auto` with a builder that compiles one candidate."""
+    if validate is not True:
+        raise InputError(f"auto target {auto.name!r} validates every candidate and never returns one that fails: "
+                         "leave validate=True, or pass a concrete target to compile it with validate=False or 'warn'")
+    calibration, samples = reusable(calibration), reusable(samples)
+
+    def build(candidate: Target) -> CompiledModel:
+        return compile(model, candidate, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
+                       samples=samples, metric=metric, cache_dir=cache_dir)
+    return compile_auto(model, auto, example_inputs, build, dynamic_shapes=dynamic_shapes, calibration=calibration,
+                        samples=samples, metric=metric, cache_dir=cache_dir)
 
 
 def _reference(model: torch.nn.Module, captured: Captured, extra: list[list[Any]], float64: bool,

@@ -320,6 +320,7 @@ def _time_batch(named: dict[str, Callable[..., Any]], signature: Signature | Non
         times = {n: [] for n in live}
         block_medians = {n: [] for n in live}
         enabled = gc.isenabled()
+        gc.collect()     # once, here: a full collection between blocks can take a second in a big process
         gc.disable()
         try:
             for _ in track(range(blocks), blocks, f"timing batch {batch}"):
@@ -333,7 +334,6 @@ def _time_batch(named: dict[str, Callable[..., Any]], signature: Signature | Non
                         spent.append(time.perf_counter_ns() - t0)
                     times[name] += spent
                     block_medians[name].append(float(np.median(spent)))
-                gc.collect()
         finally:
             if enabled:
                 gc.enable()

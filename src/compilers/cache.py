@@ -1,6 +1,7 @@
 """The cache in `cache_dir`: builds, reused only when weights, code, signature, target, versions and CPU ISA
 match; and References (eager's outputs on the validation samples), reused by every target compiled from
-the same model and samples, so a second target, or a re-compile, does not run eager over the data again.
+the same model and samples, so a second target, or a re-compile, does not run eager over the data again;
+and the choices of auto targets, so a second compile of the same model does not time the candidates again.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .calibration import update_with_array
 from .host import cpu_isa
 from .reference import Reference
 from .signature import Signature
-from .target import Target
+from .target import Auto, Target
 
 log = logging.getLogger("compilers")
 
@@ -93,6 +94,45 @@ def save_reference(path: Path, reference: Reference) -> None:
     os.close(fd)
     try:
         torch.save({f.name: getattr(reference, f.name) for f in fields(reference) if f.name != "metric"}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def auto_choice_path(cache_dir: Path, model: torch.nn.Module, auto: Auto, example: dict[str, Any],
+                     versions: dict[str, str], data_digests: dict[str, str | None]) -> Path:
+    """Where the choice of `auto` for `model` is kept: keyed by weights, code, the example's structure, dtypes
+    and shapes with the dynamic dims (`example`), the auto descriptor and each candidate's content, the
+    calibration and validation data's digests, library versions and CPU ISA."""
+    described = auto.to_dict()     # the candidates by content, not by where their files lie
+    described["auto"] = {k: v for k, v in described["auto"].items() if k != "candidates"}
+    key = _model_hash(model, {"example": example, "auto": described, "versions": versions, "isa": cpu_isa(),
+                              "data": data_digests})
+    return cache_dir / "auto" / f"{auto.name}-{key[:32]}.json"
+
+
+def load_choice(path: Path) -> dict[str, Any] | None:
+    """The stored auto choice at `path`, or None when there is none (or it cannot be read: it is remade)."""
+    if not path.is_file():
+        return None
+    try:
+        choice = json.loads(path.read_text())
+        if not isinstance(choice.get("chosen"), str) or not isinstance(choice.get("candidates"), list):
+            raise ValueError("no 'chosen' target or 'candidates' table")
+        return choice
+    except (OSError, ValueError) as e:
+        log.warning("cached auto choice %s is unusable (%s); choosing again", path, e)
+        return None
+
+
+def save_choice(path: Path, choice: dict[str, Any]) -> None:
+    """Write the auto choice (JSON) atomically to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auto-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(choice, f, indent=1)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

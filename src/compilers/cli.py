@@ -21,7 +21,7 @@ from .plot import plot
 from .progress import track
 from .errors import CompilerError, InputError, ValidationError
 from .runtime import MANIFEST, load
-from .target import load_target
+from .target import Target, builtin_autos, load_descriptor
 
 
 def load_factory(spec: str) -> dict[str, Any]:
@@ -58,8 +58,9 @@ def load_factory(spec: str) -> dict[str, Any]:
 
 def cmd_compile(a: argparse.Namespace) -> int:
     parts = load_factory(a.factory)
-    target = load_target(a.target)
-    print(f"compiling {type(parts['model']).__name__} for {target.name} (backend {target.backend}); "
+    target = load_descriptor(a.target)
+    what = f"backend {target.backend}" if isinstance(target, Target) else f"auto: {', '.join(target.candidates)}"
+    print(f"compiling {type(parts['model']).__name__} for {target.name} ({what}); "
           "export and engine build can take a while...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     cm = api.compile(parts["model"], target, parts["example_inputs"], dynamic_shapes=parts.get("dynamic_shapes"),
@@ -74,7 +75,6 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
-    from .target import builtin_autos
     rows = [(t.name, t.backend, t.device, t.precision, api.unavailable_reason(t)) for t in api.targets()]
     autos = builtin_autos()
     if a.json:

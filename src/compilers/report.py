@@ -1,8 +1,10 @@
-"""What compile did: route, graph sizes, fusions, validation and the time of each stage."""
+"""What compile did: route, graph sizes, fusions, validation and the time of each stage; for an auto
+target, also every candidate tried, its verdict and its timing."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from .validate import ValidationReport
 
@@ -26,6 +28,10 @@ class Report:
     quantization: dict[str, Any] | None = None                      # the int8 accuracy loop (quantize.LoopReport)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    # auto targets: every candidate (select.Candidate.to_dict: target, verdict, reason, compile_s, p50_ms,
+    # p99_ms, throughput), and the auto descriptor's name, objective and the shapes the timings were made at
+    candidates: list[dict[str, Any]] | None = None
+    auto: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -62,7 +68,30 @@ class Report:
             lines.append("time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         for note in self.notes:
             lines.append(f"note        {note}")
+        if self.auto is not None:
+            a = self.auto
+            at = ", ".join(f"{k}={v}" for k, v in (a.get("shapes") or {}).items()) or "the example's shapes"
+            lines.append(f"auto        {a.get('name')}: {a.get('objective')}, timed at {at}; chose {self.target}")
+        if self.candidates:
+            lines.extend("  " + l for l in candidates_table(self.candidates).splitlines())
         if self.validation is not None:
             lines.append("validation")
             lines.extend("  " + l for l in str(self.validation).splitlines())
         return "\n".join(lines)
+
+
+def candidates_table(rows: Sequence[dict[str, Any]]) -> str:
+    """An auto target's candidates as aligned text: target, verdict, p50 ms, p99 ms, samples/s, compile s, reason."""
+    head = ["target", "verdict", "p50 ms", "p99 ms", "samples/s", "compile s", "reason"]
+    table = [[str(r.get("target", "")), str(r.get("verdict", "")), _num(r.get("p50_ms"), 3), _num(r.get("p99_ms"), 3),
+              _num(r.get("throughput"), 0), _num(r.get("compile_s"), 1), str(r.get("reason") or "")] for r in rows]
+    widths = [max(len(r[i]) for r in table + [head]) for i in range(len(head) - 1)]
+    right = {2, 3, 4, 5}
+    return "\n".join("  ".join([(c.rjust(w) if i in right else c.ljust(w)) for i, (c, w) in enumerate(zip(r, widths))]
+                               + [r[-1]]).rstrip() for r in [head] + table)
+
+
+def _num(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}"

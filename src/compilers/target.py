@@ -4,6 +4,9 @@ A descriptor names a backend, a device, a precision, backend options, optional s
 input dimension and the validation tolerance. Built-in descriptors ship inside the package; a user's
 own file is given by path, or found by name in the directories of `$COMPILERS_TARGETS`
 (separated like PATH). A descriptor may start from another with `extends = "name"` and override keys.
+
+An auto descriptor has an `[auto]` table instead of a backend: the candidate targets `compile` tries,
+validates and times, and what "fastest" means (see `Auto`).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .errors import TargetError
 from .settings import option, parse
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+OBJECTIVES = ("latency", "throughput")
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,112 @@ class Target:
                    quantization=parse(Quantization, data.get("quantization", {}), f"{source} [quantization]"))
 
 
+_AUTO_TOP_KEYS = {"name", "description", "extends", "auto"}
+
+
+@dataclass(frozen=True)
+class Auto:
+    """An auto target: `compile` builds each candidate, validates it under its own contract, times the
+    valid ones at the shapes below, and returns the fastest (`select.py`). Pure data, like Target.
+
+    In a descriptor: `name`, `description` and an `[auto]` table with the keys below (`sizes` as a
+    sub-table `[auto.sizes]`). Candidates are built-in names, names on $COMPILERS_TARGETS, or .toml paths
+    (relative to the auto descriptor's own directory); in code, Targets too."""
+
+    name: str
+    candidates: tuple[str, ...] = option((), "the targets tried, in order: names or .toml paths")
+    description: str = ""
+    objective: str = option("latency", "latency: the lowest p50 per call; throughput: the most samples/s",
+                            choices=OBJECTIVES)
+    batch_size: int = option(0, "the batch size timed; 0: the example's", minimum=0)
+    sizes: Mapping[str, int] = field(default_factory=dict)   # dynamic dim name -> size timed (default: the example's)
+    compile_budget_s: float = option(0.0, "seconds of compiling after which the remaining candidates are "
+                                          "skipped; 0: no limit", minimum=0)
+    bench_seconds: float = option(1.0, "seconds of timed calls per candidate", minimum=0.01)
+    source: str = "<code>"
+    targets: tuple[Target, ...] = ()   # the candidates resolved, in order (filled in from `candidates`)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise TargetError(f"auto target {self.name!r}: objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", 0)
+        for key in ("batch_size", "compile_budget_s", "bench_seconds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
+                    (key == "bench_seconds" and value <= 0):
+                raise TargetError(f"auto target {self.name!r}: {key} = {value!r} must be a number "
+                                  f"{'> 0' if key == 'bench_seconds' else '>= 0'}")
+        for dim, size in dict(self.sizes).items():
+            if not isinstance(dim, str) or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise TargetError(f"auto target {self.name!r}: sizes must map dynamic dim names to sizes >= 1 "
+                                  f"(e.g. [auto.sizes] seq = 128), not {dim!r} = {size!r}")
+        object.__setattr__(self, "sizes", MappingProxyType(dict(self.sizes)))
+        if self.targets and not self.candidates:
+            object.__setattr__(self, "candidates", tuple(t.name for t in self.targets))
+        if not self.targets:
+            if isinstance(self.candidates, (str, Target)) or not self.candidates:
+                raise TargetError(f"auto target {self.name!r} needs a list of candidate targets, e.g. "
+                                  'candidates = ["ort-cpu", "openvino-cpu"]')
+            base = Path(self.source).parent if self.source.endswith(".toml") else None
+            object.__setattr__(self, "targets", tuple(_candidate(c, base, self.name) for c in self.candidates))
+            object.__setattr__(self, "candidates", tuple(c.name if isinstance(c, Target) else str(c)
+                                                         for c in self.candidates))
+        names = [t.name for t in self.targets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise TargetError(f"auto target {self.name!r}: candidate target name(s) {twice} appear more than once; "
+                              "give each candidate its own name")
+
+    def target(self, name: str) -> Target:
+        """The candidate Target called `name`."""
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise TargetError(f"auto target {self.name!r} has no candidate {name!r}; candidates: "
+                          f"{', '.join(t.name for t in self.targets)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, shaped like the descriptor, with each candidate's content under "targets"."""
+        return {"name": self.name, "description": self.description,
+                "auto": {"candidates": list(self.candidates), "objective": self.objective,
+                         "batch_size": self.batch_size, "sizes": dict(self.sizes),
+                         "compile_budget_s": self.compile_budget_s, "bench_seconds": self.bench_seconds},
+                "targets": [t.to_dict() for t in self.targets]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "Auto":
+        """An Auto from a descriptor's keys; relative candidate paths resolve against `source`'s directory."""
+        if "backend" in data:
+            raise TargetError(f"{source}: a descriptor with an [auto] table picks among its candidates and has no "
+                              "'backend'; remove one of the two")
+        unknown = set(data) - _AUTO_TOP_KEYS
+        if unknown:
+            raise TargetError(f"{source}: unknown key(s) {sorted(unknown)} in an auto descriptor; allowed: "
+                              f"{sorted(_AUTO_TOP_KEYS - {'extends'})}")
+        if not isinstance(data.get("name"), str):
+            raise TargetError(f"{source}: 'name' must be a string")
+        table = data["auto"]
+        if not isinstance(table, dict):
+            raise TargetError(f"{source}: 'auto' must be a table ([auto])")
+        table = dict(table)
+        sizes = table.pop("sizes", {})
+        if not isinstance(sizes, dict):
+            raise TargetError(f"{source}: sizes must be a table: [auto.sizes] seq = 128")
+        keys = sorted(_AUTO_KEYS)
+        bad = sorted(set(table) - _AUTO_KEYS)
+        if bad:
+            raise TargetError(f"{source} [auto]: unknown key(s) {bad}; known: {', '.join(keys + ['sizes'])}")
+        if "candidates" not in table:
+            raise TargetError(f'{source} [auto]: needs candidates = ["ort-cpu", ...]')
+        auto = parse(cls, {"name": data["name"], "description": data.get("description", ""), "source": source,
+                           **table}, f"{source} [auto]")
+        return dataclasses.replace(auto, sizes=sizes) if sizes else auto
+
+
+_AUTO_KEYS = {"candidates", "objective", "batch_size", "compile_budget_s", "bench_seconds"}
+
+
 def builtin_dir() -> Path:
     """The built-in descriptor library: inside the installed wheel, or `targets/` of a source checkout."""
     packaged = Path(str(resources.files("compilers"))) / "targets"
@@ -204,6 +314,10 @@ def _read_toml(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise TargetError(f"{path}: not valid TOML: {e}") from None
+    auto = data.get("auto")
+    if isinstance(auto, dict) and isinstance(auto.get("candidates"), list):   # relative to the file naming them
+        auto["candidates"] = [str(path.parent / c) if isinstance(c, str) and c.endswith(".toml") and
+                              not Path(c).is_absolute() else c for c in auto["candidates"]]
     base_name = data.pop("extends", None)
     if base_name is None:
         return data
@@ -228,21 +342,64 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in builtin_dir().glob("*.toml"))
 
 
-def load_target(spec: "str | os.PathLike | Target") -> Target:
-    """A Target from a built-in name, a user's name on $COMPILERS_TARGETS, a .toml path, or a Target."""
-    if isinstance(spec, Target):
-        return spec
-    if not isinstance(spec, (str, os.PathLike)):
-        raise TargetError(f"target must be a name, a path to a .toml file or a compilers.Target, not {type(spec).__name__}")
+def _path_of(spec: "str | os.PathLike") -> Path:
     path = Path(spec)
     if path.suffix == ".toml":
         if not path.is_file():
             raise TargetError(f"target descriptor {path} does not exist")
-    else:
-        path = _find(str(spec))
-    return Target.from_dict(_read_toml(path), source=str(path))
+        return path
+    return _find(str(spec))
+
+
+def _from_path(path: Path) -> "Target | Auto":
+    data = _read_toml(path)
+    return Auto.from_dict(data, source=str(path)) if "auto" in data else Target.from_dict(data, source=str(path))
+
+
+def _candidate(spec: Any, base: Path | None, auto: str) -> Target:
+    """One candidate of auto target `auto`: a Target, a name, or a .toml path (relative ones against `base`)."""
+    if isinstance(spec, Target):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TargetError(f"auto target {auto!r}: candidate {spec!r} must be a target name or a .toml path")
+    path = Path(spec)
+    if path.suffix == ".toml" and not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        found = _from_path(_path_of(path if path.suffix == ".toml" else spec))
+    except TargetError as e:
+        raise TargetError(f"auto target {auto!r}, candidate {str(spec)!r}: {e}") from None
+    if isinstance(found, Auto):
+        raise TargetError(f"auto target {auto!r}: candidate {str(spec)!r} is itself an auto target; "
+                          "list its candidates instead")
+    return found
+
+
+def load_descriptor(spec: "str | os.PathLike | Target | Auto") -> "Target | Auto":
+    """A Target, or an Auto for a descriptor with an [auto] table: from a built-in name, a user's name on
+    $COMPILERS_TARGETS, a .toml path, a Target or an Auto."""
+    if isinstance(spec, (Target, Auto)):
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TargetError(f"target must be a name, a path to a .toml file, a compilers.Target or an auto target, "
+                          f"not {type(spec).__name__}")
+    return _from_path(_path_of(spec))
+
+
+def load_target(spec: "str | os.PathLike | Target") -> Target:
+    """A Target from a built-in name, a user's name on $COMPILERS_TARGETS, a .toml path, or a Target."""
+    found = load_descriptor(spec)
+    if isinstance(found, Auto):
+        raise TargetError(f"{found.name} is an auto target: pass it to compilers.compile, which picks among its "
+                          f"candidates ({', '.join(found.candidates)})")
+    return found
 
 
 def builtin_targets() -> list[Target]:
-    """Every built-in target (`compilers.unavailable_reason(t)` says whether each runs here)."""
-    return [load_target(n) for n in builtin_names()]
+    """Every built-in concrete target (`compilers.unavailable_reason(t)` says whether each runs here)."""
+    return [d for d in (load_descriptor(n) for n in builtin_names()) if isinstance(d, Target)]
+
+
+def builtin_autos() -> list[Auto]:
+    """Every built-in auto target."""
+    return [d for d in (load_descriptor(n) for n in builtin_names()) if isinstance(d, Auto)]

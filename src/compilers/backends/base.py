@@ -60,7 +60,8 @@ class Engine(ABC):
         """Write the engine's files into `directory` (which exists and is empty)."""
 
     def describe(self) -> dict[str, Any]:
-        """What the engine is made of: node count and executed/fused operator types, where known."""
+        """What the engine is made of: node count and executed/fused operator types, where known, and the
+        backend's runtime `config` (threads, precision hint, ...) so others can reproduce it."""
         return {}
 
     def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any] | None:

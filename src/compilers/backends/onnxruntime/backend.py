@@ -198,6 +198,8 @@ class OrtEngine(Engine):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.info: dict[str, Any] = {}
+        self.config = {"graph_optimization_level": _LEVELS[settings.graph_optimization_level],
+                       "intra_op_num_threads": so.intra_op_num_threads}
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))
@@ -210,4 +212,4 @@ class OrtEngine(Engine):
         (directory / MODEL_FILE).write_bytes(self.model_bytes)
 
     def describe(self) -> dict[str, Any]:
-        return self.info
+        return {**self.info, "config": dict(self.config)}

@@ -211,4 +211,11 @@ class OpenVinoEngine(Engine):
             "fused": {k: merged[k] - n for k, n in layers.items() if merged[k] > n},
             "executed": {k: [n, merged[k]] for k, n in sorted(layers.items())},
             "precisions": dict(precisions),
+            "config": {k: _text(self.compiled.get_property(k)) for k in
+                       ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")},
         }
+
+
+def _text(value: Any) -> str:
+    """A plugin property as the string compile_model accepts back (an element type as "f32", not "<Type ...>")."""
+    return value.to_string() if hasattr(value, "to_string") else str(value)
