@@ -131,7 +131,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
             label = name if cm.target.name == name else f"{name} ({cm.target.name})"
             models[label] = cm
             compiled[label] = {"target": cm.target.name, "route": cm.report.route, "seconds": cm.report.seconds.get("total")}
-        title = f"{type(parts['model']).__name__} from {a.what}"
+        title = f"{type(parts['model']).__name__} from {a.what}" + \
+            (f" at {', '.join(f'{k}={v}' for k, v in sizes.items())}" if sizes else "")
     result = benchmark(models, inputs, baseline=baseline, batch_sizes=batch_sizes, sizes=sizes,
                        min_time=a.min_time, threads=a.threads, raw=a.overhead)
     result.timings += [Timing(name, b, error=why) for b in result.batch_sizes for name, why in failed.items()]

@@ -3,7 +3,6 @@ the `bench` extra)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .bench import RAW, Benchmark
@@ -52,8 +51,7 @@ def plot(bench: Benchmark, path: str | os.PathLike, title: str = "") -> Path:
                  f"{bench.machine}, {bench.threads} torch threads", fontsize="medium")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")   # created with the user's umask, unlike mkstemp
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)

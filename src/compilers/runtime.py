@@ -87,6 +87,9 @@ class CompiledModel:
             raise ArtifactError(f"{path} exists and is not a compilers artifact; choose an empty or new directory")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)     # mkdtemp makes it private; an artifact is as readable as any new directory
         try:
             self.engine.save(tmp)
             files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
