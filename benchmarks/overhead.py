@@ -1,7 +1,8 @@
 """Speed checks of the call path, with compilers.benchmark (interleaved, every call timed, in one process).
 
 1. Call overhead: p50 of `cm(x)` minus p50 of the backend's own call on the same engine (`cm.raw_call`), for
-   every available fp32 target, 64-wide MLP, batch 1. Target: at most 25 us each.
+   every available fp32 target, the 64-wide MLP of examples/mlp.py, batch 1 (what `compilers bench
+   examples/mlp.py:factory --batch-sizes 1 --overhead` shows too). Target: at most 25 us each.
 2. ort-cpu vs eager PyTorch on the real all-MiniLM-L6-v2 at batch 8, sequence 128. Target: >= 1.0x.
 
     .venv/bin/python benchmarks/overhead.py [--json out.json]
@@ -13,9 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import compilers  # noqa: E402
 
@@ -24,9 +22,9 @@ TARGETS = ("ort-cpu", "openvino-cpu", "torchscript-cpu", "inductor-cpu")
 
 
 def call_overhead() -> tuple[bool, compilers.Benchmark]:
-    torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
-    x = torch.randn(4, 64)    # batch 4 to compile: a batch-1 example pins the batch dim in torch.export
+    import mlp as tiny
+    parts = tiny.factory()
+    mlp, (x,) = parts["model"], parts["example_inputs"]
     cms = {t: compilers.compile(mlp, t, (x,)) for t in TARGETS if compilers.unavailable_reason(compilers.load_target(t)) is None}
     timed = compilers.benchmark(cms, (x,), baseline=mlp, batch_sizes=[1], raw=True, min_time=2.0)
     return all(timed.overhead_us(t) <= OVERHEAD_LIMIT_US for t in cms), timed
