@@ -28,6 +28,7 @@ LAYERS = [
     {"select"},
     {"api"},
     {"plot"},
+    {"serve"},
     {"cli", "__init__"},
 ]
 BACKEND_LIBRARIES = ("onnxruntime", "openvino", "onnxscript", "nncf", "tensorrt")
@@ -106,6 +107,7 @@ def test_signature_names_the_batch_dim_of_inputs_and_outputs():
             return {"per_token": h, "pooled": h.mean(1), "fixed": table * 2}
 
     dyn = {"tokens": {0: "n", 1: "seq"}}
+    torch.manual_seed(0)     # a float32 sum over a random table: some draws round differently in ORT
     cm = compilers.compile(TwoHeads(), "ort-cpu", (torch.randint(0, 9, (2, 5)), torch.randn(3, 4)), dynamic_shapes=dyn)
     sig = cm.signature
     assert sig.batch == "n"

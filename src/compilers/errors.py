@@ -32,5 +32,9 @@ class ValidationError(CompilerError):
         self.report = report
 
 
+class ConfigError(CompilerError):
+    """A model repository's layout or a serving.toml is malformed; the message names the file and the key."""
+
+
 class ArtifactError(CompilerError):
     """A saved artifact is missing a file, fails its hash check or was built by other library versions."""

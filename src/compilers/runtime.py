@@ -144,25 +144,35 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledModel:
-    """Load a saved artifact; no source model needed. ArtifactError if a file is missing or altered, or
-    (with `check_versions`) if the backend library the engine is bound to has another version here."""
+def verify(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the artifact at `path`, after checking its format and every file's sha256 (no backend
+    library needed); ArtifactError saying what is wrong otherwise."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"{path} is not a compilers artifact: {MANIFEST} is missing") from None
-    except json.JSONDecodeError as e:
+    except (FileNotFoundError, NotADirectoryError):
+        raise ArtifactError(f"{path} is not a compilers artifact: {MANIFEST} is missing; save one with cm.save(dir)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{path / MANIFEST} is corrupt: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: artifact format {manifest.get('format')} v{manifest.get('format_version')} "
-                            f"is not readable by this compilers (reads {FORMAT} v{FORMAT_VERSION}); upgrade compilers")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or manifest.get("format") != FORMAT \
+            or manifest.get("format_version", 0) > FORMAT_VERSION:
+        got = manifest if not isinstance(manifest, dict) else f"{manifest.get('format')} v{manifest.get('format_version')}"
+        raise ArtifactError(f"{path}: artifact format {got} is not readable by this compilers (reads {FORMAT} "
+                            f"v{FORMAT_VERSION}); upgrade compilers, or save the model again with cm.save(dir)")
     for name, digest in manifest["files"].items():
         file = path / name
         if not file.is_file():
             raise ArtifactError(f"{path}: file {name} listed in the manifest is missing; re-save the artifact")
         if _sha256(file) != digest:
             raise ArtifactError(f"{path}: {name} does not match its sha256 in the manifest (altered or corrupt); re-save the artifact")
+    return manifest
+
+
+def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledModel:
+    """Load a saved artifact; no source model needed. ArtifactError if a file is missing or altered, or
+    (with `check_versions`) if the backend library the engine is bound to has another version here."""
+    path = Path(path)
+    manifest = verify(path)
     target = Target.from_dict(manifest["target"], source=str(path / MANIFEST))
     backend = get_backend(target.backend)
     known = {f.name for f in dataclasses.fields(backend.Settings)}

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .errors import TargetError
 
 _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {int: "integers", float: "numbers", str: "strings"}
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
@@ -29,30 +30,34 @@ class NoSettings:
     """A backend without options."""
 
 
-def parse(cls: type, options: Mapping[str, Any], where: str) -> Any:
-    """`cls(**options)` with every key, type, choice and bound checked; TargetError saying what is allowed."""
+def parse(cls: type, options: Mapping[str, Any], where: str, error: type[Exception] = TargetError) -> Any:
+    """`cls(**options)` with every key, type, choice and bound checked; `error` (TargetError) saying what is allowed."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise TargetError(f"{where}: unknown option(s) {unknown}; known: {', '.join(fields) or 'none'}")
+        raise error(f"{where}: unknown option(s) {unknown}; known: {', '.join(fields) or 'none'}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in options.items():
         meta, want = fields[name].metadata, hints[name]
-        if typing.get_origin(want) is tuple:    # tuple[str, ...]: a TOML array of strings
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise TargetError(f"{where}: option {name} = {value!r} must be a list of strings")
+        if typing.get_origin(want) is tuple:    # tuple[str, ...] / tuple[int, ...]: a TOML array
+            item = typing.get_args(want)[0]
+            if not isinstance(value, (list, tuple)) or \
+                    not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                raise error(f"{where}: option {name} = {value!r} must be a list of {_PLURAL.get(item, item.__name__)}")
+            if meta.get("minimum") is not None and any(v < meta["minimum"] for v in value):
+                raise error(f"{where}: option {name} = {value!r}: each must be >= {meta['minimum']} ({meta['doc']})")
             values[name] = tuple(value)
             continue
         ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
         if not ok:
-            raise TargetError(f"{where}: option {name} = {value!r} must be {_TYPES.get(want, want.__name__)}")
+            raise error(f"{where}: option {name} = {value!r} must be {_TYPES.get(want, want.__name__)}")
         if meta.get("choices") and value not in meta["choices"]:
-            raise TargetError(f"{where}: option {name} = {value!r}; choose one of {meta['choices']}")
+            raise error(f"{where}: option {name} = {value!r}; choose one of {meta['choices']}")
         if meta.get("minimum") is not None and value < meta["minimum"]:
-            raise TargetError(f"{where}: option {name} = {value!r} must be >= {meta['minimum']} ({meta['doc']})")
+            raise error(f"{where}: option {name} = {value!r} must be >= {meta['minimum']} ({meta['doc']})")
         values[name] = value
     return cls(**values)
 

@@ -1,0 +1,251 @@
+"""The dynamic batcher: requests from many callers grouped into one engine call.
+
+Queued requests are concatenated along the Signature's batch dim, up to `max_batch_size` rows or until the
+oldest has waited `max_queue_delay_ms`, run as one call, and the outputs split back per request. Requests
+batch together only when their other dims match, except along dims whose every input is declared paddable
+(`pad`, e.g. `input_ids` and `attention_mask` padded with 0 along `seq`): those are padded to the longest
+request and the outputs that carry the dim are cut back to each request's own size. A full queue refuses a
+request at once (`QueueFull`) instead of growing.
+
+Pure asyncio and numpy, no HTTP: the server and the tests drive it the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import CompilerError, ConfigError, InputError
+from ..settings import option
+from ..signature import Signature
+
+log = logging.getLogger("compilers")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """A model's `[batching]` table in serving.toml."""
+
+    max_batch_size: int = option(8, "rows (samples) per engine call at most; 1 turns batching off", minimum=1)
+    max_queue_delay_ms: float = option(2.0, "how long the oldest queued request may wait for others to join it",
+                                       minimum=0)
+    preferred_batch_sizes: tuple[int, ...] = option((), "a batch this many rows is sent at once, without "
+                                                        "waiting out the delay", minimum=1)
+    queue_size: int = option(256, "requests waiting at most; one more is refused at once (HTTP 503)", minimum=1)
+    instances: int = option(1, "engine calls running at once for this model (workers)", minimum=1)
+    pad: Mapping[str, float] = field(default_factory=dict)   # input name -> pad value ([batching.pad])
+
+
+class QueueFull(CompilerError):
+    """The model's request queue is full: retry later (HTTP 503)."""
+
+
+@dataclass(eq=False)     # identity: the deque removes this request, not one with equal arrays
+class _Request:
+    inputs: list[np.ndarray]
+    rows: int
+    key: tuple
+    sizes: dict[str, int]              # the request's own size of each padded dim
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """One engine call: rows, requests, each request's wait in the queue, and the call's seconds."""
+
+    rows: int
+    requests: int
+    queue_seconds: tuple[float, ...]
+    infer_seconds: float
+
+
+class Batcher:
+    """Groups `infer` calls into engine calls of `run` (flat numpy inputs in Signature order -> flat outputs).
+
+    `start()` in the event loop that calls `infer`; `stop()` drains what is queued, then ends the workers."""
+
+    def __init__(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], signature: Signature, config: Batching,
+                 on_batch: Callable[[BatchStats], None] | None = None):
+        self.run = run
+        self.signature = signature
+        self.config = config
+        self.on_batch = on_batch
+        self._in_axes = [signature.batch_axis(s) for s in signature.inputs]
+        self._out_axes = [signature.batch_axis(s) for s in signature.outputs]
+        self._padded = _paddable_dims(signature, config.pad)
+        if config.max_batch_size > 1:
+            if signature.batch is None:
+                raise ConfigError("the model has no batch dim, so requests cannot be batched: set "
+                                  "[batching] max_batch_size = 1")
+            lacking = [s.name for s, a in zip(signature.outputs, self._out_axes) if a is None]
+            if lacking:
+                raise ConfigError(f"output(s) {', '.join(lacking)} have no batch dim, so batched requests could not "
+                                  "be told apart: set [batching] max_batch_size = 1")
+        self._pending: deque[_Request] = deque()
+        self._changed: asyncio.Event | None = None
+        self._workers: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._changed = asyncio.Event()
+        self._closing = False
+        self._executor = ThreadPoolExecutor(self.config.instances, thread_name_prefix="compilers-engine")
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self.config.instances)]
+
+    async def stop(self) -> None:
+        """Finish every queued request, then end the workers."""
+        self._closing = True
+        self._wake()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # -- requests ---------------------------------------------------------------------------------------
+    async def infer(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The model's outputs for one request (flat numpy inputs, checked against the signature)."""
+        if self._changed is None or self._closing:
+            raise QueueFull("the model is not serving (stopped or being unloaded); retry")
+        flat = [np.asarray(x) for x in inputs]
+        self.signature.check(flat)
+        rows = 1 if self.signature.batch is None else self.signature.dim_sizes(flat)[self.signature.batch]
+        if rows > self.config.max_batch_size:
+            raise InputError(f"the request holds {rows} samples, more than this model's max_batch_size "
+                             f"{self.config.max_batch_size}; split it")
+        if len(self._pending) >= self.config.queue_size:
+            raise QueueFull(f"{len(self._pending)} requests are queued, the most this model takes "
+                            f"(queue_size {self.config.queue_size}); retry later")
+        sizes = self.signature.dim_sizes(flat)
+        request = _Request(flat, rows, self._key(flat, sizes), {d: sizes[d] for d in self._padded if d in sizes},
+                           asyncio.get_running_loop().create_future())
+        self._pending.append(request)
+        self._wake()
+        return await request.future
+
+    def _key(self, flat: list[np.ndarray], sizes: dict[str, int]) -> tuple:
+        """What must match for requests to share a call: every dim that is neither the batch nor padded, and
+        the inputs without a batch dim, by value."""
+        dims = tuple(sorted((d, n) for d, n in sizes.items() if d != self.signature.batch and d not in self._padded))
+        fixed = tuple(x.tobytes() for x, axis in zip(flat, self._in_axes) if axis is None)
+        return dims, fixed
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def _wait(self, timeout: float | None) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def _group(self) -> tuple[list[_Request], bool]:
+        """The oldest request and the compatible ones behind it, up to max_batch_size rows; and whether the
+        group is ready to go without waiting longer."""
+        first = self._pending[0]
+        group, rows = [], 0
+        for r in self._pending:
+            if r.key == first.key and rows + r.rows <= self.config.max_batch_size:
+                group.append(r)
+                rows += r.rows
+        full = rows == self.config.max_batch_size or rows in self.config.preferred_batch_sizes
+        waited = time.perf_counter() - first.arrived >= self.config.max_queue_delay_ms / 1e3
+        return group, full or waited or self._closing
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                await self._wait(None)
+                continue
+            group, ready = self._group()
+            if not ready:
+                left = self.config.max_queue_delay_ms / 1e3 - (time.perf_counter() - group[0].arrived)
+                await self._wait(max(left, 0.0))
+                continue
+            for r in group:
+                self._pending.remove(r)
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._call, group)
+            except Exception as e:        # the engine failed: every request of the call gets the error
+                for r in group:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+                continue
+            infer = time.perf_counter() - started
+            for r, out in zip(group, outputs):
+                if not r.future.done():
+                    r.future.set_result(out)
+            if self.on_batch is not None:
+                try:
+                    self.on_batch(BatchStats(sum(r.rows for r in group), len(group),
+                                             tuple(started - r.arrived for r in group), infer))
+                except Exception:     # a metrics hook must not stop the worker
+                    log.exception("the batch hook failed")
+
+    # -- one engine call (in a worker thread) -----------------------------------------------------------
+    def _call(self, group: list[_Request]) -> list[list[np.ndarray]]:
+        if len(group) == 1 and not self._padded:
+            return [self.run(group[0].inputs)]
+        target = {d: max(r.sizes[d] for r in group) for d in group[0].sizes}
+        batched = []
+        for i, (spec, axis) in enumerate(zip(self.signature.inputs, self._in_axes)):
+            parts = [_pad(r.inputs[i], spec.shape, target, self.config.pad.get(spec.name)) for r in group]
+            batched.append(parts[0] if axis is None else np.concatenate(parts, axis=axis))
+        outputs = self.run(batched)
+        split, start = [[] for _ in group], 0
+        for j, r in enumerate(group):
+            for out, spec, axis in zip(outputs, self.signature.outputs, self._out_axes):
+                piece = np.take(out, range(start, start + r.rows), axis=axis)
+                split[j].append(_trim(piece, spec.shape, r.sizes))
+            start += r.rows
+        return split
+
+
+def _paddable_dims(signature: Signature, pad: Mapping[str, float]) -> set[str]:
+    """The dynamic dims (other than the batch) that every input carrying them may be padded along."""
+    unknown = set(pad) - set(signature.input_names)
+    if unknown:
+        raise ConfigError(f"[batching.pad] names {', '.join(sorted(unknown))}, which the model does not take; its "
+                          f"inputs: {', '.join(signature.input_names)}")
+    dims: set[str] = set()
+    for spec in signature.inputs:
+        if spec.name in pad:
+            dims |= {d for d in spec.shape if isinstance(d, str) and d != signature.batch}
+    for spec in signature.inputs:
+        if spec.name not in pad:
+            shared = dims & {d for d in spec.shape if isinstance(d, str)}
+            if shared:
+                raise ConfigError(f"input {spec.name!r} shares dim(s) {', '.join(sorted(shared))} with padded inputs "
+                                  f"but is not padded itself: add it to [batching.pad]")
+    return dims
+
+
+def _pad(x: np.ndarray, shape: Sequence[Any], target: Mapping[str, int], value: float | None) -> np.ndarray:
+    widths = [(0, target[d] - x.shape[i]) if isinstance(d, str) and d in target else (0, 0) for i, d in enumerate(shape)]
+    if not any(w for _, w in widths):
+        return x
+    return np.pad(x, widths, constant_values=value)
+
+
+def _trim(x: np.ndarray, shape: Sequence[Any], sizes: Mapping[str, int]) -> np.ndarray:
+    index = tuple(slice(0, sizes[d]) if isinstance(d, str) and d in sizes else slice(None) for d in shape)
+    return x[index] if any(s.stop is not None for s in index) else x
