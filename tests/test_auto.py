@@ -107,6 +107,9 @@ def test_user_auto_descriptor_resolves_relative_paths_and_extends(tmp_path, monk
     assert [t.name for t in auto.targets] == ["ort-1-thread", "torchscript-cpu"]
     assert auto.targets[0].options["threads"] == 1
     assert (auto.objective, auto.batch_size, auto.compile_budget_s, auto.bench_seconds) == ("throughput", 8, 60.0, 0.1)
+    monkeypatch.chdir(tmp_path)        # the descriptor named by a relative path: its candidates resolve once
+    relative = load_descriptor("autos/mine.toml").targets
+    assert [(t.name, dict(t.options)) for t in relative] == [(t.name, dict(t.options)) for t in auto.targets]
     monkeypatch.setenv("COMPILERS_TARGETS", str(sub))
     (tmp_path / "more.toml").write_text('extends = "mine"\nname = "more"\n[auto]\nobjective = "latency"\n'
                                         '[auto.sizes]\nbatch = 2\n')

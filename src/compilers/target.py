@@ -239,8 +239,7 @@ class Auto:
             if isinstance(self.candidates, (str, Target)) or not self.candidates:
                 raise TargetError(f"auto target {self.name!r} needs a list of candidate targets, e.g. "
                                   'candidates = ["ort-cpu", "openvino-cpu"]')
-            base = Path(self.source).parent if self.source.endswith(".toml") else None
-            object.__setattr__(self, "targets", tuple(_candidate(c, base, self.name) for c in self.candidates))
+            object.__setattr__(self, "targets", tuple(_candidate(c, self.name) for c in self.candidates))
             object.__setattr__(self, "candidates", tuple(c.name if isinstance(c, Target) else str(c)
                                                          for c in self.candidates))
         names = [t.name for t in self.targets]
@@ -356,17 +355,15 @@ def _from_path(path: Path) -> "Target | Auto":
     return Auto.from_dict(data, source=str(path)) if "auto" in data else Target.from_dict(data, source=str(path))
 
 
-def _candidate(spec: Any, base: Path | None, auto: str) -> Target:
-    """One candidate of auto target `auto`: a Target, a name, or a .toml path (relative ones against `base`)."""
+def _candidate(spec: Any, auto: str) -> Target:
+    """One candidate of auto target `auto`: a Target, a name, or a .toml path (a descriptor file's relative
+    paths were made relative to that file when it was read)."""
     if isinstance(spec, Target):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
         raise TargetError(f"auto target {auto!r}: candidate {spec!r} must be a target name or a .toml path")
-    path = Path(spec)
-    if path.suffix == ".toml" and not path.is_absolute() and base is not None:
-        path = base / path
     try:
-        found = _from_path(_path_of(path if path.suffix == ".toml" else spec))
+        found = _from_path(_path_of(spec))
     except TargetError as e:
         raise TargetError(f"auto target {auto!r}, candidate {str(spec)!r}: {e}") from None
     if isinstance(found, Auto):
