@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compilers  # noqa: E402
+from compilers.report import candidates_table  # noqa: E402
 from timing import resnet50_setup, run_checks  # noqa: E402
 
 LIMIT = 1.03
@@ -31,7 +32,7 @@ def check(label: str, model, example, x, **kw) -> tuple[bool, list[str]]:
             cm = compilers.compile(model, auto, example, cache_dir=cache, **kw)
             table = cm.report.candidates
             lines.append(f"  {auto}: chose {cm.target.name}")
-            lines += ["    " + l for l in _table(table)]
+            lines += ["    " + l for l in candidates_table(table).splitlines()]
             valid = [c["target"] for c in table if c["verdict"] in VALID]
             rivals = {name: compilers.compile(model, name, example, cache_dir=cache, **kw) for name in valid}
             timed = compilers.benchmark(rivals, x, min_time=3.0)
@@ -44,16 +45,6 @@ def check(label: str, model, example, x, **kw) -> tuple[bool, list[str]]:
                          f"(limit {LIMIT}), validation {'passed' if cm.report.validation.passed else 'FAILED'}: "
                          f"{'OK' if passed else 'MISSED'}")
     return ok, lines
-
-
-def _table(candidates: list[dict]) -> list[str]:
-    def num(v, fmt):
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
-    out = [f"{'candidate':20s} {'verdict':18s} {'p50 ms':>8s} {'p99 ms':>8s} {'compile s':>9s}  reason"]
-    for c in candidates:
-        out.append(f"{c['target']:20s} {c['verdict']:18s} {num(c.get('p50_ms'), '8.2f')} {num(c.get('p99_ms'), '8.2f')} "
-                   f"{num(c.get('compile_s'), '9.1f')}  {(c.get('reason') or '')[:90]}")
-    return out
 
 
 def minilm() -> tuple[bool, list[str]]:

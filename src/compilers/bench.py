@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import InputError
 from .host import cpu_name
@@ -269,7 +270,6 @@ def _batch_sizes(signature: Signature | None, args: tuple, kwargs: dict, wanted:
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
     return [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
 
 
@@ -284,7 +284,6 @@ def _inputs_at(signature: Signature | None, args: tuple, kwargs: dict, batch: in
         return signature.call_args(signature.resized(flat, sizes))
     if sizes:
         raise InputError("sizes= needs a CompiledModel among the models (its signature names the dims)")
-    from torch.utils._pytree import tree_map
     n = _batch_sizes(None, args, kwargs, None)[0]
     resize = lambda x: x.index_select(0, torch.arange(batch) % n) \
         if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == n and batch != n else x
@@ -305,7 +304,7 @@ def _time_batch(named: dict[str, Callable[..., Any]], signature: Signature | Non
         if raw and isinstance(model, CompiledModel):
             try:
                 call = model.raw_call(*a, **k)
-            except Exception as e:   # the compiled call fails the same way; it reports it below
+            except Exception:   # the compiled call fails the same way; it reports it below
                 call = None
             if call is not None:
                 calls[name + RAW] = call
