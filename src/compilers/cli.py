@@ -1,4 +1,4 @@
-"""The `compilers` command: compile, targets, validate, bench, report.
+"""The `compilers` command: compile, targets, validate, bench, report, publish, serve.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
 dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`.
@@ -202,6 +202,28 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(a: argparse.Namespace) -> int:
+    from .serve.repository import publish
+    version = publish(a.artifact, a.model_dir)
+    print(f"published {a.artifact} as {version} (version {version.name} of model {version.parent.name}); a running "
+          f"server serves it after POST /v2/repository/models/{version.parent.name}/load")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        from .serve.server import serve
+    except ImportError as e:
+        raise InputError(f"compilers serve needs the serve extra ({e.name} is missing): "
+                         f"pip install 'compilers[serve]'") from None
+    from .serve.repository import Repository
+    if a.max_body_mb <= 0:
+        raise InputError(f"--max-body-mb must be positive, not {a.max_body_mb}")
+    serve(Repository(a.repository), a.host, a.port, max_body_bytes=int(a.max_body_mb * (1 << 20)),
+          log_level=a.log_level)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compilers", description="Compile PyTorch models for inference backends, validated against eager.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -239,6 +261,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--json", action="store_true")
     r.set_defaults(run=cmd_report)
+    pb = sub.add_parser("publish", help="add a saved artifact to a model repository as the model's next version")
+    pb.add_argument("artifact", help="a saved artifact directory")
+    pb.add_argument("model_dir", metavar="REPO/MODEL", help="the model's directory in the repository")
+    pb.set_defaults(run=cmd_publish)
+    s = sub.add_parser("serve", help="serve a model repository over HTTP (the Open Inference Protocol, KServe v2)")
+    s.add_argument("repository", metavar="REPO", help="directory of REPO/<model>/<version>/ artifacts")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--max-body-mb", type=float, default=64, help="largest request body accepted (default 64 MiB)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(run=cmd_serve)
     return p
 
 

@@ -10,7 +10,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .backends.base import Engine, Spec
 from .errors import ArtifactError, BackendUnavailable, TargetError
 from .host import library_versions
 from .report import Report
+from .settings import runtime_options
 from .signature import Signature
 from .target import Target
 
@@ -168,13 +169,24 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledModel:
+def load(path: str | os.PathLike, *, check_versions: bool = True,
+         options: Mapping[str, Any] | None = None) -> CompiledModel:
     """Load a saved artifact; no source model needed. ArtifactError if a file is missing or altered, or
-    (with `check_versions`) if the backend library the engine is bound to has another version here."""
+    (with `check_versions`) if the backend library the engine is bound to has another version here.
+
+    `options` changes the backend's runtime options for this engine (threads, streams, spinning: how it runs,
+    not what was compiled and validated); TargetError for any other key."""
     path = Path(path)
     manifest = verify(path)
     target = Target.from_dict(manifest["target"], source=str(path / MANIFEST))
     backend = get_backend(target.backend)
+    if options:
+        allowed = runtime_options(backend.Settings)
+        fixed = sorted(set(options) - set(allowed))
+        if fixed:
+            raise TargetError(f"option(s) {fixed} cannot change at load: they shaped the compiled engine; recompile "
+                              f"with them. Runtime options of {target.backend}: {', '.join(allowed) or 'none'}")
+        target = target.with_(**options)
     known = {f.name for f in dataclasses.fields(backend.Settings)}
     dropped = sorted(set(target.options) - known)
     if dropped:   # an option an older compilers had: the engine's files do not depend on it
@@ -183,6 +195,8 @@ def load(path: str | os.PathLike, *, check_versions: bool = True) -> CompiledMod
     try:
         settings = backend.settings(target)
     except TargetError as e:
+        if options:
+            raise TargetError(f"load options {dict(options)}: {e}") from None
         raise ArtifactError(f"{path} holds options this compilers cannot use ({e}); recompile it") from None
     reason = backend.unavailable_reason(target) or backend.probe(target)
     if reason:

@@ -20,9 +20,17 @@ _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a s
 _PLURAL = {int: "integers", float: "numbers", str: "strings"}
 
 
-def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
-    """A settings field: its default, what it does, and the values it accepts."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum})
+def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None,
+           runtime: bool = False) -> Any:
+    """A settings field: its default, what it does, and the values it accepts. A `runtime` option changes how
+    the engine runs (threads, streams), not what was compiled: it may be changed when an artifact is loaded."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum,
+                                                        "runtime": runtime})
+
+
+def runtime_options(cls: type) -> list[str]:
+    """The names of a settings class's runtime options."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,4 +74,5 @@ def describe(cls: type) -> list[dict[str, Any]]:
     """The options of a settings class: name, type, default, doc and choices (for docs and `compilers targets`)."""
     hints = typing.get_type_hints(cls)
     return [{"name": f.name, "type": getattr(hints[f.name], "__name__", str(hints[f.name])), "default": f.default, "doc": f.metadata.get("doc", ""),
-             "choices": f.metadata.get("choices")} for f in dataclasses.fields(cls)]
+             "choices": f.metadata.get("choices"), "runtime": f.metadata.get("runtime", False)}
+            for f in dataclasses.fields(cls)]

@@ -10,6 +10,7 @@ model's own output type from the engine's flat outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -23,6 +24,15 @@ from .errors import InputError
 from .target import DimRange
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
+
+
+@functools.lru_cache(maxsize=64)
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype of a torch dtype; None for one numpy lacks (bfloat16)."""
+    try:
+        return torch.empty((), dtype=dtype).numpy().dtype
+    except TypeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,10 @@ class TensorSpec:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return torch.empty((), dtype=self.dtype).numpy().dtype
+        dtype = _numpy_dtype(self.dtype)
+        if dtype is None:
+            raise TypeError(f"{self.name}: numpy has no {self.dtype}")
+        return dtype
 
 
 @dataclass(frozen=True)
@@ -224,7 +237,8 @@ class Signature:
             if isinstance(value, torch.Tensor):
                 dtype = value.dtype
             elif isinstance(value, np.ndarray):
-                dtype = torch.from_numpy(value[:0] if value.ndim else value.reshape(1)[:0]).dtype
+                dtype = spec.dtype if value.dtype == _numpy_dtype(spec.dtype) else \
+                    torch.from_numpy(value[:0] if value.ndim else value.reshape(1)[:0]).dtype
             else:
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
             if dtype != spec.dtype:

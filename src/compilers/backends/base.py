@@ -9,7 +9,8 @@ import importlib.util
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 from ..host import installed_versions
 from ..lower import Lowered
@@ -87,6 +88,9 @@ class Backend(ABC):
     #: devices and precisions the backend implements
     devices: tuple[str, ...] = ("cpu",)
     precisions: tuple[str, ...] = ("fp32",)
+    #: runtime options a model server loads this backend's engines with (under its serving.toml [engine]):
+    #: where an event loop shares the cores, an engine must not keep them busy between calls
+    serving_options: Mapping[str, Any] = MappingProxyType({})
 
     def settings(self, target: Target) -> Any:
         """The target's [options] as this backend's typed Settings; TargetError if one is unknown or malformed."""

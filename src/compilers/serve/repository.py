@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import math
 import os
 import random
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import ArtifactError, BackendUnavailable, ConfigError
+from ..backends import get_backend
+from ..errors import ArtifactError, BackendUnavailable, ConfigError, TargetError
 from ..runtime import MANIFEST, CompiledModel, load, verify
 from ..settings import option, parse
 from .batcher import Batching
@@ -49,15 +51,17 @@ class ServingConfig:
     versions: Versions = field(default_factory=Versions)
     traffic: Mapping[int, float] = field(default_factory=dict)   # version -> percent; empty: newest live takes all
     batching: Batching = field(default_factory=Batching)
+    engine: Mapping[str, Any] = field(default_factory=dict)      # runtime options for load (threads, spinning, ...)
 
 
 def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
     """A ServingConfig from a parsed serving.toml (`where` names the file in errors). Checks that need the
     versions on disk (traffic to a live version, specific versions present) happen in `Repository.model`."""
-    unknown = sorted(set(data) - {"versions", "traffic", "batching"})
+    unknown = sorted(set(data) - {"versions", "traffic", "batching", "engine"})
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {unknown}; serving.toml has [versions], [traffic] and [batching]")
-    for name in ("versions", "traffic", "batching"):
+        raise ConfigError(f"{where}: unknown table(s) {unknown}; serving.toml has [versions], [traffic], [batching] "
+                          f"and [engine]")
+    for name in ("versions", "traffic", "batching", "engine"):
         if name in data and not isinstance(data[name], dict):
             raise ConfigError(f"{where}: {name} must be a table ([{name}]), not {data[name]!r}")
     table = data.get("versions", {})
@@ -68,8 +72,12 @@ def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
         if key in table and versions.policy != policy:
             raise ConfigError(f"{where} [versions]: {key} is set but policy is {versions.policy!r}, so it has no "
                               f"effect; set policy = \"{policy}\" or remove {key}")
+    engine = data.get("engine", {})
+    for key, value in engine.items():
+        if not isinstance(value, (bool, int, float, str)):
+            raise ConfigError(f"{where} [engine]: {key} = {value!r} must be a number, string or boolean")
     return ServingConfig(versions, _parse_traffic(data.get("traffic", {}), where),
-                         _parse_batching(data.get("batching", {}), where))
+                         _parse_batching(data.get("batching", {}), where), dict(engine))
 
 
 def _parse_traffic(table: Mapping[str, Any], where: str) -> dict[int, float]:
@@ -189,17 +197,30 @@ class Repository:
             problems.append(f"{path}: no version to serve; publish one (compilers publish ARTIFACT {path})")
         return ModelEntry(name, path, versions, live, config, tuple(problems))
 
-    def load_version(self, model: str, version: int, *, check_versions: bool = True) -> CompiledModel:
-        """The artifact of one version, loaded (live or not: the caller decides what it serves). An artifact
-        that fails to load raises its ArtifactError / BackendUnavailable, naming the model and version."""
+    def load_version(self, model: str, version: int, *, check_versions: bool = True,
+                     options: Mapping[str, Any] | None = None) -> CompiledModel:
+        """The artifact of one version, loaded (live or not: the caller decides what it serves) with the runtime
+        `options` (serving.toml [engine]). An artifact that fails to load raises its ArtifactError /
+        BackendUnavailable, naming the model and version; options its backend cannot change, ConfigError."""
         path = self.path / model / str(version)
         if not (path / MANIFEST).is_file():
             raise ArtifactError(f"model {model!r} has no version {version} (no {path / MANIFEST}); "
                                 f"versions: {list(self.model(model).versions)}")
         try:
-            return load(path, check_versions=check_versions)
+            return load(path, check_versions=check_versions, options={**_serving_options(path), **(options or {})})
         except (ArtifactError, BackendUnavailable) as e:
             raise type(e)(f"model {model!r} version {version}: {e}") from e
+        except TargetError as e:
+            raise ConfigError(f"{self.path / model / CONFIG} [engine]: {e}") from None
+
+
+def _serving_options(artifact: Path) -> dict[str, Any]:
+    """The runtime options the artifact's backend asks of a server (serving.toml [engine] overrides them)."""
+    try:
+        backend = json.loads((artifact / MANIFEST).read_text())["target"]["backend"]
+        return dict(get_backend(backend).serving_options)
+    except (OSError, ValueError, KeyError, TypeError, TargetError):
+        return {}                                   # load() reports what is wrong with the artifact
 
 
 def _version_number(name: str) -> int | None:

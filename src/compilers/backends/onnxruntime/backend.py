@@ -8,6 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Sequence
 
 from ...host import installed_versions
@@ -40,7 +41,10 @@ def op_counts(graph) -> collections.Counter:
 
 @dataclass(frozen=True)
 class OrtSettings:
-    threads: int = option(0, "intra-op threads; 0 = all cores", minimum=0)
+    threads: int = option(0, "intra-op threads; 0 = all cores", minimum=0, runtime=True)
+    spinning: bool = option(True, "intra-op threads spin between calls: lower latency for back-to-back calls, but "
+                                  "they keep a core busy; false where other work shares the cores (a server)",
+                            runtime=True)
     graph_optimization_level: str = option("all", "ORT graph optimization level", choices=tuple(_LEVELS))
     transformer_fusions: bool = option(True, "apply transformer fusions (Attention, SkipLayerNormalization, "
                                              "BiasGelu, ...) where the graph has the pattern")
@@ -60,6 +64,7 @@ class OnnxRuntimeBackend(Backend):
     bound_libraries = ("onnxruntime",)
     precisions = ("fp32", "int8")
     Settings = OrtSettings
+    serving_options = MappingProxyType({"spinning": False})   # spinning threads starve the server's event loop
     requires = ("onnxruntime",)
 
     def setup_reason(self, target: Target) -> str | None:
@@ -191,6 +196,7 @@ class OrtEngine(Engine):
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[settings.graph_optimization_level])
         so.intra_op_num_threads = settings.threads or (os.cpu_count() or 1)
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if settings.spinning else "0")
         if optimized_path is not None:
             so.optimized_model_filepath = str(optimized_path)
         self.model_bytes = model_bytes
@@ -199,7 +205,7 @@ class OrtEngine(Engine):
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.info: dict[str, Any] = {}
         self.config = {"graph_optimization_level": _LEVELS[settings.graph_optimization_level],
-                       "intra_op_num_threads": so.intra_op_num_threads}
+                       "intra_op_num_threads": so.intra_op_num_threads, "allow_spinning": settings.spinning}
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         return self.session.run(self.output_names, dict(zip(self.input_names, inputs)))

@@ -30,10 +30,11 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 @dataclass(frozen=True)
 class OpenVinoSettings:
-    performance_hint: str = option("LATENCY", "OpenVINO PERFORMANCE_HINT", choices=("LATENCY", "THROUGHPUT"))
-    streams: int = option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint", minimum=0)
-    threads: int = option(0, "INFERENCE_NUM_THREADS; 0 = all cores", minimum=0)
-    cache_dir: str = option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none")
+    performance_hint: str = option("LATENCY", "OpenVINO PERFORMANCE_HINT", choices=("LATENCY", "THROUGHPUT"),
+                                   runtime=True)
+    streams: int = option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint", minimum=0, runtime=True)
+    threads: int = option(0, "INFERENCE_NUM_THREADS; 0 = all cores", minimum=0, runtime=True)
+    cache_dir: str = option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none", runtime=True)
 
 
 class OpenVinoBackend(Backend):

@@ -1,0 +1,220 @@
+"""The HTTP app: the Open Inference Protocol (KServe v2) routes on Starlette, over a ModelService.
+
+    GET  /v2/health/live | /v2/health/ready                  liveness, readiness (every model serving)
+    GET  /v2                                                 server metadata
+    GET  /v2/models/{name}[/versions/{v}]                    model metadata
+    GET  /v2/models/{name}[/versions/{v}]/ready              model readiness (200 ready, 503 not)
+    POST /v2/models/{name}[/versions/{v}]/infer              inference: JSON tensors or binary tensor data
+    POST /v2/repository/index                                the repository extension: every model's state,
+    POST /v2/repository/models/{name}/load | /unload          and (re)load / unload while serving
+    GET  /metrics                                            Prometheus metrics
+
+Errors are `{"error": message}`: 400 for a bad request (the InputError a Python caller would get), or a
+failed load; 404 for an unknown model or version; 503 when the model is not loaded or its queue is full
+(retry); 500 for an engine failure. No request can stop the server.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import zlib
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version as distribution_version
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import CompilerError, ConfigError, InputError
+from .batcher import QueueFull
+from .protocol import check_outputs, decode_request, encode_response, tensor_metadata, HEADER_LENGTH
+from .repository import Repository
+from .service import LoadFailed, ModelService, NotReady, UnknownModel
+
+log = logging.getLogger("compilers")
+
+MAX_BODY_BYTES = 64 << 20
+try:
+    _VERSION = distribution_version("compilers")
+except PackageNotFoundError:        # running from a source tree that is not installed
+    _VERSION = "unknown"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_STATUS = ((InputError, 400), (LoadFailed, 400), (ConfigError, 400), (UnknownModel, 404), (NotReady, 503),
+           (QueueFull, 503))
+
+
+def create_app(repository: str | Repository | ModelService, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+    """The server app for a model repository (a path, a Repository, or a ModelService to share). Models load
+    when the app starts (its lifespan) and drain when it stops."""
+    if isinstance(repository, ModelService):
+        service = repository
+    else:
+        service = ModelService(repository if isinstance(repository, Repository) else Repository(repository))
+    api = _Routes(service, max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    model = "/v2/models/{name}"
+    version = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", api.live),
+        Route("/v2/health/ready", api.ready),
+        Route("/v2", api.server_metadata),
+        Route(model, api.model_metadata), Route(version, api.model_metadata),
+        Route(model + "/ready", api.model_ready), Route(version + "/ready", api.model_ready),
+        Route(model + "/infer", api.infer, methods=["POST"]), Route(version + "/infer", api.infer, methods=["POST"]),
+        Route("/v2/repository/index", api.index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", api.load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", api.unload, methods=["POST"]),
+        Route("/metrics", api.metrics),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={CompilerError: _error, Exception: _error})
+    app.state.service = service
+    return app
+
+
+def _error(request: Request, exc: Exception) -> Response:
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            headers = {"retry-after": "1"} if status == 503 else None
+            return JSONResponse({"error": str(exc)}, status, headers=headers)
+    # an engine failure (CompilerError) or a bug: 500; Starlette logs anything that is not a CompilerError
+    if isinstance(exc, CompilerError):
+        log.error("request %s %s failed: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+
+
+class _Routes:
+    def __init__(self, service: ModelService, max_body_bytes: int):
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    # -- health and metadata ----------------------------------------------------------------------------
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ready = self.service.ready
+        return JSONResponse({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": "compilers", "version": _VERSION, "extensions": EXTENSIONS})
+
+    async def model_metadata(self, request: Request) -> Response:
+        name, number = request.path_params["name"], _version(request)
+        served = self.service.version(name, number)
+        versions = [number] if number is not None else sorted(self.service.model(name).versions)
+        sig = served.model.signature
+        return JSONResponse({
+            "name": name, "versions": [str(v) for v in versions],
+            "platform": f"compilers_{served.model.target.backend}",
+            "inputs": [tensor_metadata(s) for s in sig.inputs],
+            "outputs": [tensor_metadata(s) for s in sig.outputs],
+            "parameters": {"target": served.model.target.name, "batch_dim": sig.batch,
+                           "max_batch_size": served.batcher.config.max_batch_size},
+        })
+
+    async def model_ready(self, request: Request) -> Response:
+        name, number = request.path_params["name"], _version(request)
+        self.service.model(name)                       # 404 for a model the repository lacks
+        try:
+            self.service.version(name, number)
+            ready = True
+        except (NotReady, UnknownModel):
+            ready = False
+        return JSONResponse({"name": name, "ready": ready}, 200 if ready else 503)
+
+    # -- inference --------------------------------------------------------------------------------------
+    async def infer(self, request: Request) -> Response:
+        name, number = request.path_params["name"], _version(request)
+        body = await self._body(request)
+        started = time.perf_counter()
+        decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+        check_outputs(decoded, self.service.version(name, number).model.signature.outputs)
+        served, outputs = await self.service.infer(name, number, decoded.inputs)
+        specs = served.model.signature.outputs
+        content, headers = encode_response(name, served.number, decoded, dict(zip((s.name for s in specs), outputs)),
+                                           specs)
+        self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)
+        return Response(content, headers=headers)
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, decompressed (gzip / deflate), refused beyond the size limit."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise InputError(f"the request body is {int(declared)} bytes, more than this server takes "
+                             f"({self.max_body_bytes}); send fewer samples per request or raise --max-body-mb")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise InputError(f"the request body exceeds {self.max_body_bytes} bytes, the most this server "
+                                 f"takes; send fewer samples per request or raise --max-body-mb")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        encoding = request.headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+            try:
+                body = inflate.decompress(body, self.max_body_bytes + 1)
+            except zlib.error as e:
+                raise InputError(f"the request body is not valid {encoding} data ({e})") from None
+            if len(body) > self.max_body_bytes or inflate.unconsumed_tail:
+                raise InputError(f"the request body inflates past {self.max_body_bytes} bytes, the most this "
+                                 f"server takes")
+        elif encoding != "identity":
+            raise InputError(f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate")
+        return body
+
+    # -- repository extension ---------------------------------------------------------------------------
+    async def index(self, request: Request) -> Response:
+        options = await self._json(request)
+        rows = self.service.index()
+        if options.get("ready"):
+            rows = [r for r in rows if r["state"] == "READY"]
+        return JSONResponse(rows)
+
+    async def load(self, request: Request) -> Response:
+        options = await self._json(request)
+        if set(options.get("parameters", {})) - {"unload_dependents"}:
+            raise InputError("load takes no config or files here: publish the artifact into the repository "
+                             "(compilers publish ARTIFACT REPO/<model>), then load")
+        await self.service.load(request.path_params["name"])
+        return JSONResponse({})
+
+    async def unload(self, request: Request) -> Response:
+        await self.service.unload(request.path_params["name"])
+        return JSONResponse({})
+
+    async def _json(self, request: Request) -> dict[str, Any]:
+        body = await self._body(request)
+        if not body.strip():
+            return {}
+        try:
+            value = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"the request body is not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise InputError("the request body must be a JSON object")
+        return value
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(self.service.metrics.render(), media_type=self.service.metrics.content_type)
+
+
+def _version(request: Request) -> int | None:
+    text = request.path_params.get("version")
+    if text is None or text == "":
+        return None
+    if not (text.isdigit() and text.isascii()) or int(text) < 1:
+        raise InputError(f"version {text!r} is not a version number (a positive integer)")
+    return int(text)

@@ -1,0 +1,205 @@
+"""The Open Inference Protocol (KServe v2, the API of Triton and OpenVINO Model Server) on the wire.
+
+An infer request is a JSON object of named tensors, each with a shape, a datatype and its elements, either in
+the JSON (`"data": [...]`, row-major, flat or nested) or, with the binary tensor data extension, as raw bytes
+after the JSON: then the `Inference-Header-Content-Length` header gives the JSON's length and each binary
+input says its byte count in `parameters.binary_data_size`, in input order. Outputs come back the same way:
+as JSON, or binary when the request asks for it per output (`outputs[i].parameters.binary_data`) or for all
+(`parameters.binary_data_output`), as `tritonclient` does by default.
+
+Bytes in, numpy out and back: no HTTP framework here. Every malformed request is an InputError whose message
+says what to fix (the server answers it with 400).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..signature import TensorSpec
+
+HEADER_LENGTH = "inference-header-content-length"
+
+# Open Inference Protocol datatype <-> numpy. BYTES (strings) and BF16 (no numpy dtype) are not served.
+DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in (
+    ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
+    ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
+    ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64))}
+_NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def datatype(spec: TensorSpec) -> str:
+    """The protocol's datatype name for a signature tensor."""
+    try:
+        dtype = spec.numpy_dtype
+    except TypeError:            # bfloat16: numpy has none
+        return str(spec.dtype).removeprefix("torch.").upper().replace("BFLOAT16", "BF16")
+    return _NAMES.get(dtype, str(dtype).upper())
+
+
+def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    """A tensor's entry in model metadata: dynamic dims are -1."""
+    return {"name": spec.name, "datatype": datatype(spec), "shape": [d if isinstance(d, int) else -1 for d in spec.shape]}
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded infer request: its id, the input arrays by name, and which outputs to return how."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] | None          # the requested outputs in order; None: all of them
+    binary: Mapping[str, bool]               # per requested output: send it as binary data
+    binary_default: bool                     # for outputs not named: parameters.binary_data_output
+
+
+def decode_request(body: bytes, header_length: str | None) -> InferRequest:
+    """An InferRequest from an infer request's body (and its Inference-Header-Content-Length header, if any)."""
+    if header_length is not None:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InputError(f"header Inference-Header-Content-Length is {header_length!r}, not a byte count") from None
+        if not 0 < length <= len(body):
+            raise InputError(f"header Inference-Header-Content-Length is {length}, but the body holds {len(body)} "
+                             f"bytes; it must be the length of the JSON part")
+        head, binary = body[:length], memoryview(body)[length:]
+    else:
+        head, binary = body, memoryview(b"")
+    try:
+        request = json.loads(head)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"the request is not valid JSON ({e}); send an Open Inference Protocol infer request "
+                         f'object: {{"inputs": [{{"name", "shape", "datatype", "data"}}]}}') from None
+    if not isinstance(request, dict):
+        raise InputError("the request must be a JSON object with an \"inputs\" list")
+    parameters = _object(request.get("parameters", {}), "parameters")
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InputError('the request needs "inputs": a non-empty list of tensors {"name", "shape", "datatype", "data"}')
+    inputs: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, tensor in enumerate(raw_inputs):
+        name, array, offset = _decode_input(tensor, i, binary, offset)
+        if name in inputs:
+            raise InputError(f"input {name!r} is given twice")
+        inputs[name] = array
+    if offset != len(binary):
+        raise InputError(f"the body holds {len(binary) - offset} bytes of binary data beyond what the inputs' "
+                         f"binary_data_size account for")
+    outputs, binary_out = None, {}
+    if "outputs" in request:
+        if not isinstance(request["outputs"], list):
+            raise InputError('"outputs" must be a list of {"name", "parameters"}')
+        outputs = []
+        for j, out in enumerate(request["outputs"]):
+            out = _object(out, f"outputs[{j}]")
+            name = out.get("name")
+            if not isinstance(name, str):
+                raise InputError(f'outputs[{j}] needs a "name" (string)')
+            outputs.append(name)
+            out_params = _object(out.get("parameters", {}), f"outputs[{j}].parameters")
+            if "binary_data" in out_params:
+                binary_out[name] = bool(out_params["binary_data"])
+        outputs = tuple(outputs)
+    request_id = request.get("id")
+    return InferRequest(None if request_id is None else str(request_id), inputs, outputs, binary_out,
+                        bool(parameters.get("binary_data_output", False)))
+
+
+def _object(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise InputError(f"{where} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    tensor = _object(tensor, f"inputs[{i}]")
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise InputError(f'inputs[{i}] needs a "name" (string)')
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"input {name!r}: shape must be a list of non-negative integers, not {shape!r}")
+    kind = tensor.get("datatype")
+    dtype = DATATYPES.get(kind) if isinstance(kind, str) else None
+    if dtype is None:
+        raise InputError(f"input {name!r}: datatype {kind!r} is not served here; use one of {', '.join(DATATYPES)}")
+    count = math.prod(shape)
+    size = _object(tensor.get("parameters", {}), f"input {name!r} parameters").get("binary_data_size")
+    if size is not None:
+        if "data" in tensor:
+            raise InputError(f"input {name!r} has both JSON data and binary_data_size; send one")
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise InputError(f"input {name!r}: binary_data_size is {size!r}, but shape {shape} of {kind} takes "
+                             f"{count * dtype.itemsize} bytes")
+        if offset + size > len(binary):
+            raise InputError(f"input {name!r}: binary_data_size {size} runs past the end of the body")
+        array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
+        return name, array.astype(dtype), offset + size          # a writable, native-order copy
+    if "data" not in tensor:
+        raise InputError(f'input {name!r} has no "data" and no binary_data_size parameter')
+    try:
+        array = np.array(tensor["data"], dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise InputError(f"input {name!r}: data are not {kind} values ({e})") from None
+    if array.size != count:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements, data has {array.size}")
+    return name, array.reshape(shape), offset
+
+
+def encode_response(model: str, version: int, request: InferRequest, outputs: Mapping[str, np.ndarray],
+                    specs: Sequence[TensorSpec]) -> tuple[bytes, dict[str, str]]:
+    """The infer response body and its headers: the requested outputs (all, in signature order, by default),
+    each as JSON data or as binary data after the JSON."""
+    names = request.outputs if request.outputs is not None else [s.name for s in specs]
+    kinds = {s.name: datatype(s) for s in specs}
+    head: dict[str, Any] = {"model_name": model, "model_version": str(version)}
+    if request.id is not None:
+        head["id"] = request.id
+    entries, blobs = [], []
+    for name in names:
+        array = outputs[name]
+        entry: dict[str, Any] = {"name": name, "datatype": kinds[name], "shape": list(array.shape)}
+        if request.binary.get(name, request.binary_default):
+            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = array.ravel().tolist()
+        entries.append(entry)
+    head["outputs"] = entries
+    text = json.dumps(head, separators=(",", ":")).encode()
+    if not blobs:
+        return text, {"content-type": "application/json"}
+    return b"".join([text, *blobs]), {"content-type": "application/octet-stream",
+                                      "inference-header-content-length": str(len(text))}
+
+
+def check_outputs(request: InferRequest, specs: Sequence[TensorSpec]) -> None:
+    """InputError for a requested output the model does not have (checked before running it)."""
+    if request.outputs is None:
+        return
+    known = {s.name for s in specs}
+    for name in request.outputs:
+        if name not in known:
+            raise InputError(f"unknown output {name!r}; the model returns {', '.join(s.name for s in specs)}")
+
+
+def flat_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> list[np.ndarray]:
+    """The named inputs in the model's flat order; InputError for unknown or missing names (shapes and dtypes
+    are checked by the signature, with the message Python callers get)."""
+    names = [s.name for s in specs]
+    unknown = [n for n in inputs if n not in names]
+    if unknown:
+        raise InputError(f"unknown input {unknown[0]!r}; the model takes {', '.join(names)}")
+    missing = [n for n in names if n not in inputs]
+    if missing:
+        raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; expected {', '.join(names)}")
+    return [inputs[n] for n in names]

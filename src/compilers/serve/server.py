@@ -1,0 +1,64 @@
+"""Running the app: `serve` in the foreground (the CLI; SIGINT / SIGTERM stop taking connections, finish the
+requests in flight and drain every queue), or `running` in a background thread on a free port (tests,
+notebooks, benchmarks)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Iterator
+
+import uvicorn
+
+from .app import MAX_BODY_BYTES, create_app
+from .repository import Repository
+from .service import ModelService
+
+DRAIN_SECONDS = 30
+
+
+def _config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port,
+                          log_level=log_level, access_log=False, lifespan="on",
+                          timeout_graceful_shutdown=DRAIN_SECONDS)
+
+
+def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 8000, *,
+          max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "info") -> None:
+    """Serve the repository until interrupted (SIGINT / SIGTERM: in-flight requests finish, queues drain)."""
+    uvicorn.Server(_config(create_app(repository, max_body_bytes=max_body_bytes), host, port, log_level)).run()
+
+
+class Running:
+    """A server started by `running`: its `url` (http://host:port) and `service`."""
+
+    def __init__(self, server: uvicorn.Server, service: ModelService):
+        self.server, self.service = server, service
+        self.host, self.port = server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{self.host}:{self.port}"
+
+
+@contextlib.contextmanager
+def running(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 0, *,
+            max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "warning",
+            start_timeout: float = 120.0) -> Iterator[Running]:
+    """A server in a background thread (port 0: a free one), up and with its models loaded inside the block,
+    stopped and drained after it."""
+    app = create_app(repository, max_body_bytes=max_body_bytes)
+    server = uvicorn.Server(_config(app, host, port, log_level))
+    thread = threading.Thread(target=server.run, name="compilers-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server stopped while starting; see the log above")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise TimeoutError(f"the server did not start within {start_timeout:.0f} s")
+        time.sleep(0.01)
+    try:
+        yield Running(server, app.state.service)
+    finally:
+        server.should_exit = True
+        thread.join(DRAIN_SECONDS + 10)

@@ -1,0 +1,230 @@
+"""The models a server serves: each live version of each model loaded from the repository with its own
+dynamic batcher, requests routed to a version by the traffic split, and load / unload while serving.
+
+A load (at start, or `load(name)` from the repository API) re-reads the model's directory and serving.toml
+and loads every live version afresh, verifying each artifact. It takes effect completely or not at all:
+if any version fails (a corrupt artifact, a bad serving.toml, a model that cannot be batched as configured)
+the versions already serving stay, untouched, and the error says why. Versions that are replaced or no longer
+live stop taking new requests at once and finish the ones they hold, so a reload under load fails none.
+
+Requests reach a version's batcher in the same event-loop step that looks the version up, so a swap can
+never hand a request to a batcher that has stopped. HTTP-free: the app (and tests) call it directly.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailable, CompilerError, ConfigError, InputError
+from ..runtime import CompiledModel
+from .batcher import Batcher, BatchStats, QueueFull
+from .metrics import Metrics
+from .protocol import flat_inputs
+from .repository import Repository, choose_version
+
+log = logging.getLogger("compilers")
+
+
+class UnknownModel(CompilerError):
+    """No such model in the repository, or no such version loaded (HTTP 404)."""
+
+
+class NotReady(CompilerError):
+    """The model is in the repository but has no version loaded: unloaded, or its load failed (HTTP 503)."""
+
+
+class LoadFailed(CompilerError):
+    """A load or reload failed; the versions that were serving still serve (HTTP 400, as Triton answers)."""
+
+
+@dataclass(eq=False)
+class Version:
+    """One loaded version: the compiled model and its batcher."""
+
+    number: int
+    model: CompiledModel
+    batcher: Batcher
+
+
+@dataclass(eq=False)
+class Model:
+    """A model's serving state: its loaded versions and traffic split, or why it has none."""
+
+    name: str
+    versions: dict[int, Version] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    reason: str = ""                       # why the last load failed, or why nothing is loaded
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def newest(self) -> Version:
+        return self.versions[max(self.versions)]
+
+
+class ModelService:
+    """Loads the repository's models and serves inference on them. `start()` and every other call run in the
+    server's event loop; `stop()` drains every batcher."""
+
+    def __init__(self, repository: Repository, metrics: Metrics | None = None, *, rng: random.Random | None = None,
+                 check_versions: bool = True):
+        self.repository = repository
+        self.metrics = metrics or Metrics()
+        self.rng = rng or random.Random()
+        self.check_versions = check_versions
+        self.models: dict[str, Model] = {}
+        self.started = False
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load every model of the repository. One that fails is kept with the reason (the index shows it,
+        and the server is not ready); the others serve."""
+        for name in self.repository.models():
+            try:
+                await self.load(name)
+            except (LoadFailed, UnknownModel) as e:
+                log.error("%s", e)
+        self.started = True
+
+    async def stop(self) -> None:
+        """Stop taking requests and finish every queued one."""
+        self.started = False
+        for model in self.models.values():
+            async with model.lock:
+                await self._retire(model, list(model.versions.values()))
+                model.versions, model.weights = {}, {}
+                model.reason = "the server is shutting down"
+
+    @property
+    def ready(self) -> bool:
+        """Started, and every model of the repository has a version serving (Triton's strict readiness)."""
+        return self.started and all(m.versions for m in self.models.values())
+
+    # -- loading ----------------------------------------------------------------------------------------
+    async def load(self, name: str) -> None:
+        """(Re)load the model's live versions from disk; all or nothing (see the module doc)."""
+        if name not in self.models:
+            if name not in await asyncio.to_thread(self.repository.models):
+                raise UnknownModel(f"no model {name!r} in repository {self.repository.path}")
+            self.models[name] = Model(name)
+        model = self.models[name]
+        async with model.lock:
+            fresh: list[Version] = []
+            try:
+                entry = await asyncio.to_thread(self.repository.model, name)
+                if not entry.live:
+                    raise ConfigError("; ".join(entry.problems) or f"model {name!r} has no version to serve")
+                for number in entry.live:
+                    cm = await asyncio.to_thread(self.repository.load_version, name, number,
+                                                 check_versions=self.check_versions, options=entry.config.engine)
+                    batcher = Batcher(cm.run_flat, cm.signature, entry.config.batching,
+                                      on_batch=self._observer(name, number))
+                    await batcher.start()
+                    fresh.append(Version(number, cm, batcher))
+            except (ConfigError, ArtifactError, BackendUnavailable) as e:
+                await self._retire(model, fresh)
+                serving = f"; still serving version(s) {sorted(model.versions)}" if model.versions else ""
+                model.reason = f"load failed: {e}{serving}"
+                raise LoadFailed(f"model {name!r}: {model.reason}") from e
+            old = list(model.versions.values())
+            model.versions = {v.number: v for v in fresh}
+            model.weights = {v: w for v, w in entry.weights.items() if w > 0}
+            model.reason = ""
+            for v in fresh:
+                self.metrics.loaded.labels(name, str(v.number)).set(1)
+            for number in set(v.number for v in old) - set(model.versions):
+                self.metrics.loaded.labels(name, str(number)).set(0)
+            await self._retire(model, old)
+            log.info("model %s: serving version(s) %s", name, sorted(model.versions))
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of the model (queued requests finish first)."""
+        model = self.models.get(name)
+        if model is None:
+            raise UnknownModel(f"model {name!r} is not loaded (repository models: {', '.join(self.repository.models())})")
+        async with model.lock:
+            old = list(model.versions.values())
+            model.versions, model.weights = {}, {}
+            model.reason = "unloaded"
+            for v in old:
+                self.metrics.loaded.labels(name, str(v.number)).set(0)
+            await self._retire(model, old)
+
+    async def _retire(self, model: Model, versions: list[Version]) -> None:
+        await asyncio.gather(*(v.batcher.stop() for v in versions))
+
+    def _observer(self, model: str, version: int):
+        labels = (model, str(version))
+        batch, queue, infer = (self.metrics.batch_size.labels(*labels), self.metrics.queue_seconds.labels(*labels),
+                               self.metrics.inference_seconds.labels(*labels))
+
+        def observe(stats: BatchStats) -> None:
+            batch.observe(stats.rows)
+            infer.observe(stats.infer_seconds)
+            for waited in stats.queue_seconds:
+                queue.observe(waited)
+        return observe
+
+    # -- lookups ----------------------------------------------------------------------------------------
+    def model(self, name: str) -> Model:
+        """The model's state; UnknownModel if the repository has no such model."""
+        model = self.models.get(name)
+        if model is None:
+            raise UnknownModel(f"no model {name!r}; models: {', '.join(sorted(self.models)) or 'none'}")
+        return model
+
+    def version(self, name: str, version: int | None = None) -> Version:
+        """A loaded version (the newest when `version` is None); UnknownModel / NotReady otherwise."""
+        model = self.model(name)
+        if not model.versions:
+            raise NotReady(f"model {name!r} has no version loaded ({model.reason or 'not loaded'}); load it with "
+                           f"POST /v2/repository/models/{name}/load")
+        if version is None:
+            return model.newest
+        if version not in model.versions:
+            raise UnknownModel(f"model {name!r} has no version {version} loaded; loaded: {sorted(model.versions)}")
+        return model.versions[version]
+
+    def index(self) -> list[dict[str, Any]]:
+        """The repository index: every loaded version READY, every model without one UNAVAILABLE with why."""
+        rows = []
+        for name in sorted(set(self.models) | set(self.repository.models())):
+            model = self.models.get(name)
+            if model is not None and model.versions:
+                rows += [{"name": name, "version": str(v), "state": "READY", "reason": ""} for v in sorted(model.versions)]
+            else:
+                rows.append({"name": name, "state": "UNAVAILABLE",
+                             "reason": model.reason if model is not None else "not loaded"})
+        return rows
+
+    # -- inference --------------------------------------------------------------------------------------
+    async def infer(self, name: str, version: int | None, inputs: dict[str, np.ndarray]) -> tuple[Version, list[np.ndarray]]:
+        """Run one request (named numpy inputs) on the given version, or on one drawn by the traffic split.
+        Returns the version that ran it and its flat outputs."""
+        model = self.model(name)
+        if version is None:
+            if not model.versions:
+                self.version(name)                     # raises NotReady with the reason
+            weights = model.weights
+            version = next(iter(weights)) if len(weights) == 1 else choose_version(weights, self.rng)
+        served = self.version(name, version)
+        labels = (name, str(served.number))
+        try:
+            flat = flat_inputs(inputs, served.model.signature.inputs)
+            # no await between the lookup and the enqueue: a concurrent reload cannot stop this batcher first
+            outputs = await served.batcher.infer(flat)
+        except InputError:
+            self.metrics.requests.labels(*labels, "invalid").inc()
+            raise
+        except QueueFull:
+            self.metrics.requests.labels(*labels, "rejected").inc()
+            raise
+        except Exception:
+            self.metrics.requests.labels(*labels, "failed").inc()
+            raise
+        self.metrics.requests.labels(*labels, "ok").inc()
+        return served, outputs
