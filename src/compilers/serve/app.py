@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from ..errors import CompilerError, ConfigError, InputError
 from .batcher import QueueFull
-from .protocol import check_outputs, decode_request, encode_response, tensor_metadata, HEADER_LENGTH
+from .protocol import HEADER_LENGTH, decode_request, encode_response, tensor_metadata
 from .repository import Repository
 from .service import LoadFailed, ModelService, NotReady, UnknownModel
 
@@ -135,12 +135,20 @@ class _Routes:
 
     # -- inference --------------------------------------------------------------------------------------
     async def infer(self, request: Request) -> Response:
-        name, number = request.path_params["name"], _version(request)
-        body = await self._body(request)
-        started = time.perf_counter()
-        decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
-        check_outputs(decoded, self.service.version(name, number).model.signature.outputs)
-        served, outputs = await self.service.infer(name, number, decoded.inputs)
+        name = request.path_params["name"]
+        try:
+            number = _version(request)
+            body = await self._body(request)
+            started = time.perf_counter()
+            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+        except InputError:                 # counted for a model served here (no series for made-up names)
+            model = self.service.models.get(name)
+            if model is not None:
+                text = request.path_params.get("version", "")
+                version = text if text.isdigit() and int(text) in model.versions else ""
+                self.service.metrics.requests.labels(name, version, "invalid").inc()
+            raise
+        served, outputs = await self.service.infer(name, number, decoded.inputs, decoded.outputs)
         specs = served.model.signature.outputs
         content, headers = encode_response(name, served.number, decoded, dict(zip((s.name for s in specs), outputs)),
                                            specs)
@@ -171,6 +179,9 @@ class _Routes:
             if len(body) > self.max_body_bytes or inflate.unconsumed_tail:
                 raise InputError(f"the request body inflates past {self.max_body_bytes} bytes, the most this "
                                  f"server takes")
+            if not inflate.eof or inflate.unused_data:
+                raise InputError(f"the request body is not one complete {encoding} stream (cut off, or followed "
+                                 f"by other bytes)")
         elif encoding != "identity":
             raise InputError(f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate")
         return body

@@ -7,6 +7,10 @@ input says its byte count in `parameters.binary_data_size`, in input order. Outp
 as JSON, or binary when the request asks for it per output (`outputs[i].parameters.binary_data`) or for all
 (`parameters.binary_data_output`), as `tritonclient` does by default.
 
+JSON data are read strictly (numbers for FP types, integers in range for INT types, true/false for BOOL).
+Non-finite floats in JSON outputs are written NaN / Infinity / -Infinity, as Python's json and tritonclient's
+rapidjson read them (strict JSON cannot write them); binary outputs carry them exactly.
+
 Bytes in, numpy out and back: no HTTP framework here. Every malformed request is an InputError whose message
 says what to fix (the server answers it with 400).
 """
@@ -103,6 +107,8 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             name = out.get("name")
             if not isinstance(name, str):
                 raise InputError(f'outputs[{j}] needs a "name" (string)')
+            if name in outputs:
+                raise InputError(f"output {name!r} is requested twice")
             outputs.append(name)
             out_params = _object(out.get("parameters", {}), f"outputs[{j}].parameters")
             if "binary_data" in out_params:
@@ -136,7 +142,7 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int) -> tuple
     if size is not None:
         if "data" in tensor:
             raise InputError(f"input {name!r} has both JSON data and binary_data_size; send one")
-        if not isinstance(size, int) or size != count * dtype.itemsize:
+        if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
             raise InputError(f"input {name!r}: binary_data_size is {size!r}, but shape {shape} of {kind} takes "
                              f"{count * dtype.itemsize} bytes")
         if offset + size > len(binary):
@@ -145,13 +151,53 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int) -> tuple
         return name, array.astype(dtype), offset + size          # a writable, native-order copy
     if "data" not in tensor:
         raise InputError(f'input {name!r} has no "data" and no binary_data_size parameter')
-    try:
-        array = np.array(tensor["data"], dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise InputError(f"input {name!r}: data are not {kind} values ({e})") from None
+    array = _json_array(tensor["data"], dtype, f"input {name!r}", kind)
     if array.size != count:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements, data has {array.size}")
     return name, array.reshape(shape), offset
+
+
+# which JSON values a datatype takes: numpy's kind of the parsed data (b bool, i/u integer, f float)
+_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_WHAT = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def _json_array(data: Any, dtype: np.dtype, where: str, kind: str) -> np.ndarray:
+    """JSON data as an array of `dtype`, strictly: no strings, nulls, bools for numbers, fractions for integers,
+    or values out of the datatype's range (numpy alone would convert each of them silently)."""
+    try:
+        parsed = np.array(data)
+    except (ValueError, TypeError) as e:                      # ragged nesting
+        raise InputError(f"{where}: data is not a regular nested list ({e})") from None
+    if not parsed.size:
+        return parsed.astype(dtype)
+    got = parsed.dtype.kind
+    bools = got == "b" or (got in "iuf" and _holds_bool(data))
+    if got not in _ACCEPTS[dtype.kind] or (bools and dtype.kind != "b"):
+        what = ("true/false" if bools else {"U": "strings", "O": "nulls or mixed values",
+                                              "f": "numbers with fractions"}.get(got, "integers"))
+        raise InputError(f"{where}: {kind} data must be {_WHAT[dtype.kind]}; got {what}")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise InputError(f"{where}: data lie outside {kind}'s range [{info.min}, {info.max}]")
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = parsed.astype(dtype)
+        if dtype.kind == "f" and np.any(np.isfinite(parsed) & ~np.isfinite(array)):
+            raise InputError(f"{where}: data lie outside {kind}'s range (they would become infinite)")
+    return array
+
+
+def _holds_bool(data: Any) -> bool:
+    """Whether nested JSON data hold true/false anywhere (numpy turns them into 1 and 0 among numbers)."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if type(x) is list:
+            stack.extend(x)
+        elif x is True or x is False:
+            return True
+    return False
 
 
 def encode_response(model: str, version: int, request: InferRequest, outputs: Mapping[str, np.ndarray],
@@ -182,12 +228,12 @@ def encode_response(model: str, version: int, request: InferRequest, outputs: Ma
                                       "inference-header-content-length": str(len(text))}
 
 
-def check_outputs(request: InferRequest, specs: Sequence[TensorSpec]) -> None:
+def check_outputs(names: Sequence[str] | None, specs: Sequence[TensorSpec]) -> None:
     """InputError for a requested output the model does not have (checked before running it)."""
-    if request.outputs is None:
+    if names is None:
         return
     known = {s.name for s in specs}
-    for name in request.outputs:
+    for name in names:
         if name not in known:
             raise InputError(f"unknown output {name!r}; the model returns {', '.join(s.name for s in specs)}")
 

@@ -10,6 +10,7 @@ import time
 from typing import Iterator
 
 import uvicorn
+import uvicorn.logging
 
 from .app import MAX_BODY_BYTES, create_app
 from .repository import Repository
@@ -27,6 +28,12 @@ def _config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
 def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 8000, *,
           max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "info") -> None:
     """Serve the repository until interrupted (SIGINT / SIGTERM: in-flight requests finish, queues drain)."""
+    log = logging.getLogger("compilers")
+    if not log.handlers:                  # what loaded, what failed: in uvicorn's format, beside its lines
+        handler = logging.StreamHandler()
+        handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(log_level.upper())
     uvicorn.Server(_config(create_app(repository, max_body_bytes=max_body_bytes), host, port, log_level)).run()
 
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from ..errors import ArtifactError, BackendUnavailable, CompilerError, ConfigErr
 from ..runtime import CompiledModel
 from .batcher import Batcher, BatchStats, QueueFull
 from .metrics import Metrics
-from .protocol import flat_inputs
+from .protocol import check_outputs, flat_inputs
 from .repository import Repository, choose_version
 
 log = logging.getLogger("compilers")
@@ -190,21 +190,24 @@ class ModelService:
         return model.versions[version]
 
     def index(self) -> list[dict[str, Any]]:
-        """The repository index: every loaded version READY, every model without one UNAVAILABLE with why."""
+        """The repository index: every loaded version READY (with the last load's failure, if it failed), every
+        model without one UNAVAILABLE with why."""
         rows = []
         for name in sorted(set(self.models) | set(self.repository.models())):
             model = self.models.get(name)
             if model is not None and model.versions:
-                rows += [{"name": name, "version": str(v), "state": "READY", "reason": ""} for v in sorted(model.versions)]
+                rows += [{"name": name, "version": str(v), "state": "READY", "reason": model.reason}
+                         for v in sorted(model.versions)]
             else:
                 rows.append({"name": name, "state": "UNAVAILABLE",
                              "reason": model.reason if model is not None else "not loaded"})
         return rows
 
     # -- inference --------------------------------------------------------------------------------------
-    async def infer(self, name: str, version: int | None, inputs: dict[str, np.ndarray]) -> tuple[Version, list[np.ndarray]]:
+    async def infer(self, name: str, version: int | None, inputs: dict[str, np.ndarray],
+                    outputs: Sequence[str] | None = None) -> tuple[Version, list[np.ndarray]]:
         """Run one request (named numpy inputs) on the given version, or on one drawn by the traffic split.
-        Returns the version that ran it and its flat outputs."""
+        Returns the version that ran it and its flat outputs. `outputs`: names the caller asked for (checked)."""
         model = self.model(name)
         if version is None:
             if not model.versions:
@@ -214,6 +217,7 @@ class ModelService:
         served = self.version(name, version)
         labels = (name, str(served.number))
         try:
+            check_outputs(outputs, served.model.signature.outputs)
             flat = flat_inputs(inputs, served.model.signature.inputs)
             # no await between the lookup and the enqueue: a concurrent reload cannot stop this batcher first
             outputs = await served.batcher.infer(flat)
