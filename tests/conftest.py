@@ -1,4 +1,5 @@
-"""Shared test helpers: `assert_same_output` checks the compiled-model contract against eager.
+"""Shared test helpers: `assert_same_output` checks the compiled-model contract against eager; `mlp` is a
+small MLP (6 -> 16 -> 3) compiled for ort-cpu once per session, for the serving tests.
 
 The contract: `cm(...)` returns what `model(...)` returns -- the same container types (HF ModelOutput
 subclasses, torch.return_types, dicts, tuples, lists), the same pytree structure, and per tensor leaf
@@ -12,7 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils import _pytree as pytree
+
+import compilers
 
 FP32_ATOL = 1e-4
 FP32_RTOL = 1e-3
@@ -95,3 +99,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         for target, _, mutant, caught, how in mutants.SCORE:
             terminalreporter.write_line(f"{target:13s} {mutant:36s} {'caught' if caught else 'MISSED'}  {how}")
         terminalreporter.write_line(mutants.score_line())
+
+
+@pytest.fixture(scope="session")
+def mlp():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    return compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))

@@ -33,13 +33,6 @@ SEQ = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "s
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    return compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))
-
-
-@pytest.fixture(scope="module")
 def pool():
     torch.manual_seed(0)
     ids = torch.randint(1, 50, (2, 5))

@@ -361,13 +361,6 @@ def test_flat_inputs_orders_and_names():
 
 # -- the server ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    return compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))
-
-
-@pytest.fixture(scope="module")
 def repo(mlp, tmp_path_factory):
     root = tmp_path_factory.mktemp("protocol")
     mlp.save(root / "artifact")

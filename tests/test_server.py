@@ -30,13 +30,6 @@ from test_batcher import SEQ, Pool
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    return compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))
-
-
-@pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, mlp):
     """Two saved artifacts of the MLP's shape: version "a" (the model) and "b" (other weights)."""
     root = tmp_path_factory.mktemp("artifacts")
