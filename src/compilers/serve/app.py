@@ -113,14 +113,14 @@ class _Routes:
         name, number = request.path_params["name"], _version(request)
         served = self.service.version(name, number)
         versions = [number] if number is not None else sorted(self.service.model(name).versions)
-        sig = served.model.signature
+        sig = served.signature
         return JSONResponse({
             "name": name, "versions": [str(v) for v in versions],
-            "platform": f"compilers_{served.model.target.backend}",
+            "platform": f"compilers_{served.target.backend}",
             "inputs": [tensor_metadata(s) for s in sig.inputs],
             "outputs": [tensor_metadata(s) for s in sig.outputs],
-            "parameters": {"target": served.model.target.name, "batch_dim": sig.batch,
-                           "max_batch_size": served.batcher.config.max_batch_size},
+            "parameters": {"target": served.target.name, "batch_dim": sig.batch,
+                           "max_batch_size": served.batching.max_batch_size},
         })
 
     async def model_ready(self, request: Request) -> Response:
@@ -149,7 +149,7 @@ class _Routes:
                 self.service.metrics.requests.labels(name, version, "invalid").inc()
             raise
         served, outputs = await self.service.infer(name, number, decoded.inputs, decoded.outputs)
-        specs = served.model.signature.outputs
+        specs = served.signature.outputs
         content, headers = encode_response(name, served.number, decoded, dict(zip((s.name for s in specs), outputs)),
                                            specs)
         self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)

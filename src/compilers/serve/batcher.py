@@ -66,17 +66,14 @@ class BatchStats:
     infer_seconds: float
 
 
-class Batcher:
-    """Groups `infer` calls into engine calls of `run` (flat numpy inputs in Signature order -> flat outputs).
+class Combiner:
+    """What may share an engine call and how: a request's rows and compatibility key, and one call over a group
+    of compatible requests (concatenated, padded where declared, outputs split and trimmed back). Shared by the
+    asyncio Batcher here and by the Ray Serve replicas' `@serve.batch` (serve/ray.py)."""
 
-    `start()` in the event loop that calls `infer`; `stop()` drains what is queued, then ends the workers."""
-
-    def __init__(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], signature: Signature, config: Batching,
-                 on_batch: Callable[[BatchStats], None] | None = None):
-        self.run = run
+    def __init__(self, signature: Signature, config: Batching):
         self.signature = signature
         self.config = config
-        self.on_batch = on_batch
         self._in_axes = [signature.batch_axis(s) for s in signature.inputs]
         self._out_axes = [signature.batch_axis(s) for s in signature.outputs]
         self._padded = _paddable_dims(signature, config.pad)
@@ -88,6 +85,59 @@ class Batcher:
             if lacking:
                 raise ConfigError(f"output(s) {', '.join(lacking)} have no batch dim, so batched requests could not "
                                   "be told apart: set [batching] max_batch_size = 1")
+
+    def admit(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int, tuple, dict[str, int]]:
+        """A request checked against the signature: its flat arrays, rows, compatibility key and the sizes of its
+        padded dims. InputError if it does not fit or holds more rows than max_batch_size."""
+        flat = [np.asarray(x) for x in inputs]
+        self.signature.check(flat)
+        sizes = self.signature.dim_sizes(flat)
+        rows = 1 if self.signature.batch is None else sizes[self.signature.batch]
+        if rows > self.config.max_batch_size:
+            raise InputError(f"the request holds {rows} samples, more than this model's max_batch_size "
+                             f"{self.config.max_batch_size}; split it")
+        return flat, rows, self._key(flat, sizes), {d: sizes[d] for d in self._padded if d in sizes}
+
+    def _key(self, flat: list[np.ndarray], sizes: dict[str, int]) -> tuple:
+        """What must match for requests to share a call: every dim that is neither the batch nor padded, and
+        the inputs without a batch dim, by value."""
+        dims = tuple(sorted((d, n) for d, n in sizes.items() if d != self.signature.batch and d not in self._padded))
+        fixed = tuple(x.tobytes() for x, axis in zip(flat, self._in_axes) if axis is None)
+        return dims, fixed
+
+    def call(self, run: Callable[[list[np.ndarray]], list[np.ndarray]],
+             group: Sequence[tuple[list[np.ndarray], int, dict[str, int]]]) -> list[list[np.ndarray]]:
+        """One engine call of `run` over compatible requests (each: flat inputs, rows, padded sizes); the
+        outputs of each request."""
+        if len(group) == 1 and not self._padded:
+            return [run(group[0][0])]
+        target = {d: max(sizes[d] for _, _, sizes in group) for d in group[0][2]}
+        batched = []
+        for i, (spec, axis) in enumerate(zip(self.signature.inputs, self._in_axes)):
+            parts = [_pad(inputs[i], spec.shape, target, self.config.pad.get(spec.name)) for inputs, _, _ in group]
+            batched.append(parts[0] if axis is None else np.concatenate(parts, axis=axis))
+        outputs = run(batched)
+        split, start = [[] for _ in group], 0
+        for j, (_, rows, sizes) in enumerate(group):
+            for out, spec, axis in zip(outputs, self.signature.outputs, self._out_axes):
+                piece = np.take(out, range(start, start + rows), axis=axis)
+                split[j].append(_trim(piece, spec.shape, sizes))
+            start += rows
+        return split
+
+
+class Batcher:
+    """Groups `infer` calls into engine calls of `run` (flat numpy inputs in Signature order -> flat outputs).
+
+    `start()` in the event loop that calls `infer`; `stop()` drains what is queued, then ends the workers."""
+
+    def __init__(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], signature: Signature, config: Batching,
+                 on_batch: Callable[[BatchStats], None] | None = None):
+        self.run = run
+        self.signature = signature
+        self.config = config
+        self.on_batch = on_batch
+        self.combiner = Combiner(signature, config)
         self._pending: deque[_Request] = deque()
         self._changed: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
@@ -119,28 +169,14 @@ class Batcher:
         """The model's outputs for one request (flat numpy inputs, checked against the signature)."""
         if self._changed is None or self._closing:
             raise QueueFull("the model is not serving (stopped or being unloaded); retry")
-        flat = [np.asarray(x) for x in inputs]
-        self.signature.check(flat)
-        rows = 1 if self.signature.batch is None else self.signature.dim_sizes(flat)[self.signature.batch]
-        if rows > self.config.max_batch_size:
-            raise InputError(f"the request holds {rows} samples, more than this model's max_batch_size "
-                             f"{self.config.max_batch_size}; split it")
+        flat, rows, key, sizes = self.combiner.admit(inputs)
         if len(self._pending) >= self.config.queue_size:
             raise QueueFull(f"{len(self._pending)} requests are queued, the most this model takes "
                             f"(queue_size {self.config.queue_size}); retry later")
-        sizes = self.signature.dim_sizes(flat)
-        request = _Request(flat, rows, self._key(flat, sizes), {d: sizes[d] for d in self._padded if d in sizes},
-                           asyncio.get_running_loop().create_future())
+        request = _Request(flat, rows, key, sizes, asyncio.get_running_loop().create_future())
         self._pending.append(request)
         self._wake()
         return await request.future
-
-    def _key(self, flat: list[np.ndarray], sizes: dict[str, int]) -> tuple:
-        """What must match for requests to share a call: every dim that is neither the batch nor padded, and
-        the inputs without a batch dim, by value."""
-        dims = tuple(sorted((d, n) for d, n in sizes.items() if d != self.signature.batch and d not in self._padded))
-        fixed = tuple(x.tobytes() for x, axis in zip(flat, self._in_axes) if axis is None)
-        return dims, fixed
 
     # -- workers ----------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -203,21 +239,7 @@ class Batcher:
 
     # -- one engine call (in a worker thread) -----------------------------------------------------------
     def _call(self, group: list[_Request]) -> list[list[np.ndarray]]:
-        if len(group) == 1 and not self._padded:
-            return [self.run(group[0].inputs)]
-        target = {d: max(r.sizes[d] for r in group) for d in group[0].sizes}
-        batched = []
-        for i, (spec, axis) in enumerate(zip(self.signature.inputs, self._in_axes)):
-            parts = [_pad(r.inputs[i], spec.shape, target, self.config.pad.get(spec.name)) for r in group]
-            batched.append(parts[0] if axis is None else np.concatenate(parts, axis=axis))
-        outputs = self.run(batched)
-        split, start = [[] for _ in group], 0
-        for j, r in enumerate(group):
-            for out, spec, axis in zip(outputs, self.signature.outputs, self._out_axes):
-                piece = np.take(out, range(start, start + r.rows), axis=axis)
-                split[j].append(_trim(piece, spec.shape, r.sizes))
-            start += r.rows
-        return split
+        return self.combiner.call(self.run, [(r.inputs, r.rows, r.sizes) for r in group])
 
 
 def _paddable_dims(signature: Signature, pad: Mapping[str, float]) -> set[str]:

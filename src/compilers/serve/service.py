@@ -16,16 +16,17 @@ import asyncio
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, CompilerError, ConfigError, InputError
-from ..runtime import CompiledModel
-from .batcher import Batcher, BatchStats, QueueFull
+from ..signature import Signature
+from ..target import Target
+from .batcher import Batcher, Batching, BatchStats, QueueFull
 from .metrics import Metrics
 from .protocol import check_outputs, flat_inputs
-from .repository import Repository, choose_version
+from .repository import ModelEntry, Repository, choose_version
 
 log = logging.getLogger("compilers")
 
@@ -44,11 +45,30 @@ class LoadFailed(CompilerError):
 
 @dataclass(eq=False)
 class Version:
-    """One loaded version: the compiled model and its batcher."""
+    """One loaded version, wherever its engine runs: what it takes and returns, and how to reach it."""
 
     number: int
-    model: CompiledModel
-    batcher: Batcher
+    signature: Signature
+    target: Target
+    batching: Batching
+    # one request's flat inputs -> its flat outputs; checks and enqueues before its first await
+    infer: Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]]
+    stop: Callable[[], Awaitable[None]]          # stop taking requests, finish the ones held
+
+
+class LocalEngines:
+    """Versions whose engines run in this process: the artifact loaded, with its own dynamic Batcher."""
+
+    def __init__(self, check_versions: bool = True):
+        self.check_versions = check_versions
+
+    async def open(self, repository: Repository, entry: ModelEntry, number: int,
+                   observe: Callable[[BatchStats], None]) -> Version:
+        cm = await asyncio.to_thread(repository.load_version, entry.name, number, check_versions=self.check_versions,
+                                     options=entry.config.engine)
+        batcher = Batcher(cm.run_flat, cm.signature, entry.config.batching, on_batch=observe)
+        await batcher.start()
+        return Version(number, cm.signature, cm.target, entry.config.batching, batcher.infer, batcher.stop)
 
 
 @dataclass(eq=False)
@@ -71,11 +91,11 @@ class ModelService:
     server's event loop; `stop()` drains every batcher."""
 
     def __init__(self, repository: Repository, metrics: Metrics | None = None, *, rng: random.Random | None = None,
-                 check_versions: bool = True):
+                 check_versions: bool = True, engines: Any = None):
         self.repository = repository
         self.metrics = metrics or Metrics()
         self.rng = rng or random.Random()
-        self.check_versions = check_versions
+        self.engines = engines or LocalEngines(check_versions)   # where versions run: here, or Ray Serve replicas
         self.models: dict[str, Model] = {}
         self.started = False
 
@@ -119,12 +139,7 @@ class ModelService:
                 if not entry.live:
                     raise ConfigError("; ".join(entry.problems) or f"model {name!r} has no version to serve")
                 for number in entry.live:
-                    cm = await asyncio.to_thread(self.repository.load_version, name, number,
-                                                 check_versions=self.check_versions, options=entry.config.engine)
-                    batcher = Batcher(cm.run_flat, cm.signature, entry.config.batching,
-                                      on_batch=self._observer(name, number))
-                    await batcher.start()
-                    fresh.append(Version(number, cm, batcher))
+                    fresh.append(await self.engines.open(self.repository, entry, number, self._observer(name, number)))
             except (ConfigError, ArtifactError, BackendUnavailable) as e:
                 await self._retire(model, fresh)
                 serving = f"; still serving version(s) {sorted(model.versions)}" if model.versions else ""
@@ -155,7 +170,7 @@ class ModelService:
             await self._retire(model, old)
 
     async def _retire(self, model: Model, versions: list[Version]) -> None:
-        await asyncio.gather(*(v.batcher.stop() for v in versions))
+        await asyncio.gather(*(v.stop() for v in versions))
 
     def _observer(self, model: str, version: int):
         labels = (model, str(version))
@@ -217,10 +232,10 @@ class ModelService:
         served = self.version(name, version)
         labels = (name, str(served.number))
         try:
-            check_outputs(outputs, served.model.signature.outputs)
-            flat = flat_inputs(inputs, served.model.signature.inputs)
-            # no await between the lookup and the enqueue: a concurrent reload cannot stop this batcher first
-            outputs = await served.batcher.infer(flat)
+            check_outputs(outputs, served.signature.outputs)
+            flat = flat_inputs(inputs, served.signature.inputs)
+            # no await between the lookup and the enqueue: a concurrent reload cannot stop this version first
+            outputs = await served.infer(flat)
         except InputError:
             self.metrics.requests.labels(*labels, "invalid").inc()
             raise
