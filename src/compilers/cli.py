@@ -219,6 +219,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.repository import Repository
     if a.max_body_mb <= 0:
         raise InputError(f"--max-body-mb must be positive, not {a.max_body_mb}")
+    if a.address and not a.ray:
+        raise InputError("--address is the Ray cluster to join; it needs --ray")
+    if a.ray:
+        try:
+            from .serve.ray import serve_on_ray
+        except ImportError as e:
+            raise InputError(f"compilers serve --ray needs the ray extra ({e.name} is missing): "
+                             f"pip install 'compilers[serve,ray]'") from None
+        Repository(a.repository)                      # a missing directory is an error before Ray starts
+        serve_on_ray(a.repository, a.host, a.port, address=a.address)
+        return 0
     serve(Repository(a.repository), a.host, a.port, max_body_bytes=int(a.max_body_mb * (1 << 20)),
           log_level=a.log_level)
     return 0
@@ -271,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--max-body-mb", type=float, default=64, help="largest request body accepted (default 64 MiB)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--ray", action="store_true", help="serve on Ray Serve: a deployment per model version, "
+                                                      "replicas and autoscaling from serving.toml [replicas]")
+    s.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local one)")
     s.set_defaults(run=cmd_serve)
     return p
 

@@ -32,7 +32,7 @@ from ..errors import CompilerError, ConfigError, InputError
 from .batcher import QueueFull
 from .protocol import HEADER_LENGTH, decode_request, encode_response, tensor_metadata
 from .repository import Repository
-from .service import LoadFailed, ModelService, NotReady, UnknownModel
+from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
 
 log = logging.getLogger("compilers")
 
@@ -43,7 +43,7 @@ except PackageNotFoundError:        # running from a source tree that is not ins
     _VERSION = "unknown"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _STATUS = ((InputError, 400), (LoadFailed, 400), (ConfigError, 400), (UnknownModel, 404), (NotReady, 503),
-           (QueueFull, 503))
+           (QueueFull, 503), (Unavailable, 503))
 
 
 def create_app(repository: str | Repository | ModelService, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:

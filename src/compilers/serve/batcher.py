@@ -105,6 +105,20 @@ class Combiner:
         fixed = tuple(x.tobytes() for x, axis in zip(flat, self._in_axes) if axis is None)
         return dims, fixed
 
+    def groups(self, keys_and_rows: Sequence[tuple[tuple, int]]) -> list[list[int]]:
+        """Requests (key, rows) in arrival order split into engine calls: compatible requests together, in order,
+        at most max_batch_size rows each. Returns the requests' indexes per call."""
+        calls: list[tuple[tuple, int, list[int]]] = []
+        for i, (key, rows) in enumerate(keys_and_rows):
+            for n, (k, total, members) in enumerate(calls):
+                if k == key and total + rows <= self.config.max_batch_size:
+                    members.append(i)
+                    calls[n] = (k, total + rows, members)
+                    break
+            else:
+                calls.append((key, rows, [i]))
+        return [members for _, _, members in calls]
+
     def call(self, run: Callable[[list[np.ndarray]], list[np.ndarray]],
              group: Sequence[tuple[list[np.ndarray], int, dict[str, int]]]) -> list[list[np.ndarray]]:
         """One engine call of `run` over compatible requests (each: flat inputs, rows, padded sizes); the

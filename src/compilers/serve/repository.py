@@ -45,6 +45,18 @@ class Versions:
 
 
 @dataclass(frozen=True)
+class Replicas:
+    """serving.toml `[replicas]`: how many Ray Serve replicas serve each version (`compilers serve --ray`);
+    min < max turns on Ray Serve's autoscaling. `compilers serve` on one machine uses [batching] instances."""
+
+    min: int = option(1, "replicas at least", minimum=0)
+    max: int = option(1, "replicas at most", minimum=1)
+    target_ongoing_requests: float = option(2.0, "autoscaling aims at this many requests in flight per replica",
+                                            minimum=0.01)
+    cpus: float = option(1.0, "CPUs Ray reserves for each replica", minimum=0)
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     """A model's serving.toml; the defaults are what a model without one gets."""
 
@@ -52,16 +64,17 @@ class ServingConfig:
     traffic: Mapping[int, float] = field(default_factory=dict)   # version -> percent; empty: newest live takes all
     batching: Batching = field(default_factory=Batching)
     engine: Mapping[str, Any] = field(default_factory=dict)      # runtime options for load (threads, spinning, ...)
+    replicas: Replicas = field(default_factory=Replicas)
 
 
 def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
     """A ServingConfig from a parsed serving.toml (`where` names the file in errors). Checks that need the
     versions on disk (traffic to a live version, specific versions present) happen in `Repository.model`."""
-    unknown = sorted(set(data) - {"versions", "traffic", "batching", "engine"})
+    tables = ("versions", "traffic", "batching", "engine", "replicas")
+    unknown = sorted(set(data) - set(tables))
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {unknown}; serving.toml has [versions], [traffic], [batching] "
-                          f"and [engine]")
-    for name in ("versions", "traffic", "batching", "engine"):
+        raise ConfigError(f"{where}: unknown table(s) {unknown}; serving.toml has {', '.join(f'[{t}]' for t in tables)}")
+    for name in tables:
         if name in data and not isinstance(data[name], dict):
             raise ConfigError(f"{where}: {name} must be a table ([{name}]), not {data[name]!r}")
     table = data.get("versions", {})
@@ -76,8 +89,11 @@ def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
     for key, value in engine.items():
         if not isinstance(value, (bool, int, float, str)):
             raise ConfigError(f"{where} [engine]: {key} = {value!r} must be a number, string or boolean")
+    replicas = parse(Replicas, data.get("replicas", {}), f"{where} [replicas]", error=ConfigError)
+    if replicas.min > replicas.max:
+        raise ConfigError(f"{where} [replicas]: min = {replicas.min} exceeds max = {replicas.max}")
     return ServingConfig(versions, _parse_traffic(data.get("traffic", {}), where),
-                         _parse_batching(data.get("batching", {}), where), dict(engine))
+                         _parse_batching(data.get("batching", {}), where), dict(engine), replicas)
 
 
 def _parse_traffic(table: Mapping[str, Any], where: str) -> dict[int, float]:

@@ -39,6 +39,10 @@ class NotReady(CompilerError):
     """The model is in the repository but has no version loaded: unloaded, or its load failed (HTTP 503)."""
 
 
+class Unavailable(CompilerError):
+    """The version's engine could not answer (a Ray Serve replica died or is restarting): retry (HTTP 503)."""
+
+
 class LoadFailed(CompilerError):
     """A load or reload failed; the versions that were serving still serve (HTTP 400, as Triton answers)."""
 
