@@ -187,5 +187,13 @@ def serve_on_ray(repository: str, host: str = "127.0.0.1", port: int = 8000, add
     interrupted."""
     import ray
     ray.init(address=address, ignore_reinit_error=True)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build({"repository": repository}), name=INGRESS, route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build({"repository": repository}), name=INGRESS, route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        log.info("interrupted: removing the application")
+    finally:
+        serve.delete(INGRESS)          # replicas finish what they hold (graceful_shutdown_timeout_s)
+        if address is None:            # the local Ray instance this started
+            serve.shutdown()
+            ray.shutdown()
