@@ -1,4 +1,4 @@
-"""The `compilers` command: compile, targets, validate, bench, report, publish, serve.
+"""The `compilers` command: compile, targets, validate, bench, report, publish, serve, export-triton.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
 dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`.
@@ -210,6 +210,20 @@ def cmd_publish(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_triton(a: argparse.Namespace) -> int:
+    import warnings
+    from .serve.triton import CONFIG_FILE, export_triton
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        version = export_triton(a.artifact, a.version_dir, a.serving, force=a.force)
+    files = ", ".join(sorted(p.name for p in version.iterdir()))
+    print(f"wrote {version} ({files}) and {version.parent / CONFIG_FILE}: version {version.name} of Triton model "
+          f"{version.parent.resolve().name}")
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         from .serve.server import serve
@@ -276,6 +290,16 @@ def parser() -> argparse.ArgumentParser:
     pb.add_argument("artifact", help="a saved artifact directory")
     pb.add_argument("model_dir", metavar="REPO/MODEL", help="the model's directory in the repository")
     pb.set_defaults(run=cmd_publish)
+    et = sub.add_parser("export-triton", help="write an artifact as a version of a Triton Inference Server model, "
+                                              "with its config.pbtxt")
+    et.add_argument("artifact", help="a saved artifact directory (onnxruntime, openvino or torchscript)")
+    et.add_argument("version_dir", metavar="REPO/MODEL/VERSION",
+                    help="the version directory to write (a positive integer); config.pbtxt goes in REPO/MODEL")
+    et.add_argument("--serving", metavar="PATH", help="serving.toml to take batching, instances, versions and "
+                                                      "[engine] from (default: REPO/MODEL/serving.toml if present)")
+    et.add_argument("--force", action="store_true", help="replace an existing version, and a config.pbtxt that "
+                                                         "other versions use")
+    et.set_defaults(run=cmd_export_triton)
     s = sub.add_parser("serve", help="serve a model repository over HTTP (the Open Inference Protocol, KServe v2)")
     s.add_argument("repository", metavar="REPO", help="directory of REPO/<model>/<version>/ artifacts")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
