@@ -45,6 +45,7 @@ from .service import ModelService, Unavailable, Version
 log = logging.getLogger("compilers")
 
 INGRESS = "compilers"
+INGRESS_CONCURRENCY = 2048
 _RETRIABLE: tuple[type[BaseException], ...] = (RayActorError,)
 try:                                   # names that moved between Ray releases
     from ray.exceptions import ActorUnavailableError
@@ -178,7 +179,10 @@ def build(args: Mapping[str, Any]) -> Any:
                                                  "target_ongoing_requests": r.target_ongoing_requests}
             handles[deployment_name(name, number)] = serve.deployment(VersionReplica).options(**options).bind(
                 str(repo.path), name, number)
-    ingress = serve.deployment(Ingress).options(name=INGRESS, ray_actor_options={"num_cpus": 0})
+    # the ingress only awaits the versions: it must take many requests at once (Ray's default is 5), or it, not
+    # the replicas' batching, would bound how many requests are in flight
+    ingress = serve.deployment(Ingress).options(name=INGRESS, ray_actor_options={"num_cpus": 0},
+                                                max_ongoing_requests=INGRESS_CONCURRENCY)
     return ingress.bind(str(repo.path), handles)
 
 
