@@ -71,6 +71,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     cm.save(a.out)
     print(cm.report)
     print(f"saved to {a.out}")
+    print(f"digest: {cm.digest}  (pin it: compilers.load({str(a.out)!r}, digest={cm.digest!r}))")
     return 1 if cm.report.validation is not None and not cm.report.validation.passed else 0
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import collections
 import importlib
+import inspect
 import json
+import re
+import sys
 from typing import Any, Mapping
 
+import torch
 from torch.utils import _pytree as pytree
 
 from .errors import ArtifactError
@@ -50,34 +54,73 @@ def _name_tuple_types(spec: pytree.TreeSpec) -> None:
         _name_tuple_types(child)
 
 
+# Modules whose container types `loads` may import itself: the output classes of an installed transformers
+# (ModelOutput subclasses register themselves as pytree nodes when their module is imported). These are
+# fixed patterns of this library, checked against the name; any other module must already be imported.
+_IMPORTABLE = re.compile(r"transformers\.(modeling_outputs|models\.[a-z0-9_]+\.modeling_[a-z0-9_]+)")
+
+
 def loads(schema: Any) -> pytree.TreeSpec:
-    """treespec_loads, first importing the container types it names (a transformers ModelOutput, a namedtuple)."""
-    def names(node: Mapping[str, Any]):
-        yield node["type"]
-        if node["type"] == "collections.namedtuple":
-            yield node["context"]
-        for child in node["children_spec"]:
-            yield from names(child)
+    """treespec_loads for a saved schema, never importing a module a name in it asks for.
 
-    for name in set(names(schema[1])) - {None} - set(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE):
-        cls = _import_type(name)
-        if _is_tuple_type(cls):
-            _name_tuple_type(cls)
-        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
-            raise ArtifactError(f"the output type {name} cannot be rebuilt: it is not a registered pytree node "
-                             "after importing its module; import the code that registers it before loading")
-    return pytree.treespec_loads(json.dumps(schema))
+    A container type is rebuilt when it is registered with pytree (builtins, and the types of code already
+    imported, which registers them), a namedtuple or structseq of a module that is already imported (found
+    without running anything), or a transformers ModelOutput (its fixed modules are imported from the
+    installed transformers). Anything else is an ArtifactError, with nothing imported: a manifest must not
+    choose code to run."""
+    try:
+        wanted = set(_names(schema[1])) - {None}
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise ArtifactError(f"the saved output structure is malformed ({type(e).__name__}: {e}); re-save the artifact") from None
+    for name in sorted(wanted - set(pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE)):
+        if not isinstance(name, str):
+            raise ArtifactError(f"the saved output structure names a type {name!r} that is not a name; re-save the artifact")
+        _resolve(name)
+    try:
+        return pytree.treespec_loads(json.dumps(schema))
+    except Exception as e:      # a schema this torch cannot read: a wrong shape, an unknown protocol
+        raise ArtifactError(f"the saved output structure cannot be read by torch {torch.__version__} "
+                            f"({type(e).__name__}: {e}); re-save the artifact with this torch") from None
 
 
-def _import_type(name: str) -> Any:
-    """The object a dotted `module.Qual.Name` names, importing the longest importable module prefix."""
+def _names(node: Mapping[str, Any]):
+    yield node["type"]
+    if node["type"] == "collections.namedtuple":
+        yield node["context"]
+    for child in node["children_spec"]:
+        yield from _names(child)
+
+
+def _resolve(name: str) -> None:
+    """Register the container type `name` for treespec_loads, or raise ArtifactError; imports no module but
+    the fixed transformers ones of _IMPORTABLE."""
+    module_name, _, _ = name.rpartition(".")
+    if _IMPORTABLE.fullmatch(module_name) and module_name not in sys.modules:
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            raise ArtifactError(f"the output type {name} cannot be rebuilt: install transformers (it defines "
+                                "it) before loading") from None
+        if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            return
+    cls = _imported(name)
+    if _is_tuple_type(cls):
+        _name_tuple_type(cls)
+    if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+        raise ArtifactError(f"the output type {name} cannot be rebuilt: it is not a container type this process "
+                            "knows. load() never imports modules named in an artifact; import (and register with "
+                            "torch.utils._pytree) the code you trust that defines it, then load again")
+
+
+def _imported(name: str) -> Any:
+    """The object a dotted `module.Qual.Name` names in a module that is already imported, else None. Looks
+    in the modules' and classes' own dicts, so no module __getattr__ (lazy import) runs."""
     parts = name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
+        obj = sys.modules.get(".".join(parts[:cut]))
+        if obj is None:
             continue
         for attr in parts[cut:]:
-            obj = getattr(obj, attr, None)
+            obj = inspect.getattr_static(obj, attr, None)
         return obj
-    raise ArtifactError(f"the output type {name} cannot be rebuilt: install the package that defines it")
+    return None

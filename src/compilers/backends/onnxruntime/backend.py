@@ -159,7 +159,28 @@ class OnnxRuntimeBackend(Backend):
         return engine
 
     def load(self, spec: Spec) -> Engine:
-        return OrtEngine((spec.workdir / MODEL_FILE).read_bytes(), spec.settings)
+        model_bytes = (spec.workdir / MODEL_FILE).read_bytes()
+        refuse_external_data(model_bytes, spec.workdir / MODEL_FILE)
+        return OrtEngine(model_bytes, spec.settings)
+
+
+def refuse_external_data(model_bytes: bytes, path: Path) -> None:
+    """ArtifactError when the ONNX model names external data files: a session made from bytes would read them
+    relative to the current directory, outside the verified artifact (and this backend saves whole models)."""
+    if b"location" not in model_bytes:     # every external tensor names its file under the key "location"
+        return
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    from ...errors import ArtifactError
+    try:
+        model = onnx.load_model_from_string(model_bytes)
+    except Exception as e:
+        raise ArtifactError(f"{path} is not a readable ONNX model ({e}); re-save the artifact") from None
+    external = [tensor for tensor in _get_all_tensors(model) if uses_external_data(tensor)]
+    if external:
+        named = sorted({entry.value for tensor in external for entry in tensor.external_data if entry.key == "location"})
+        raise ArtifactError(f"{path} names external data file(s) {named}: a compilers artifact keeps the whole ONNX "
+                            "model in model.onnx and loads no tensor from other files; re-save it with cm.save(dir)")
 
 
 def as_numpy(values: Sequence[Any]) -> list[Any]:
