@@ -163,15 +163,16 @@ def test_compile_restores_training_mode():
 def test_export_ladder_falls_back_and_validation_refuses_a_wrong_engine():
     pos, neg = (torch.ones(2, 4),), (-torch.ones(2, 4),)
     with pytest.raises(compilers.ValidationError) as info:
-        compilers.compile(Branchy(), TARGET, pos, calibration=[neg])
+        compilers.compile(Branchy(), TARGET, pos, calibration=[neg], accept_traced_branches=True)
     report = info.value.report
     assert not report.passed and report.outputs[0].failure
     assert "fp32 noise" in str(info.value) and report.reference == "float64 eager"
     with pytest.warns(RuntimeWarning, match="disagrees"):
-        cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate="warn")
+        cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate="warn",
+                               accept_traced_branches=True)
     assert cm.report.route == "onnx-torchscript"
     assert cm.report.attempts[0][0] == "onnx-dynamo"
-    cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate=False)
+    cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate=False, accept_traced_branches=True)
     assert cm.report.validation is None
 
 

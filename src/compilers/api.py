@@ -17,13 +17,13 @@ from .cache import cache_key, calibration_checked, load_reference, reference_pat
 from .calibration import calibration_set, flat_samples
 from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
 from .host import library_versions
-from .lower import run_ladder
+from .lower import FROZEN_NOTE, run_ladder
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
 from .select import compile_auto, reusable
-from .signature import Captured, Signature, capture
+from .signature import Captured, Signature, capture, restore_modes, train_modes
 from .target import Auto, Target, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 
@@ -73,7 +73,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
             validate: bool | str = True, metric: Metric | None = None,
-            cache_dir: str | Path | None = None) -> CompiledModel:
+            cache_dir: str | Path | None = None, accept_traced_branches: bool = False) -> CompiledModel:
     """Compile `model` for `target`, validate it against eager, and return a CompiledModel.
 
     example_inputs: a tuple (positional args), a dict (keyword args) or a lone tensor.
@@ -85,6 +85,13 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     metric: a task metric (e.g. accuracy on labelled data) the compiled model must also keep, within its
         `max_drop` of eager's score; the int8 accuracy loop keeps layers in float until it does.
     cache_dir: reuse a build when weights, code, signature, target, versions and CPU ISA match.
+    accept_traced_branches: a lowering route that traces (TorchScript tracing, OpenVINO's direct import)
+        records only the branch the example takes through data-dependent control flow (`if x.sum() > 0:`);
+        compile refuses such a build with ExportError naming the line, unless this is True (the branch is
+        then frozen, and the report notes it).
+
+    The model compiles and validates in eval mode; its own train/eval modes, each submodule's included,
+    are restored when compile returns.
 
     An auto target (e.g. "auto-cpu") compiles and validates each of its candidates, times the valid ones
     and returns the fastest; `cm.report.candidates` holds every candidate's verdict and timing. With
@@ -99,12 +106,12 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     descriptor = load_descriptor(target)
     if isinstance(descriptor, Auto):
         return _compile_auto(model, descriptor, example_inputs, dynamic_shapes, calibration, samples, validate,
-                             metric, cache_dir)
+                             metric, cache_dir, accept_traced_branches)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     r = resolve(descriptor)
     check_supported(model, r.target)
-    was_training = model.training
+    modes = train_modes(model)
     model.eval()
     try:
         captured = capture(model, example_inputs, dynamic_shapes, r.target.shapes)
@@ -131,10 +138,13 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
             digest = calib.digest if calib is not None and r.target.precision == "int8" else None
             entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
             cm = _cached(entry)
+            if cm is not None and not accept_traced_branches and any(FROZEN_NOTE in n for n in cm.report.notes):
+                cm = None   # built with a frozen branch accepted: lower again, which refuses it
         judged = None     # the accuracy loop's verdict on the model it returns, where it ran
         if cm is None:
             judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
-            cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge)
+            cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge,
+                        accept_traced_branches)
             judged = cm.report.validation
             cm.report.notes.extend(captured.notes)
             if plan is not None and samples is None:
@@ -156,7 +166,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
         if entry is not None and cm.report.cache == "miss" and (not validate or cm.report.validation.passed):
             cm.save(entry)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     cm.report.seconds["total"] = time.perf_counter() - t0
     return cm
 
@@ -164,7 +174,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
 def _compile_auto(model: torch.nn.Module, auto: Auto, example_inputs: Any,
                   dynamic_shapes: Mapping[str, Mapping[int, str]] | None, calibration: Iterable[Any] | None,
                   samples: Iterable[Any] | None, validate: bool | str, metric: Metric | None,
-                  cache_dir: str | Path | None) -> CompiledModel:
+                  cache_dir: str | Path | None, accept_traced_branches: bool = False) -> CompiledModel:
     """compile() for an auto target: `select.compile_auto` with a builder that compiles one candidate."""
     if validate is not True:
         raise InputError(f"auto target {auto.name!r} validates every candidate and never returns one that fails: "
@@ -173,7 +183,8 @@ def _compile_auto(model: torch.nn.Module, auto: Auto, example_inputs: Any,
 
     def build(candidate: Target) -> CompiledModel:
         return compile(model, candidate, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
-                       samples=samples, metric=metric, cache_dir=cache_dir)
+                       samples=samples, metric=metric, cache_dir=cache_dir,
+                       accept_traced_branches=accept_traced_branches)
     return compile_auto(model, auto, example_inputs, build, dynamic_shapes=dynamic_shapes, calibration=calibration,
                         samples=samples, metric=metric, cache_dir=cache_dir)
 
@@ -232,7 +243,8 @@ def _int8_advice(cm: CompiledModel) -> str:
 
 def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
            calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str],
-           judge: Callable[[CompiledModel], ValidationReport] | None = None) -> CompiledModel:
+           judge: Callable[[CompiledModel], ValidationReport] | None = None,
+           accept_traced_branches: bool = False) -> CompiledModel:
     """Lower, optimize and build; for int8 with a `judge` (the validation), run the accuracy loop, whose
     verdict on the model returned is left in its report."""
     report = Report(target=r.target.name, backend=r.backend.name, precision=r.target.precision, versions=versions)
@@ -242,8 +254,9 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
         t = time.perf_counter()
         lowered = run_ladder(r.backend.routes_for(r.settings),
                              lambda route, flat, examples: r.backend.lower(route, flat, examples, spec),
-                             model, signature, example, spec.workdir)
+                             model, signature, example, spec.workdir, accept_traced_branches)
         seconds["lower"] = time.perf_counter() - t
+        report.notes.extend(lowered.notes)
         report.route, report.attempts, report.opset, report.nodes_before = \
             lowered.route, lowered.attempts, lowered.opset, lowered.nodes
         t = time.perf_counter()
@@ -331,11 +344,11 @@ def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any],
     flats = flat_samples(cm.signature, samples, None, "validation")
     if not flats:
         raise InputError("validate needs at least one sample")
-    was_training = model.training
+    modes = train_modes(model)
     model.eval()
     try:
         reference = compute_reference(model, cm.signature, (), [(f"sample {i + 1}", f) for i, f in enumerate(flats)],
                                       float64=cm.target.tolerance.noise is not None)
         return check(cm, _with_metric(reference, metric, model))
     finally:
-        model.train(was_training)
+        restore_modes(modes)

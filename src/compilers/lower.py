@@ -6,9 +6,11 @@ Every attempt is recorded, so the report says which route worked and why the oth
 """
 from __future__ import annotations
 
+import linecache
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -34,31 +36,56 @@ class Lowered:
     attempts: list[tuple[str, str]] = field(default_factory=list)   # (route, why it failed)
     seconds: float = 0.0
     examples: tuple = ()             # the flat inputs it was lowered with (to check rewrites of it on)
+    notes: list[str] = field(default_factory=list)   # what the report should say about the lowering
 
 
 OwnRoute = Callable[[str, FlatModule, tuple], "Lowered"]
+#: routes that run torch.export, which refuses data-dependent control flow instead of tracing through it
+EXPORT_ROUTES = ("onnx-dynamo", "torch-export")
+#: the API keyword that accepts a data-dependent branch frozen by tracing (compile(..., accept_traced_branches=True))
+ACCEPT = "accept_traced_branches"
+FROZEN_NOTE = "data-dependent control flow frozen by tracing, accepted with accept_traced_branches=True"
 
 
 def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Module, signature: Signature,
-               examples: Sequence[torch.Tensor], workdir: Path) -> Lowered:
+               examples: Sequence[torch.Tensor], workdir: Path, accept_traced_branches: bool = False) -> Lowered:
     """Lower `model` by the first of `routes` that works; ExportError listing every failure if none does.
 
     The ONNX routes are this module's; any other route is the backend's own, run by `own_route(route,
-    flat_module, examples)`."""
+    flat_module, examples)`.
+
+    A route that traces (TorchScript tracing, OpenVINO's direct import) records one path through Python
+    control flow. When torch.export refused the model for data-dependent control flow (an earlier route, or
+    a probe run when the tracer converted a tensor to a Python value), a tracing route that succeeds has
+    frozen the branch the example took: ExportError naming the line, unless `accept_traced_branches`."""
     attempts: list[tuple[str, str]] = []
+    refused: str | None = None    # torch.export's reason for refusing data-dependent control flow
+    exported = False              # whether a torch.export route ran (its verdict on the control flow is known)
     flat = FlatModule(model, signature).eval()
     for route in routes:
         t0 = time.perf_counter()
         try:
-            with quiet():
+            with quiet(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", torch.jit.TracerWarning)
                 if route in ONNX_ROUTES:
                     lowered = ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
                 else:
                     lowered = own_route(route, flat, tuple(examples))
         except Exception as e:  # every exporter failure is a reason to try the next route
+            exported = exported or route in EXPORT_ROUTES
+            refused = refused or data_dependent(e)
             attempts.append((route, _first_line(e)))
             logging.getLogger(__name__).info("route %s failed: %s", route, attempts[-1][1])
             continue
+        if route not in EXPORT_ROUTES:
+            conversions = tracer_conversions(caught)
+            if conversions and refused is None and not exported:
+                refused = _export_probe(flat, signature, tuple(examples))
+            if refused is not None:
+                message = frozen_branch_message(route, conversions, refused)
+                if not accept_traced_branches:
+                    raise ExportError(message)
+                lowered.notes.append(f"{FROZEN_NOTE}: {message.split(';')[0]}")
         lowered.attempts = attempts
         lowered.seconds = time.perf_counter() - t0
         lowered.examples = tuple(examples)
@@ -66,8 +93,75 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
     ops = sorted({_op_name(op) for _, why in attempts for op in _ATEN_OP.findall(why)})
     detail = "; ".join(f"{r}: {why}" for r, why in attempts)
     hint = f"unsupported operator(s): {', '.join(ops)}. " if ops else ""
+    if refused is not None:
+        hint += (f"torch.export refused data-dependent control flow at {_call_site(refused) or 'an unknown line'}: "
+                 "express it with torch.where or torch.cond. ")
     raise ExportError(f"every lowering route failed for {type(model).__name__}. {hint}{detail}. "
                       "Rewrite the offending code with supported ops, or try another target (`compilers targets`).")
+
+
+# -- data-dependent control flow ---------------------------------------------------------------------
+_CONVERSION = re.compile(r"Converting a tensor to a Python (boolean|number|integer|float|index)")
+_RAISED_AT = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def data_dependent(e: BaseException) -> str | None:
+    """torch.export's message when `e` (or its cause) is its refusal of data-dependent control flow."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if type(e).__name__ == "GuardOnDataDependentSymNode" or "data-dependent" in text:
+            return _ANSI.sub("", text)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def tracer_conversions(caught: Sequence[warnings.WarningMessage]) -> list[tuple[str, int, str]]:
+    """(file, line, what) of each tensor the tracer turned into a Python bool or number (a frozen value)."""
+    found = {}
+    for w in caught:
+        m = _CONVERSION.search(str(w.message)) if issubclass(w.category, torch.jit.TracerWarning) else None
+        if m:
+            found.setdefault((w.filename, w.lineno), f"a tensor converted to a Python {m.group(1)}")
+    return [(f, line, what) for (f, line), what in found.items()]
+
+
+def _call_site(reason: str) -> str | None:
+    """`file:line (code)` where torch.export says the data-dependent guard was raised."""
+    after = reason.split("raised this error", 1)[-1]
+    sites = [(f, int(n)) for f, n in _RAISED_AT.findall(after)]
+    user = [s for s in sites if "/site-packages/" not in s[0] and "/torch/" not in s[0]] or sites
+    return _where(*user[-1]) if user else None
+
+
+def _where(filename: str, lineno: int) -> str:
+    code = linecache.getline(filename, lineno).strip()
+    return f"{filename}:{lineno}" + (f" (`{code[:120]}`)" if code else "")
+
+
+def _export_probe(flat: FlatModule, signature: Signature, examples: tuple) -> str | None:
+    """torch.export's reason if it refuses the model for data-dependent control flow; None if it accepts it
+    or fails for another reason (then the tracer's conversions are taken to follow shapes, which the grown
+    example validates)."""
+    _, per_input = export_dims(signature)
+    try:
+        with quiet():
+            torch.export.export(flat, examples, dynamic_shapes=(per_input,), strict=False)
+    except Exception as e:
+        return data_dependent(e)
+    return None
+
+
+def frozen_branch_message(route: str, conversions: Sequence[tuple[str, int, str]], refused: str) -> str:
+    """ExportError text: the lines where tracing froze a data-dependent value, and what to do."""
+    sites = [f"{_where(f, n)}: {what}" for f, n, what in conversions[:3]] or \
+        [f"{_call_site(refused) or 'an unknown line'}: torch.export found a data-dependent branch"]
+    return (f"the {route} route traced through data-dependent control flow at {'; '.join(sites)}; the compiled "
+            "model would always take the branch (or keep the value) of the example, whatever the inputs. "
+            "torch.export refused it for that reason. Express it with torch.where or torch.cond, use "
+            "torchscript-cpu with mode = \"script\", or, if the branch never changes for your inputs, accept it "
+            f"with compile(..., {ACCEPT}=True)")
 
 
 _ATEN_OP = re.compile(r"\baten(?:::|\.)[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?")

@@ -9,18 +9,19 @@ model's own output type from the engine's flat outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
 from . import treespec
-from .errors import InputError
+from .errors import ExportError, InputError
 from .target import DimRange
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
@@ -63,17 +64,29 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class Leaf:
-    """A leaf of an argument or output tree: engine slot `index`, or the constant `value`."""
+    """A leaf of an argument or output tree: engine slot `index`, the constant `value`, or (outputs only)
+    `size`: (slot, axis), the Python int size of that axis of that flat output (`x.shape[0]` returned by a
+    model whose output has that dim)."""
 
     index: int | None = None
     value: Any = None
+    size: tuple[int, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        if self.size is not None:
+            return {"size": list(self.size)}
         return {"index": self.index} if self.index is not None else {"const": self.value}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Leaf":
+        if "size" in d:
+            return cls(size=tuple(d["size"]))
         return cls(index=d["index"]) if "index" in d else cls(value=d["const"])
+
+    def get(self, values: Sequence[Any]) -> Any:
+        if self.index is not None:
+            return values[self.index]
+        return self.value if self.size is None else int(values[self.size[0]].shape[self.size[1]])
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,7 @@ class Tree:
         return self.spec.is_leaf() and self.leaves[0].index is not None
 
     def build(self, values: Sequence[Any]) -> Any:
-        return pytree.tree_unflatten([values[l.index] if l.index is not None else l.value for l in self.leaves], self.spec)
+        return pytree.tree_unflatten([l.get(values) for l in self.leaves], self.spec)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": treespec.dumps(self.spec), "leaves": [l.to_dict() for l in self.leaves]}
@@ -111,6 +124,9 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
     output: Tree
     batch: str | None = None         # the dynamic dim that is the batch (requests concatenate along it)
+    #: integer inputs that index an nn.Embedding directly: input name -> (number of rows, the module's name);
+    #: a value outside [0, rows) is an InputError, as eager raises IndexError
+    index_bounds: Mapping[str, tuple[int, str]] = field(default_factory=dict)
     _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -260,6 +276,14 @@ class Signature:
                 if sizes.setdefault(want, got) != got:
                     raise InputError(f"input {spec.name!r}: dim {i} ({want!r}) is {got}, but another input "
                                      f"has {want!r} = {sizes[want]}; dims with one name must be equal")
+            if self.index_bounds and spec.name in self.index_bounds and value.size:
+                rows, module = self.index_bounds[spec.name]
+                low, high = int(value.min()), int(value.max())
+                if low < 0 or high >= rows:
+                    bad = low if low < 0 else high
+                    raise InputError(f"input {spec.name!r}: index {bad} is out of range for {module} "
+                                     f"(nn.Embedding with {rows} rows: indices must lie in [0, {rows - 1}]); "
+                                     "eager raises IndexError here, and an engine would return a wrong row or zeros")
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
         return self.output.build(outputs)
@@ -275,6 +299,7 @@ class Signature:
             "outputs": [s.to_dict() for s in self.outputs],
             "output": self.output.to_dict(),
             "batch": self.batch,
+            "index_bounds": {k: list(v) for k, v in self.index_bounds.items()},
         }
 
     @classmethod
@@ -288,6 +313,7 @@ class Signature:
             outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
             output=Tree.from_dict(d["output"]),
             batch=d.get("batch", "batch" if "batch" in d["dims"] else None),
+            index_bounds={k: (int(v[0]), str(v[1])) for k, v in (d.get("index_bounds") or {}).items()},
         )
 
 
@@ -312,6 +338,16 @@ def _fmt_shape(shape: Sequence[int | str]) -> str:
 
 def _same_constant(a: Any, b: Any) -> bool:
     return a is b or (type(a) is type(b) and isinstance(a, _JSON_SCALARS) and a == b)
+
+
+def train_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Each module's own train/eval flag, for `restore_modes` (`model.train(flag)` would set them all alike)."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: Sequence[tuple[torch.nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
 
 
 def as_call(example_inputs: Any) -> tuple[tuple, dict]:
@@ -370,10 +406,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
 
     inputs, dims = _apply_dynamic(inputs, tensors, dynamic_shapes, shape_ranges)
 
-    was_training = model.training
+    modes = train_modes(model)
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), _embedding_lookups(model) as lookups:
             reference = model(*args, **kwargs)
         out_leaves, out_spec = _flatten_with_path(reference)
         outputs: list[TensorSpec] = []
@@ -392,22 +428,91 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
         if not outputs:
             raise InputError("the model returns no tensor; there is nothing to compile")
         sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
-                        Tree(out_spec, tuple(leaves)), batch=_batch_name(inputs, dims))
+                        Tree(out_spec, tuple(leaves)), batch=_batch_name(inputs, dims),
+                        index_bounds=_index_bounds(inputs, tensors, lookups))
         example = sig.flatten(args, kwargs)
         runs = [(example, [l for _, l in out_leaves if isinstance(l, torch.Tensor)])]
         notes = []
         grown = sig.grown(example)
+        grown_leaves = None
         if grown is not None:
             try:
                 with torch.inference_mode():
-                    runs.append((grown, list(FlatModule(model, sig)(*grown))))
+                    g_args, g_kwargs = sig.call_args(grown)
+                    grown_leaves, grown_spec = _flatten_with_path(model(*g_args, **g_kwargs))
+                runs.append((grown, [l for _, l in grown_leaves if isinstance(l, torch.Tensor)]))
+                if grown_spec != out_spec:
+                    grown_leaves = None
             except Exception as e:
                 notes.append(f"eager fails on the example grown along its dynamic dims ({type(e).__name__}: "
                              f"{str(e)[:200]}); output dims are taken from the example alone")
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     sig = dataclasses.replace(sig, outputs=_output_dims(sig, runs))
+    if grown_leaves is not None:
+        sig = _constants_that_vary(sig, out_leaves, grown_leaves, runs)
     return Captured(sig, [EagerRun(flat, outs) for flat, outs in runs], notes)
+
+
+def _constants_that_vary(sig: Signature, example: list[tuple[tuple, Any]], grown: list[tuple[tuple, Any]],
+                         runs: list[tuple[list[Any], list[torch.Tensor]]]) -> Signature:
+    """The signature with each non-tensor output leaf that changed between the example and the grown example
+    read from an output's size at call time (it equals a dynamic dim an output has); ExportError otherwise,
+    since an engine returns tensors only and would freeze it."""
+    sizes = [sig.dim_sizes(flat) for flat, _ in runs]
+    leaves = list(sig.output.leaves)
+    for j, ((path, a), (_, b)) in enumerate(zip(example, grown)):
+        if leaves[j].index is not None or a == b or (a != a and b != b):
+            continue
+        name = _path_name("output", path)
+        dims = [d for d in sig.dims if (sizes[0][d], sizes[1][d]) == (a, b)] \
+            if type(a) is int and type(b) is int else []
+        where = next(((k, spec.shape.index(d)) for d in dims for k, spec in enumerate(sig.outputs) if d in spec.shape),
+                     None)
+        if where is None:
+            raise ExportError(
+                f"output leaf {name!r} is a Python {type(a).__name__} that depends on the inputs ({a!r} for the "
+                f"example, {b!r} for the example grown along its dynamic dims); an engine returns tensors only, so "
+                f"the compiled model would return {a!r} for every input. Return it as a tensor computed from the "
+                "inputs, or compute it outside the model")
+        leaves[j] = Leaf(size=where)
+    return dataclasses.replace(sig, output=Tree(sig.output.spec, tuple(leaves)))
+
+
+_EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
+
+
+@contextlib.contextmanager
+def _embedding_lookups(model: torch.nn.Module) -> Iterator[list[tuple[torch.Tensor, int, str]]]:
+    """Record (indices, rows, module name) for each nn.Embedding call while the block runs the model."""
+    found: list[tuple[torch.Tensor, int, str]] = []
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, _EMBEDDINGS):
+            def hook(module, args, name=name or type(model).__name__):
+                if args and isinstance(args[0], torch.Tensor):
+                    found.append((args[0], module.num_embeddings, name))
+            handles.append(m.register_forward_pre_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _index_bounds(inputs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor],
+                  lookups: Sequence[tuple[torch.Tensor, int, str]]) -> dict[str, tuple[int, str]]:
+    """Integer inputs that an nn.Embedding indexes directly (the same tensor, or a view of it with its shape)."""
+    bounds: dict[str, tuple[int, str]] = {}
+    for spec, t in zip(inputs, tensors):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            continue
+        for x, rows, name in lookups:
+            if x is t or (x.dtype == t.dtype and x.shape == t.shape and x.stride() == t.stride()
+                          and x.numel() and x.data_ptr() == t.data_ptr()):
+                if spec.name not in bounds or rows < bounds[spec.name][0]:
+                    bounds[spec.name] = (rows, name)
+    return bounds
 
 
 @dataclass(frozen=True)

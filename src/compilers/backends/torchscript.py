@@ -63,6 +63,8 @@ class TorchScriptBackend(Backend):
                 scripted = torch.jit.script(module.model)
             else:
                 raise ValueError(f"unknown torchscript route {route!r}")
+        for w in caught:   # passed on to the export ladder, which refuses a frozen data-dependent branch
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         tracer = list(dict.fromkeys(f"{str(w.message).split('. ')[0].rstrip('.')} ({Path(w.filename).name}:{w.lineno})"
                                     for w in caught if issubclass(w.category, torch.jit.TracerWarning)))
         return Lowered(route=route, model=_Lowered(scripted.eval(), tracer), nodes=len(graph_nodes(scripted.inlined_graph)))

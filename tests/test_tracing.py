@@ -1,0 +1,228 @@
+"""What tracing and export can silently get wrong, and what compile does instead (issue 11).
+
+- data-dependent control flow: a tracing route (TorchScript tracing, OpenVINO's direct import, the
+  TorchScript-based ONNX exporter) records the example's branch; compile refuses it with ExportError naming
+  the line unless `accept_traced_branches=True`;
+- non-tensor outputs that depend on the inputs (`x.shape[0]`): read from an output's size at call time, or
+  refused when they follow no output dim;
+- out-of-range embedding indices: InputError, as eager raises IndexError (engines return zeros or a wrong row);
+- compile leaves every submodule's own train/eval mode as it found it.
+
+Small models only; inductor-cpu (slow to build) compiles once, in `test_inductor_outputs_indices_and_modes`.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import compilers
+from compilers.lower import FROZEN_NOTE
+from compilers.signature import Signature
+
+TARGETS = ["ort-cpu", "openvino-cpu", "torchscript-cpu"]
+
+
+class Branch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+BRANCH_LINE = f"{Branch.forward.__code__.co_filename}:{inspect.getsourcelines(Branch.forward)[1] + 1}"
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape only: tracing warns, torch.export accepts it; not a frozen branch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) * 2 if x.shape[0] >= 1 else self.lin(x)
+
+
+class WithSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x), x.shape[0]
+
+
+class Lookup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 8)
+        self.lin = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids))
+
+
+class Mixed(nn.Module):
+    """Submodules whose modes differ from the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(self.bn(self.lin(x)))
+
+
+def _positive():
+    return (torch.rand(8, 4) + 0.1,)
+
+
+# -- 1. data-dependent control flow --------------------------------------------------------------
+@pytest.mark.parametrize("target", TARGETS + ["inductor-cpu"])
+def test_data_dependent_branch_is_refused_naming_the_line(target):
+    with pytest.raises(compilers.ExportError) as info:
+        compilers.compile(Branch().eval(), target, _positive())
+    text = str(info.value)
+    assert BRANCH_LINE in text and "x.sum() > 0" in text and "torch.where" in text
+    if target != "inductor-cpu":   # torch.export refuses outright there: nothing traced, nothing to accept
+        assert "accept_traced_branches=True" in text and "Python boolean" in text
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_accepted_traced_branch_is_noted(target):
+    model = Branch().eval()
+    # validate=False: validation's NaN/Inf probe may take the other branch and fail it
+    cm = compilers.compile(model, target, _positive(), accept_traced_branches=True, validate=False)
+    assert any(FROZEN_NOTE in n and BRANCH_LINE in n for n in cm.report.notes), cm.report.notes
+    x = -torch.ones(2, 4)
+    with torch.no_grad():
+        assert not torch.allclose(cm(x), model(x))     # what was accepted: the example's branch, always
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_shape_only_branch_is_not_refused(target):
+    model = ShapeBranch().eval()
+    cm = compilers.compile(model, target, _positive())
+    assert not any(FROZEN_NOTE in n for n in cm.report.notes)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_cached_build_with_an_accepted_branch_is_not_reused_without_acceptance(tmp_path):
+    compilers.compile(Branch().eval(), "ort-cpu", _positive(), cache_dir=tmp_path, accept_traced_branches=True,
+                      validate=False)
+    with pytest.raises(compilers.ExportError, match="accept_traced_branches"):
+        compilers.compile(Branch().eval(), "ort-cpu", _positive(), cache_dir=tmp_path, validate=False)
+
+
+# -- 2. non-tensor outputs that depend on the inputs ---------------------------------------------
+@pytest.mark.parametrize("target", TARGETS)
+def test_size_output_follows_the_inputs(target, tmp_path):
+    model = WithSize().eval()
+    cm = compilers.compile(model, target, (torch.randn(8, 4),))
+    for batch in (3, 1, 11):
+        x = torch.randn(batch, 4)
+        y, n = cm(x)
+        assert type(n) is int and n == batch and y.shape == (batch, 4)
+        assert cm(x.numpy())[1] == batch
+    loaded = compilers.load(cm.save(tmp_path / "m"))
+    assert loaded(torch.randn(5, 4))[1] == 5
+
+
+def test_output_constant_that_follows_no_output_dim_is_refused():
+    class Doubled(WithSize):
+        def forward(self, x):
+            return self.lin(x), x.shape[0] * 2
+
+    with pytest.raises(compilers.ExportError, match=r"output leaf 'output\.1'.*16 for the example, 32"):
+        compilers.compile(Doubled().eval(), "ort-cpu", (torch.randn(8, 4),))
+
+
+def test_constant_outputs_stay_constants():
+    class Tagged(WithSize):
+        def forward(self, x):
+            return self.lin(x), "tag", 4
+
+    cm = compilers.compile(Tagged().eval(), "ort-cpu", (torch.randn(8, 4),))
+    assert cm(torch.randn(3, 4))[1:] == ("tag", 4)
+
+
+# -- 4. out-of-range indices ---------------------------------------------------------------------
+@pytest.mark.parametrize("target", TARGETS)
+def test_embedding_index_out_of_range_is_an_input_error(target):
+    model = Lookup().eval()
+    cm = compilers.compile(model, target, (torch.randint(0, 10, (2, 5)),))
+    assert cm.signature.index_bounds == {"ids": (10, "emb")}
+    for bad in (50, 10, -1):
+        ids = torch.randint(0, 10, (3, 5))
+        ids[1, 2] = bad
+        with pytest.raises(IndexError):
+            model(ids)
+        with pytest.raises(compilers.InputError, match=rf"index {bad} is out of range for emb .*\[0, 9\]"):
+            cm(ids)
+        with pytest.raises(compilers.InputError, match=rf"index {bad}"):
+            cm(ids.numpy())
+    ids = torch.tensor([[0, 9, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids), model(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_index_bounds_survive_save_and_old_manifests(tmp_path):
+    cm = compilers.compile(Lookup().eval(), "ort-cpu", (torch.randint(0, 10, (2, 5)),))
+    d = cm.signature.to_dict()
+    assert Signature.from_dict(d) == cm.signature
+    del d["index_bounds"]          # an artifact saved before index bounds existed
+    assert Signature.from_dict(d).index_bounds == {}
+    loaded = compilers.load(cm.save(tmp_path / "m"))
+    with pytest.raises(compilers.InputError, match="out of range"):
+        loaded(np.full((1, 5), 12, dtype=np.int64))
+
+
+# -- 5. train/eval modes -------------------------------------------------------------------------
+def _modes(model):
+    return {name: m.training for name, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_compile_restores_each_submodules_mode(target):
+    training = Mixed().train()
+    training.bn.eval()                      # a frozen BatchNorm in a model that trains
+    evaluating = Mixed().eval()
+    evaluating.drop.train()                 # an MC-dropout layer in a model that infers
+    for model in (training, evaluating):
+        before = _modes(model)
+        cm = compilers.compile(model, target, (torch.randn(4, 4),))
+        assert _modes(model) == before
+        compilers.validate(cm, model, [(torch.randn(2, 4),)])
+        assert _modes(model) == before
+
+
+# -- inductor, once ------------------------------------------------------------------------------
+def test_inductor_outputs_indices_and_modes():
+    class All(Lookup):
+        def forward(self, ids):
+            return self.lin(self.emb(ids)), ids.shape[0]
+
+    model = All().train()
+    model.emb.eval()
+    before = _modes(model)
+    cm = compilers.compile(model, "inductor-cpu", (torch.randint(0, 10, (4, 3)),))
+    assert _modes(model) == before
+    y, n = cm(torch.randint(0, 10, (2, 3)))
+    assert n == 2 and y.shape == (2, 3, 2)
+    with pytest.raises(compilers.InputError, match="index -1 is out of range"):
+        cm(torch.full((2, 3), -1))
