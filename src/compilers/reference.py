@@ -6,10 +6,15 @@ exact answer: eager fp32's own distance from them measures how much rounding noi
 produces on each output, and a compiled model is judged against that noise (see `validate.py`).
 Compile builds one Reference and reuses it for every validation (and an accuracy loop may rebuild the
 engine many times against it).
+
+After the samples come the NaN/Inf probes: per float input, the first sample with a few elements of that
+input set to NaN, +Inf and -Inf. They are judged only on where non-finite values appear in each float
+output (the contract: NaN and +/-Inf propagate as eager propagates them; see `validate.compare`).
 """
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -33,6 +38,8 @@ class Reference:
     exact: tuple[list[torch.Tensor] | None, ...]
     note: str                        # how the exact outputs were made, or why there are none
     metric: tuple[Any, float] | None = None   # a task metric (validate.Metric) and eager's score on it
+    probes: int = 0                  # the last `probes` samples are NaN/Inf probes (non-finite pattern only)
+    probe_notes: tuple[str, ...] = ()   # probes left out, and why
 
 
 def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequence[tuple[str, EagerRun]] = (),
@@ -45,8 +52,49 @@ def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequen
     outputs = [list(run.outputs) for _, run in runs]
     outputs += eager_outputs(model, signature, samples, "validation", "eager reference")
     exact, note = _float64_outputs(model, signature, inputs) if float64 else (None, "no float64 reference asked for")
-    return Reference(tuple(labels), tuple(inputs), tuple(outputs),
-                     tuple(exact) if exact is not None else (None,) * len(inputs), note)
+    exact = list(exact) if exact is not None else [None] * len(inputs)
+    probes, probe_notes = nonfinite_probes(model, signature, inputs[0]) if inputs else ([], [])
+    for label, flat, out in probes:
+        labels.append(label)
+        inputs.append(flat)
+        outputs.append(out)
+        exact.append(None)
+    return Reference(tuple(labels), tuple(inputs), tuple(outputs), tuple(exact), note,
+                     probes=len(probes), probe_notes=tuple(probe_notes))
+
+
+#: the non-finite values a probe plants in a float input, and where (as a fraction of its flat size)
+PROBE_VALUES = ((0.5, math.inf), (1.0, -math.inf), (0.0, math.nan))   # NaN wins where they meet
+
+
+def probe_label(name: str) -> str:
+    return f"NaN/Inf probe of {name}"
+
+
+def nonfinite_probes(model: torch.nn.Module, signature: Signature, flat: Sequence[Any]
+                     ) -> tuple[list[tuple[str, list[Any], list[torch.Tensor]]], list[str]]:
+    """Per float input of `flat`: (label, the inputs with NaN, +Inf and -Inf planted in that input at its
+    first, middle and last element, eager's outputs on them), and why any probe was left out."""
+    probes, notes = [], []
+    eager = FlatModule(model, signature).eval()
+    for i, x in enumerate(flat):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
+            continue
+        name = signature.inputs[i].name if i < len(signature.inputs) else f"input {i}"
+        probed = x.detach().clone()
+        view = probed.view(-1)
+        for where, value in PROBE_VALUES:
+            view[round(where * (view.numel() - 1))] = value
+        inputs = list(flat)
+        inputs[i] = probed
+        try:
+            with torch.inference_mode():
+                out = list(eager(*inputs))
+        except Exception as e:   # eager itself refuses non-finite inputs: nothing to compare with
+            notes.append(f"{probe_label(name)}: eager fails on it ({type(e).__name__}: {str(e)[:160]})")
+            continue
+        probes.append((probe_label(name), inputs, out))
+    return probes, notes
 
 
 def eager_outputs(model: torch.nn.Module, signature: Signature, samples: Sequence[tuple[str, Sequence[Any]]],

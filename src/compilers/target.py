@@ -43,8 +43,13 @@ class Tolerance:
     min_cosine: float | None = None
     min_snr_db: float | None = None
     min_int_agreement: float = 1.0
+    nonfinite: str | None = None     # None/"strict": NaN/+-Inf must propagate as in eager on the NaN/Inf probes;
+                                     # "report": differences are recorded as this target's known deviation
 
     def __post_init__(self):
+        if self.nonfinite not in (None, "strict", "report"):
+            raise TargetError(f"tolerance nonfinite = {self.nonfinite!r} must be \"strict\" (NaN/Inf propagate as "
+                              "in eager, else validation fails) or \"report\" (differences recorded as a known deviation)")
         for key in ("noise", "floor", "atol", "rtol", "min_int_agreement"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):

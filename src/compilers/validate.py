@@ -17,6 +17,13 @@ by cosine similarity / SNR per output instead, the cosine taken per batch item w
 batch dim (each item is somebody's request: the worst one must keep the contract); explicit `atol`/`rtol` add an element-wise check against
 fp32 eager (an element fails when it exceeds both). Integer and bool outputs must match exactly (or on
 `min_int_agreement` of their elements). Non-finite values must sit where eager has them.
+
+The contract for non-finite values: NaN, +Inf and -Inf propagate as eager propagates them. Validation
+samples are finite, so `compare` also judges the Reference's NaN/Inf probes (per float input, the first
+sample with NaN, +Inf and -Inf planted in it): on each, every float output must hold NaN, +Inf and -Inf at
+exactly eager's positions (values elsewhere are not judged). A target whose backend is known to break
+this (OpenVINO's CPU plugin maps relu(NaN) to 0, max/clamp drop NaN) says so with `[tolerance]
+nonfinite = "report"`: its differences are rows of the report marked "known deviation" instead of failures.
 """
 from __future__ import annotations
 
@@ -94,6 +101,26 @@ class MetricCheck:
 
 
 @dataclass(frozen=True)
+class NonFiniteCheck:
+    """Where one float output puts NaN/+Inf/-Inf elsewhere than eager on one NaN/Inf probe."""
+
+    name: str                        # the output
+    probe: str                       # which probe ("NaN/Inf probe of x")
+    difference: str                  # what differs, e.g. "eager NaN -> finite (0) at 3 element(s)"
+    known: bool = False              # a known deviation of the target ([tolerance] nonfinite = "report")
+
+    @property
+    def passed(self) -> bool:
+        return self.known
+
+    def __str__(self) -> str:
+        verdict = "known deviation of this target, reported, not failed ([tolerance] nonfinite = \"report\")" \
+            if self.known else ("FAIL: NaN/Inf do not propagate as in eager (where the backend cannot keep them, "
+                                "[tolerance] nonfinite = \"report\" records this as a known deviation)")
+        return f"{self.name}: {self.probe}: {self.difference}: {verdict}"
+
+
+@dataclass(frozen=True)
 class ValidationReport:
     """The verdict of one validation: a row per output leaf, worst case over `samples` inputs."""
 
@@ -104,22 +131,27 @@ class ValidationReport:
     errors: tuple[str, ...] = ()     # samples on which the compiled model raised instead of answering
     skipped: tuple[str, ...] = ()    # samples left out, and why
     metric: MetricCheck | None = None
+    probes: int = 0                  # NaN/Inf probes judged (see the module's docstring)
+    nonfinite: tuple[NonFiniteCheck, ...] = ()   # where a probe's non-finite values differ from eager's
 
     @property
     def passed(self) -> bool:
-        return not self.errors and all(o.passed for o in self.outputs) and (self.metric is None or self.metric.passed)
+        return not self.errors and all(o.passed for o in self.outputs) and (self.metric is None or self.metric.passed) \
+            and all(c.passed for c in self.nonfinite)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "samples": self.samples, "tolerance": self.tolerance.to_dict(),
                 "reference": self.reference, "errors": list(self.errors), "skipped": list(self.skipped),
-                "outputs": [asdict(o) for o in self.outputs], "metric": asdict(self.metric) if self.metric else None}
+                "outputs": [asdict(o) for o in self.outputs], "metric": asdict(self.metric) if self.metric else None,
+                "probes": self.probes, "nonfinite": [asdict(c) for c in self.nonfinite]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ValidationReport":
         known = {f.name for f in fields(OutputCheck)}   # artifacts of older versions carry other columns
         return cls(tuple(OutputCheck(**{k: v for k, v in o.items() if k in known}) for o in d["outputs"]),
                    d["samples"], Tolerance(**d["tolerance"]), d.get("reference", ""), tuple(d.get("errors", ())),
-                   tuple(d.get("skipped", ())), MetricCheck(**d["metric"]) if d.get("metric") else None)
+                   tuple(d.get("skipped", ())), MetricCheck(**d["metric"]) if d.get("metric") else None,
+                   d.get("probes", 0), tuple(NonFiniteCheck(**c) for c in d.get("nonfinite", ())))
 
     def __str__(self) -> str:
         w = max([12] + [len(o.name) for o in self.outputs])
@@ -130,12 +162,18 @@ class ValidationReport:
                          f"{o.max_error:9.2e} {_e(o.max_allowed)} {o.max_abs:9.2e} "
                          f"{_f(o.cosine) if o.rule != 'exact' else f'{o.agreement:9.3f}'}  "
                          f"{'ok' if o.passed else 'FAIL: ' + o.failure}")
+        lines.extend(f"non-finite: {c}" for c in self.nonfinite)
         lines.extend(f"error: {e}" for e in self.errors)
         lines.extend(f"skipped: {e}" for e in self.skipped)
         if self.metric is not None:
             lines.append(str(self.metric))
         tol = ", ".join(f"{k}={v}" for k, v in self.tolerance.to_dict().items())
-        lines.append(f"{self.samples} sample(s); reference: {self.reference or 'eager'}; tolerance {tol}; "
+        known = sum(c.known for c in self.nonfinite)
+        probes = "" if not self.probes else (
+            f"; {self.probes} NaN/Inf probe(s): " + ("NaN/Inf propagate as in eager" if not self.nonfinite else
+                                                    f"{len(self.nonfinite)} output(s) differ"
+                                                    + (f", {known} a known deviation" if known else "")))
+        lines.append(f"{self.samples} sample(s){probes}; reference: {self.reference or 'eager'}; tolerance {tol}; "
                      f"{'PASSED' if self.passed else 'FAILED'}")
         return "\n".join(lines)
 
@@ -268,15 +306,52 @@ def compare(names: Sequence[str], reference: Reference, results: Sequence[Sequen
     axes = list(batch_axes) + [None] * (len(names) - len(batch_axes))
     rows: list[OutputCheck | None] = [None] * len(names)
     checked = 0
-    for ref, exact, got in zip(reference.outputs, reference.exact, results):
+    n = len(reference.outputs) - reference.probes
+    for ref, exact, got in zip(reference.outputs[:n], reference.exact[:n], results[:n]):
         if got is None:
             continue
         checked += 1
         for j, name in enumerate(names):
             row = check_output(name, ref[j], got[j], tol, exact[j] if exact is not None else None, axes[j])
             rows[j] = row if rows[j] is None else _worst(rows[j], row)
+    nonfinite, probes = [], 0
+    for label, ref, got in zip(reference.labels[n:], reference.outputs[n:], results[n:]):
+        if got is None:   # the compiled model raised on the probe: that is among `errors`
+            continue
+        probes += 1
+        for j, name in enumerate(names):
+            difference = nonfinite_difference(ref[j], got[j])
+            if difference is not None:
+                nonfinite.append(NonFiniteCheck(name, label, difference, known=tol.nonfinite == "report"))
     return ValidationReport(tuple(r for r in rows if r is not None), checked, tol, reference.note, tuple(errors),
-                            tuple(skipped))
+                            tuple(skipped) + tuple(reference.probe_notes), probes=probes, nonfinite=tuple(nonfinite))
+
+
+_CLASSES = ("finite", "NaN", "+Inf", "-Inf")
+
+
+def nonfinite_difference(ref: Any, got: Any) -> str | None:
+    """How a float output's NaN/+Inf/-Inf positions differ from eager's `ref` (None: they agree, or the
+    output is not float, or its shape differs, which the samples judge)."""
+    r, g = _as_numpy(ref), _as_numpy(got)
+    if not np.issubdtype(r.dtype, np.floating) or r.shape != g.shape:
+        return None
+    g = g.astype(r.dtype, copy=False) if np.issubdtype(g.dtype, np.floating) else g.astype(np.float64)
+
+    def classes(a: np.ndarray) -> np.ndarray:
+        return np.select([np.isnan(a), np.isposinf(a), np.isneginf(a)], [1, 2, 3], 0)
+    rc, gc = classes(r), classes(g)
+    differ = rc != gc
+    if not differ.any():
+        return None
+    parts = []
+    for a in range(4):
+        for b in range(4):
+            where = differ & (rc == a) & (gc == b)
+            if where.any():
+                example = f" ({g[where].flat[0]:g})" if b == 0 else ""
+                parts.append(f"eager {_CLASSES[a]} -> {_CLASSES[b]}{example} at {int(where.sum())} element(s)")
+    return "; ".join(parts)
 
 
 def margin(result: ValidationReport) -> float:

@@ -161,10 +161,11 @@ class OpenVinoEngine(Engine):
         if request is None:
             request = local.request = self.compiled.create_infer_request()
             local.bound = [None] * len(inputs)
-        bound = local.bound
+        bound, converted = local.bound, []
         for i, x in enumerate(inputs):   # shares the arrays' memory: no copy of the inputs
-            if not x.flags.c_contiguous:
-                x = np.ascontiguousarray(x)
+            if not (x.flags.c_contiguous and x.flags.writeable):   # OpenVINO shares only writable memory
+                x = np.array(x, order="C")
+                converted.append(x)      # alive until infer() has read it: a freed copy's memory goes to the next
             # The request reads an input's memory when infer() runs: a tensor set on the same address with the
             # same shape and dtype already reads this array, and setting a new one costs several microseconds.
             where = (x.ctypes.data, x.shape, x.dtype)
@@ -172,6 +173,7 @@ class OpenVinoEngine(Engine):
                 request.set_input_tensor(i, self._tensor(x, shared_memory=True))
                 bound[i] = where
         request.infer()
+        del converted
         # the request reuses its output buffers on the next call: hand out copies
         return [request.get_output_tensor(i).data.copy() for i in range(len(self.outputs))]
 
@@ -191,28 +193,45 @@ class OpenVinoEngine(Engine):
         # save_model compresses weights to fp16 by default; an fp32 (or bf16) target must keep its weights
         ov.save_model(self.model, str(directory / MODEL_XML), compress_to_fp16=False)
 
-    def layers(self) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
-        """Executed layer types, original operations merged into each type, runtime precisions."""
-        layers, merged, precisions = collections.Counter(), collections.Counter(), collections.Counter()
+    def _runtime_layers(self) -> list[tuple[str, list[str], str]]:
+        """(layer type, names of the model's operations merged into it, runtime precision) per executed layer."""
+        out = []
         for op in self.compiled.get_runtime_model().get_ops():
             info = op.get_rt_info()
             kind = info["layerType"].astype(str)
             if kind in ("Input", "Output", "Const"):
                 continue
+            names = [n for n in info["originalLayersNames"].astype(str).split(",") if n]
+            out.append((kind, names, info["runtimePrecision"].astype(str)))
+        return out
+
+    def layers(self) -> tuple[collections.Counter, collections.Counter, collections.Counter]:
+        """Executed layer types, original operations merged into each type, runtime precisions."""
+        layers, merged, precisions = collections.Counter(), collections.Counter(), collections.Counter()
+        for kind, names, precision in self._runtime_layers():
             layers[kind] += 1
-            merged[kind] += len([n for n in info["originalLayersNames"].astype(str).split(",") if n])
-            precisions[info["runtimePrecision"].astype(str)] += 1
+            merged[kind] += len(names)
+            precisions[precision] += 1
         return layers, merged, precisions
 
     def check_precision(self, target: Target) -> None:
-        """Fail closed when the plugin runs a lower float precision than the target asked for."""
-        _, _, precisions = self.layers()
+        """Fail closed when the plugin runs a lower float precision than the target asked for. A layer made
+        only of operations that already take or give that precision in the model's own graph (a model that
+        rounds through bf16 on purpose, `x.to(torch.bfloat16)`) runs what the model asks for: not blamed."""
         lower = {"fp32": ("bf16", "f16", "fp16"), "int8": ("bf16", "f16", "fp16"), "bf16": ("f16", "fp16")}.get(
             target.precision, ())
-        silent = {p: n for p, n in precisions.items() if p.lower() in lower}
+        asked = model_precisions(self.model)
+        silent: collections.Counter = collections.Counter()
+        where: list[str] = []
+        for kind, names, precision in self._runtime_layers():
+            p = _canonical(precision)
+            if p in lower and not (names and all(p in asked.get(n, ()) for n in names)):
+                silent[precision] += 1
+                where.append(f"{kind} {','.join(names)[:80]}")
         if silent:
-            raise ExportError(f"OpenVINO runs {silent} layers although target {target.name!r} is {target.precision}; "
-                              "this OpenVINO ignores INFERENCE_PRECISION_HINT here; use a bf16 target or another backend")
+            raise ExportError(f"OpenVINO runs {dict(silent)} layers ({'; '.join(where[:4])}) although target "
+                              f"{target.name!r} is {target.precision} and the model computes them in f32: this "
+                              "OpenVINO ignores INFERENCE_PRECISION_HINT here; use a bf16 target or another backend")
 
     def describe(self) -> dict[str, Any]:
         layers, merged, precisions = self.layers()
@@ -224,6 +243,22 @@ class OpenVinoEngine(Engine):
             "config": {k: _text(self.compiled.get_property(k)) for k in
                        ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")},
         }
+
+
+def _canonical(precision: str) -> str:
+    """An element type's name as the runtime model writes it ("fp16" and "f16" are one)."""
+    p = precision.lower()
+    return {"fp16": "f16", "fp32": "f32", "bfloat16": "bf16"}.get(p, p)
+
+
+def model_precisions(model: Any) -> dict[str, set[str]]:
+    """The element types each operation of the model's own graph takes or gives, by its friendly name."""
+    out = {}
+    for op in model.get_ops():
+        types = {op.get_input_element_type(i).get_type_name() for i in range(op.get_input_size())}
+        types |= {op.get_output_element_type(i).get_type_name() for i in range(op.get_output_size())}
+        out[op.get_friendly_name()] = {_canonical(t) for t in types}
+    return out
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,133 @@
+"""Issue 11, items 3 and 6: NaN/Inf propagation is probed by validation (never silent), and OpenVINO's fp32
+precision check tells bf16 the model asks for from bf16 the plugin chose."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import compilers
+from compilers.errors import ExportError, TargetError, ValidationError
+from compilers.target import load_target
+from compilers.validate import ValidationReport
+
+
+class Saturating(nn.Module):
+    """relu, max and clamp: where OpenVINO's CPU plugin drops NaN (eager and ONNX Runtime keep it)."""
+
+    def forward(self, x):
+            return torch.relu(x), torch.maximum(x, torch.zeros_like(x)), torch.clamp(x, -1, 1)
+
+
+@pytest.fixture(scope="module")
+def saturating():
+    return Saturating().eval(), torch.randn(4, 6)
+
+
+def test_nan_deviation_of_openvino_is_a_visible_known_deviation(saturating, tmp_path):
+    pytest.importorskip("openvino")
+    model, x = saturating
+    cm = compilers.compile(model, "openvino-cpu", (x,))
+    v = cm.report.validation
+    assert v.passed and v.probes == 1
+    assert len(v.nonfinite) == 3 and all(c.known for c in v.nonfinite)   # relu, maximum and clamp
+    assert {c.probe for c in v.nonfinite} == {"NaN/Inf probe of x"}
+    assert all("eager NaN -> finite" in c.difference for c in v.nonfinite)
+    table = str(v)
+    assert "known deviation" in table and "1 NaN/Inf probe(s): 3 output(s) differ, 3 a known deviation" in table
+    assert "known deviation" in str(cm.report)
+    cm.save(tmp_path / "m")   # the deviation travels with the artifact
+    again = compilers.load(tmp_path / "m").report.validation
+    assert again.nonfinite == v.nonfinite and again.probes == 1
+    assert ValidationReport.from_dict(v.to_dict()) == v
+
+
+def test_strict_nonfinite_contract_refuses_openvino(saturating):
+    pytest.importorskip("openvino")
+    model, x = saturating
+    with pytest.raises(ValidationError, match="NaN/Inf do not propagate as in eager"):
+        compilers.compile(model, load_target("openvino-cpu").with_(nonfinite="strict"), (x,))
+
+
+def test_nan_propagating_target_has_no_deviation(saturating):
+    model, x = saturating
+    cm = compilers.compile(model, load_target("ort-cpu").with_(nonfinite="strict"), (x,))
+    v = cm.report.validation
+    assert v.passed and v.probes == 1 and v.nonfinite == ()
+    assert "NaN/Inf propagate as in eager" in str(v)
+
+
+def test_probe_plants_nan_and_both_infinities_per_float_input():
+    class Two(nn.Module):
+        def forward(self, a, b, n):
+            return a * 2, b + n.float()
+    model, args = Two().eval(), (torch.randn(3, 5), torch.randn(3, 2), torch.ones(3, 1, dtype=torch.int64))
+    cm = compilers.compile(model, load_target("ort-cpu").with_(nonfinite="strict"), args)
+    v = cm.report.validation
+    assert v.passed and v.probes == 2 and v.nonfinite == ()     # a and b probed, the integer n not
+
+
+def test_probe_left_out_when_eager_refuses_nan(saturating):
+    model, x = saturating
+    cm = compilers.compile(model, "ort-cpu", (x,))
+
+    class Picky(nn.Module):
+        def forward(self, x):
+            if not torch.isfinite(x).all():
+                raise ValueError("non-finite input")
+            return model(x)
+    v = compilers.validate(cm, Picky().eval(), [(x,)])
+    assert v.passed and v.probes == 0
+    assert any("NaN/Inf probe of x: eager fails on it (ValueError" in s for s in v.skipped)
+
+
+def test_nonfinite_difference_names_what_moved():
+    from compilers.validate import nonfinite_difference
+    nan, inf = float("nan"), float("inf")
+    eager = torch.tensor([nan, inf, -inf, 1.0])
+    assert nonfinite_difference(eager, eager.clone()) is None
+    got = torch.tensor([0.0, nan, -inf, inf])
+    assert nonfinite_difference(eager, got) == ("eager finite -> +Inf at 1 element(s); "
+                                                "eager NaN -> finite (0) at 1 element(s); "
+                                                "eager +Inf -> NaN at 1 element(s)")
+    assert nonfinite_difference(torch.tensor([1, 2]), torch.tensor([1, 3])) is None   # integers: not probed
+
+
+def test_nonfinite_tolerance_key_is_checked():
+    with pytest.raises(TargetError, match="nonfinite"):
+        load_target("ort-cpu").with_(nonfinite="ignore")
+
+
+class RoundsThroughBf16(nn.Module):
+    """Computes in bf16 on purpose: its input is rounded to bf16 before the layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.lin(x.to(torch.bfloat16).float())
+
+
+def test_openvino_fp32_accepts_bf16_the_model_asks_for():
+    pytest.importorskip("openvino")
+    x = torch.randn(4, 8).bfloat16().float()   # bf16 values: eager and OpenVINO round them alike (exactly)
+    cm = compilers.compile(RoundsThroughBf16().eval(), "openvino-cpu", (x,))
+    assert cm.report.validation.passed
+    assert cm.report.precisions.get("bf16")   # the model's own Convert runs in bf16, and is not blamed
+
+
+def test_openvino_fp32_still_refuses_bf16_the_plugin_chose():
+    ov = pytest.importorskip("openvino")
+    from compilers.backends.openvino.backend import OpenVinoEngine, OpenVinoSettings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    ov_model = ov.convert_model(model, example_input=(torch.randn(2, 16),))
+    # the plugin told bf16 stands in for a plugin that ignores INFERENCE_PRECISION_HINT=f32
+    engine = OpenVinoEngine(ov_model, load_target("openvino-cpu-bf16"), OpenVinoSettings())
+    if "bf16" not in {p.lower() for p in engine.layers()[2]}:
+        pytest.skip("this CPU has no bf16: the plugin runs f32 whatever it is told")
+    engine.check_precision(load_target("openvino-cpu-bf16"))
+    with pytest.raises(ExportError, match="the model computes them in f32.*ignores INFERENCE_PRECISION_HINT"):
+        engine.check_precision(load_target("openvino-cpu"))
