@@ -14,7 +14,6 @@ calls; every failed request is a retriable 503; the deployment is back to two re
 from __future__ import annotations
 
 import collections
-import socket
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from ray import serve  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 import compilers  # noqa: E402
-from compilers.serve.ray import INGRESS, build  # noqa: E402
+from compilers.serve.ray import INGRESS, running  # noqa: E402
 from compilers.serve.repository import publish  # noqa: E402
 from serve import mean_batch, tensor  # noqa: E402
 from timing import run_checks  # noqa: E402
@@ -55,14 +54,8 @@ def minilm() -> tuple[bool, list[str]]:
     want = [cm.run_flat([s["input_ids"].numpy(), s["attention_mask"].numpy()])[0] for s in sentences]
     requests = [[tensor("input_ids", s["input_ids"].numpy()), tensor("attention_mask", s["attention_mask"].numpy())]
                 for s in sentences]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        t0 = time.perf_counter()
-        serve.run(build({"repository": str(root / "repo")}), name=INGRESS, route_prefix="/")
+    t0 = time.perf_counter()
+    with running(root / "repo", num_cpus=2) as port:
         started = time.perf_counter() - t0
         client = triton.InferenceServerClient(f"127.0.0.1:{port}", concurrency=CLIENTS + 1, network_timeout=120)
         out_name = client.get_model_metadata("minilm")["outputs"][0]["name"]
@@ -99,20 +92,17 @@ def minilm() -> tuple[bool, list[str]]:
             if time.monotonic() > deadline:
                 break
             time.sleep(1)
-        running = serve.status().applications[INGRESS].deployments["minilm-v1"].replica_states.get("RUNNING", 0)
+        alive = serve.status().applications[INGRESS].deployments["minilm-v1"].replica_states.get("RUNNING", 0)
         replicas = set()
         for response in [handle.remote([x.numpy() for x in (sentences[i]["input_ids"], sentences[i]["attention_mask"])])
                          for i in range(64)]:
             stats = response.result(timeout_s=120)[1]
             if stats is not None:
                 replicas.add(stats["replica"])
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     ms = np.asarray(latencies) * 1e3
     batch = mean_batch(metrics, "minilm")
     retriable = set(failures) <= {"503"}
-    ok = worst[0] >= 0.9999 and batch > 1 and len(replicas) == 2 and retriable and running == 2
+    ok = worst[0] >= 0.9999 and batch > 1 and len(replicas) == 2 and retriable and alive == 2
     return ok, [
         f"all-MiniLM-L6-v2 s128, openvino-cpu-bf16 on local Ray Serve (2 replicas, 1 CPU each; up in {started:.0f} s): "
         f"{CLIENTS} tritonclient.http clients for {spent:.0f} s, one replica killed halfway",
@@ -121,7 +111,7 @@ def minilm() -> tuple[bool, list[str]]:
         f"  worst cosine vs the compiled model's own output {worst[0]:.6f} (need >= 0.9999); mean rows per engine "
         f"call {batch:.1f} (need > 1, from /metrics)",
         *(f"  {status}: {message[:300]}" for status, message in messages.items()),
-        f"  replicas that answered afterwards: {len(replicas)} (need 2); RUNNING after the kill: {running} (need 2); "
+        f"  replicas that answered afterwards: {len(replicas)} (need 2); RUNNING after the kill: {alive} (need 2); "
         f"every failure retriable (503): {retriable}",
         f"  {'OK' if ok else 'MISSED'}"]
 

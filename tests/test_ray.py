@@ -3,7 +3,6 @@ tritonclient.http; batching in the replicas shows in /metrics; two replicas serv
 killed mid-load costs only retriable (503) answers, and the deployment recovers."""
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import urllib.request
@@ -19,7 +18,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 import compilers  # noqa: E402
-from compilers.serve.ray import INGRESS, build  # noqa: E402
+from compilers.serve.ray import INGRESS, running  # noqa: E402
 from compilers.serve.repository import publish  # noqa: E402
 
 X = np.random.default_rng(0).standard_normal((3, 6), dtype=np.float32)
@@ -36,17 +35,8 @@ def cluster(tmp_path_factory, mlp):
     other = compilers.compile(nn.Sequential(nn.Linear(4, 2)).eval(), "openvino-cpu", (torch.randn(2, 4),))
     other.save(root / "b")
     publish(root / "b", root / "repo" / "small")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build({"repository": str(root / "repo")}), name=INGRESS, route_prefix="/")
+    with running(root / "repo", num_cpus=4) as port:
         yield {"port": port, "url": f"http://127.0.0.1:{port}", "other": other}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def client(cluster) -> triton.InferenceServerClient:

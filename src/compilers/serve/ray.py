@@ -23,11 +23,12 @@ again, or the RayService's serveConfigV2). Needs the `ray` extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from ray import serve
@@ -40,6 +41,7 @@ from ..target import Target
 from .app import create_app
 from .batcher import BatchStats, Combiner
 from .repository import ModelEntry, Repository
+from .server import free_port
 from .service import ModelService, Unavailable, Version
 
 log = logging.getLogger("compilers")
@@ -184,6 +186,23 @@ def build(args: Mapping[str, Any]) -> Any:
     ingress = serve.deployment(Ingress).options(name=INGRESS, ray_actor_options={"num_cpus": 0},
                                                 max_ongoing_requests=INGRESS_CONCURRENCY)
     return ingress.bind(str(repo.path), handles)
+
+
+@contextlib.contextmanager
+def running(repository: str | Path, host: str = "127.0.0.1", port: int = 0, *,
+            num_cpus: int | None = None) -> Iterator[int]:
+    """The repository on a new local Ray instance started in this process, serving inside the block (tests,
+    notebooks, benchmarks); yields the HTTP port (port 0: a free one). Serve and Ray stop after it."""
+    import ray
+    port = port or free_port(host)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build({"repository": str(repository)}), name=INGRESS, route_prefix="/")
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def serve_on_ray(repository: str, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:

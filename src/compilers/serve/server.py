@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from typing import Iterator
@@ -35,6 +36,13 @@ def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", 
         log.addHandler(handler)
         log.setLevel(log_level.upper())
     uvicorn.Server(_config(create_app(repository, max_body_bytes=max_body_bytes), host, port, log_level)).run()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for a server started right after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class Running:
