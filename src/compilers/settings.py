@@ -16,16 +16,17 @@ from typing import Any, Mapping
 
 from .errors import TargetError
 
+MAX_THREADS = 1024    # a thread count above this is a typo (ORT would try to start them all), not a setting
 _TYPES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 _PLURAL = {int: "integers", float: "numbers", str: "strings"}
 
 
 def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None,
-           runtime: bool = False) -> Any:
+           maximum: float | None = None, runtime: bool = False) -> Any:
     """A settings field: its default, what it does, and the values it accepts. A `runtime` option changes how
     the engine runs (threads, streams), not what was compiled: it may be changed when an artifact is loaded."""
     return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices, "minimum": minimum,
-                                                        "runtime": runtime})
+                                                        "maximum": maximum, "runtime": runtime})
 
 
 def runtime_options(cls: type) -> list[str]:
@@ -66,6 +67,8 @@ def parse(cls: type, options: Mapping[str, Any], where: str, error: type[Excepti
             raise error(f"{where}: option {name} = {value!r}; choose one of {meta['choices']}")
         if meta.get("minimum") is not None and value < meta["minimum"]:
             raise error(f"{where}: option {name} = {value!r} must be >= {meta['minimum']} ({meta['doc']})")
+        if meta.get("maximum") is not None and value > meta["maximum"]:
+            raise error(f"{where}: option {name} = {value!r} must be <= {meta['maximum']} ({meta['doc']})")
         values[name] = value
     return cls(**values)
 

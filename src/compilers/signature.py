@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import treespec
-from .errors import ExportError, InputError
+from .errors import ExportError, InputError, TargetError
 from .target import DimRange
 
 _JSON_SCALARS = (type(None), bool, int, float, str)
@@ -594,6 +594,12 @@ def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],
                 raise InputError(f"input {spec.name!r}: example size {shape[i]} of dim {i} lies outside its range {rng}")
             dims[dim_name] = rng
             shape[i] = dim_name
+        static = sorted(set((shape_ranges.get(spec.name) or {})) -
+                        {i % len(shape) for i in (dynamic_shapes.get(spec.name) or {}) if isinstance(i, int)})
+        if static:
+            raise TargetError(f"the target's [shapes.{spec.name}] gives dim(s) {static} a range, but they are static "
+                              f"(not in dynamic_shapes): declare them dynamic, e.g. dynamic_shapes={{{spec.name!r}: "
+                              f"{{{static[0]}: 'name'}}}}, or remove the range")
         out.append(TensorSpec(spec.name, spec.dtype, tuple(shape)))
     return out, dims
 

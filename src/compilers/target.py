@@ -177,6 +177,10 @@ class Target:
         for key in ("name", "backend"):
             if not isinstance(data.get(key), str):
                 raise TargetError(f"{source}: '{key}' must be a string")
+        for table in ("options", "tolerance", "shapes", "quantization"):
+            if not isinstance(data.get(table, {}), dict):
+                raise TargetError(f"{source}: {table} must be a table ([{table}] with key = value lines), "
+                                  f"not {data[table]!r}")
         tol = dict(data.get("tolerance", {}))
         if ("noise" not in tol and {"min_cosine", "min_snr_db"} & set(tol)) or tol.get("noise") is False:
             tol["noise"] = None   # lossy: judged by cosine / SNR (or atol/rtol), not against fp32 noise
@@ -315,9 +319,11 @@ def _search_dirs() -> list[Path]:
 
 def _read_toml(path: Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise TargetError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise TargetError(f"{path}: not UTF-8 text ({e}); save the descriptor as UTF-8") from None
     auto = data.get("auto")
     if isinstance(auto, dict) and isinstance(auto.get("candidates"), list):   # relative to the file naming them
         auto["candidates"] = [str(path.parent / c) if isinstance(c, str) and c.endswith(".toml") and

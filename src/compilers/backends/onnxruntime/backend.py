@@ -15,7 +15,7 @@ from ...host import installed_versions
 from ...lower import Lowered
 from ...quantize import CalibrationPlan
 from ...quiet import quiet
-from ...settings import option
+from ...settings import MAX_THREADS, option
 from ...target import Target
 from ..base import Backend, Engine, Optimized, Spec
 
@@ -41,7 +41,7 @@ def op_counts(graph) -> collections.Counter:
 
 @dataclass(frozen=True)
 class OrtSettings:
-    threads: int = option(0, "intra-op threads; 0 = all cores", minimum=0, runtime=True)
+    threads: int = option(0, "intra-op threads; 0 = all cores", minimum=0, maximum=MAX_THREADS, runtime=True)
     spinning: bool = option(True, "intra-op threads spin between calls: lower latency for back-to-back calls, but "
                                   "they keep a core busy; false where other work shares the cores (a server)",
                             runtime=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 from ...errors import ExportError
 from ...lower import Lowered
 from ...quantize import CalibrationPlan
-from ...settings import option
+from ...settings import MAX_THREADS, option
 from ...signature import FlatModule, Signature
 from ...target import Target
 from ..base import Backend, Engine, Optimized, Spec
@@ -32,8 +32,9 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 class OpenVinoSettings:
     performance_hint: str = option("LATENCY", "OpenVINO PERFORMANCE_HINT", choices=("LATENCY", "THROUGHPUT"),
                                    runtime=True)
-    streams: int = option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint", minimum=0, runtime=True)
-    threads: int = option(0, "INFERENCE_NUM_THREADS; 0 = all cores", minimum=0, runtime=True)
+    streams: int = option(0, "NUM_STREAMS; 0 = the plugin's choice for the performance hint", minimum=0,
+                          maximum=MAX_THREADS, runtime=True)
+    threads: int = option(0, "INFERENCE_NUM_THREADS; 0 = all cores", minimum=0, maximum=MAX_THREADS, runtime=True)
     cache_dir: str = option("", "OpenVINO CACHE_DIR for compiled blobs; empty = none", runtime=True)
 
 
