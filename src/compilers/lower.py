@@ -72,6 +72,9 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
                 else:
                     lowered = own_route(route, flat, tuple(examples))
         except Exception as e:  # every exporter failure is a reason to try the next route
+            stop = interruption(e)
+            if stop is not None:   # Ctrl-C (or exit) that an exporter wrapped: stop the compile, try nothing else
+                raise stop
             exported = exported or route in EXPORT_ROUTES
             refused = refused or data_dependent(e)
             attempts.append((route, _first_line(e)))
@@ -103,6 +106,18 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
 # -- data-dependent control flow ---------------------------------------------------------------------
 _CONVERSION = re.compile(r"Converting a tensor to a Python (boolean|number|integer|float|index)")
 _RAISED_AT = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def interruption(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt or SystemExit behind an exception, if an exporter caught one and raised its own
+    error from it (torch.export does): a reason to stop, not a route that failed."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def data_dependent(e: BaseException) -> str | None:

@@ -74,8 +74,10 @@ class InductorBackend(Backend):
             with quiet():
                 torch._inductor.aoti_compile_and_package(optimized.lowered.model.program, package_path=str(path),
                                                          inductor_configs=configs)
-        except Exception as e:
+        except BaseException as e:       # an interrupted build leaves no scratch directory behind either
             shutil.rmtree(workdir, ignore_errors=True)
+            if not isinstance(e, Exception):
+                raise
             first = next((l for l in str(e).splitlines() if l.strip()), "")
             raise CompilerError(f"AOTInductor could not compile the exported program: {type(e).__name__}: "
                                 f"{first[:500]}. Try the torchscript-cpu or ort-cpu target") from e
