@@ -45,3 +45,17 @@ def test_two_inputs_that_need_converting_keep_their_own_values(target):
             frozen.append(arr)
         np.testing.assert_allclose(cm(*frozen), a * 2 - b, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(cm(a.T.copy().T, b.T.copy().T), a * 2 - b, rtol=1e-5, atol=1e-6)
+
+
+def test_tensors_without_dense_data_are_input_errors(mlp):
+    x = torch.randn(2, 6)
+    for bad, match in ((x.to("meta"), "meta device"), (x.to_sparse(), "sparse_coo")):
+        with pytest.raises(compilers.InputError, match=match):
+            mlp(bad)
+
+
+def test_a_cache_dir_that_is_a_file_is_refused_before_compiling(tmp_path):
+    file = tmp_path / "cache"
+    file.write_text("not a directory")
+    with pytest.raises(compilers.InputError, match="is a file; pass a directory"):
+        compilers.compile(nn.Sequential(nn.Linear(4, 2)).eval(), "ort-cpu", (torch.randn(2, 4),), cache_dir=file)

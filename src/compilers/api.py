@@ -103,6 +103,8 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
         raise InputError(f"validate must be True, False or 'warn', not {validate!r}")
     if metric is not None and (not isinstance(metric, Metric) or not validate):
         raise InputError("metric must be a compilers.Metric(fn, max_drop), and needs validate=True or 'warn'")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise InputError(f"cache_dir {cache_dir} is a file; pass a directory (it is created if missing)")
     descriptor = load_descriptor(target)
     if isinstance(descriptor, Auto):
         return _compile_auto(model, descriptor, example_inputs, dynamic_shapes, calibration, samples, validate,

@@ -251,6 +251,10 @@ class Signature:
         sizes: dict[str, int] = {}
         for spec, value in zip(self.inputs, flat):
             if isinstance(value, torch.Tensor):
+                if value.layout is not torch.strided or value.is_meta:
+                    what = "on the meta device, holding no data" if value.is_meta else f"a {value.layout} tensor"
+                    raise InputError(f"input {spec.name!r} is {what}; pass a dense tensor with data "
+                                     f"(e.g. x.to_dense())")
                 dtype = value.dtype
             elif isinstance(value, np.ndarray):
                 dtype = spec.dtype if value.dtype == _numpy_dtype(spec.dtype) else \
