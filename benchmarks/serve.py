@@ -37,6 +37,7 @@ import tritonclient.http as triton  # noqa: E402
 
 import compilers  # noqa: E402
 from compilers.serve.repository import publish  # noqa: E402
+from compilers.serve.server import free_port  # noqa: E402
 from timing import run_checks  # noqa: E402
 
 CLIENTS = 32
@@ -47,7 +48,7 @@ class Server:
     """`compilers serve REPO` in a child process on a free loopback port; ready when /v2/health/ready is 200."""
 
     def __init__(self, repo: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "compilers.cli", "serve", str(repo), "--port",
                                          str(self.port), "--log-level", "warning"])
@@ -69,13 +70,6 @@ class Server:
 
     def metrics(self) -> str:
         return urllib.request.urlopen(f"http://{self.url}/metrics", timeout=10).read().decode()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load(url: str, model: str, requests: list[list], max_requests: int, seconds: float,

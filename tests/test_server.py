@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 import compilers
 from compilers.serve.repository import Repository, publish
-from compilers.serve.server import running
+from compilers.serve.server import free_port, running
 from compilers.serve.service import ModelService
 
 from test_batcher import SEQ, Pool
@@ -266,10 +266,7 @@ def test_cli_publish_serve_and_drain_on_sigterm(tmp_path, mlp, artifacts):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and (tmp_path / "repo" / "mlp" / "1" / "manifest.json").is_file(), out.stderr
     (tmp_path / "repo" / "mlp" / "serving.toml").write_text("[batching]\nmax_batch_size = 8\nmax_queue_delay_ms = 700\n")
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(cli + ["serve", str(tmp_path / "repo"), "--port", str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -291,6 +291,16 @@ def _read_manifest(path: Path) -> bytes | None:
         return f.read()
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The artifact's manifest, format checked but files not hashed (what it says, not proof of what is there:
+    `load` and `verify` check the files); ArtifactError when there is none or it is malformed."""
+    path = Path(path)
+    raw = _read_manifest(path)
+    if raw is None:
+        raise ArtifactError(f"{path} is not a compilers artifact: {MANIFEST} is missing")
+    return _parse_manifest(path, raw)
+
+
 def _parse_manifest(path: Path, raw: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(raw.decode())

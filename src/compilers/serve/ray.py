@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from ..errors import ConfigError, InputError
-from ..runtime import MANIFEST
+from ..runtime import read_manifest
 from ..signature import Signature
 from ..target import Target
 from .app import create_app
@@ -120,7 +119,7 @@ class RayEngines:
         if handle is None:
             raise ConfigError(f"model {entry.name!r} version {number} has no deployment in this Ray Serve "
                               f"application (deployed: {', '.join(sorted(self.handles)) or 'none'}); redeploy it")
-        manifest = json.loads((repository.path / entry.name / str(number) / MANIFEST).read_text())
+        manifest = read_manifest(repository.path / entry.name / str(number))
         signature = Signature.from_dict(manifest["signature"])
         target = Target.from_dict(manifest["target"], source=str(repository.path / entry.name / str(number)))
         combiner = Combiner(signature, entry.config.batching)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import math
 import os
 import random
@@ -27,7 +26,7 @@ from typing import Any, Mapping
 
 from ..backends import get_backend
 from ..errors import ArtifactError, BackendUnavailable, ConfigError, TargetError
-from ..runtime import MANIFEST, CompiledModel, load, verify
+from ..runtime import MANIFEST, CompiledModel, load, read_manifest, verify
 from ..settings import option, parse
 from .batcher import Batching
 
@@ -99,7 +98,7 @@ def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
 def _parse_traffic(table: Mapping[str, Any], where: str) -> dict[int, float]:
     weights = {}
     for key, value in table.items():
-        version = _version_number(key)
+        version = version_number(key)
         if version is None:
             raise ConfigError(f"{where} [traffic]: key {key!r} is not a version; keys are version numbers "
                               f"(positive integers, e.g. 1 = 90)")
@@ -132,8 +131,11 @@ def _parse_batching(table: Mapping[str, Any], where: str) -> Batching:
 def read_config(model_dir: Path) -> ServingConfig:
     """The model's serving.toml parsed and checked; the defaults without one."""
     file = model_dir / CONFIG
-    if not file.exists():
-        return ServingConfig()
+    return read_config_file(file) if file.exists() else ServingConfig()
+
+
+def read_config_file(file: Path) -> ServingConfig:
+    """A serving.toml file parsed and checked; ConfigError naming the file otherwise."""
     try:
         data = tomllib.loads(file.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
@@ -233,13 +235,12 @@ class Repository:
 def _serving_options(artifact: Path) -> dict[str, Any]:
     """The runtime options the artifact's backend asks of a server (serving.toml [engine] overrides them)."""
     try:
-        backend = json.loads((artifact / MANIFEST).read_text())["target"]["backend"]
-        return dict(get_backend(backend).serving_options)
-    except (OSError, ValueError, KeyError, TypeError, TargetError):
+        return dict(get_backend(read_manifest(artifact)["target"]["backend"]).serving_options)
+    except (ArtifactError, KeyError, TypeError, TargetError):
         return {}                                   # load() reports what is wrong with the artifact
 
 
-def _version_number(name: str) -> int | None:
+def version_number(name: str) -> int | None:
     """The version a directory name stands for: a positive integer written without leading zeros."""
     if name.isdigit() and name.isascii() and name[0] != "0":
         return int(name)
@@ -251,7 +252,7 @@ def _scan(model_dir: Path) -> tuple[tuple[int, ...], list[str]]:
     for entry in sorted(model_dir.iterdir()):
         if not (entry.name.isdigit() and entry.name.isascii()):
             continue                                   # serving.toml, README, hidden staging dirs
-        number = _version_number(entry.name)
+        number = version_number(entry.name)
         if number is None:
             problems.append(f"{entry}: version names are positive integers without leading zeros; rename or remove it")
         elif not (entry / MANIFEST).is_file():

@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import tempfile
-import tomllib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,7 @@ from ..settings import parse, runtime_options
 from ..signature import Signature, TensorSpec
 from ..target import Target
 from .protocol import datatype
-from .repository import CONFIG, ServingConfig, parse_config, read_config
+from .repository import CONFIG, ServingConfig, read_config, read_config_file, version_number
 
 CONFIG_FILE = "config.pbtxt"
 
@@ -191,7 +190,7 @@ def export_triton(artifact: str | os.PathLike, version_dir: str | os.PathLike,
     renamed into place: a failed export leaves the model directory as it was. An existing version, or a
     config.pbtxt that other versions use and this artifact would change, is replaced only with `force`."""
     version_dir = Path(version_dir)
-    version = _version_number(version_dir.name)
+    version = version_number(version_dir.name)
     if version is None:
         raise InputError(f"{version_dir}: the last part must be a version number, a positive integer without "
                          f"leading zeros, as Triton reads REPO/<model>/<version> (e.g. repo/mlp/1)")
@@ -370,7 +369,7 @@ def _check_torchscript(file: Path, signature: Signature, target: Target) -> None
 def _check_other_versions(model_dir: Path, version: int, model: TritonModel) -> None:
     """ArtifactError if config.pbtxt serves other versions and this export would change what they are served as."""
     file = model_dir / CONFIG_FILE
-    others = [p.name for p in model_dir.iterdir() if _version_number(p.name) not in (None, version)] \
+    others = [p.name for p in model_dir.iterdir() if version_number(p.name) not in (None, version)] \
         if model_dir.is_dir() else []
     if not file.is_file() or not others:
         return
@@ -574,10 +573,6 @@ def _tag_end(data: bytes, start: int) -> int:
 
 # -- serving config and header ---------------------------------------------------------------------------
 
-def _version_number(name: str) -> int | None:
-    return int(name) if name.isdigit() and name.isascii() and name[0] != "0" else None
-
-
 def _serving_config(serving: str | os.PathLike | ServingConfig | None, model_dir: Path) -> tuple[ServingConfig, str]:
     if isinstance(serving, ServingConfig):
         return serving, "the ServingConfig given"
@@ -589,11 +584,7 @@ def _serving_config(serving: str | os.PathLike | ServingConfig | None, model_dir
         file = file / CONFIG
     if not file.is_file():
         raise ConfigError(f"serving config {file} does not exist")
-    try:
-        data = tomllib.loads(file.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ConfigError(f"{file}: cannot read it as TOML ({e}); fix the syntax") from None
-    return parse_config(data, str(file)), str(file)
+    return read_config_file(file), str(file)
 
 
 def _header(name: str, path: Path, target: Target, manifest: Mapping[str, Any], signature: Signature, config: Any,
