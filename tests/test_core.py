@@ -167,6 +167,9 @@ def test_export_ladder_falls_back_and_validation_refuses_a_wrong_engine():
     report = info.value.report
     assert not report.passed and report.outputs[0].failure
     assert "fp32 noise" in str(info.value) and report.reference == "float64 eager"
+    advice = str(info.value).splitlines()[-1]      # what to do next: a looser tolerance, warn, another target
+    assert advice.startswith("What to do") and "[tolerance]" in advice and 'validate="warn"' in advice \
+        and "compilers targets" in advice
     with pytest.warns(RuntimeWarning, match="disagrees"):
         cm = compilers.compile(Branchy(), TARGET, pos, calibration=[neg], validate="warn",
                                accept_traced_branches=True)

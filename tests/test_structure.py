@@ -16,7 +16,7 @@ import compilers
 PACKAGE = Path(compilers.__file__).parent
 # lowest first: a module may import only modules of its own or a lower layer
 LAYERS = [
-    {"errors", "quiet", "host", "progress"},
+    {"errors", "quiet", "host", "progress", "records"},
     {"target", "settings", "treespec"},
     {"signature"},
     {"calibration", "reference", "lower"},

@@ -166,7 +166,7 @@ def test_constant_outputs_stay_constants():
 def test_embedding_index_out_of_range_is_an_input_error(target):
     model = Lookup().eval()
     cm = compilers.compile(model, target, (torch.randint(0, 10, (2, 5)),))
-    assert cm.signature.index_bounds == {"ids": (10, "emb")}
+    assert cm.signature.index_bounds == {"ids": (0, 10, "emb (nn.Embedding with 10 rows)")}
     for bad in (50, 10, -1):
         ids = torch.randint(0, 10, (3, 5))
         ids[1, 2] = bad
@@ -181,9 +181,63 @@ def test_embedding_index_out_of_range_is_an_input_error(target):
         torch.testing.assert_close(cm(ids), model(ids), atol=1e-5, rtol=1e-4)
 
 
+class Tables(nn.Module):
+    """Lookups into parameters by functional indexing, not nn.Embedding: the engines see a Gather whose
+    table size they do not treat as a bound (openvino-cpu returned rows of garbage for index 50)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(10, 4))
+        self.cols = nn.Parameter(torch.randn(3, 6))
+        self.register_buffer("table", torch.randn(8, 2))
+
+    def forward(self, rows, cols, picks):
+        return self.w[rows] * 2, self.cols[:, cols].sum(0), torch.index_select(self.table, 0, picks)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_functional_index_out_of_range_is_an_input_error(target):
+    model = Tables().eval()
+    example = (torch.tensor([1, 2]), torch.tensor([0, 5]), torch.tensor([7, 0]))
+    cm = compilers.compile(model, target, example)
+    assert {k: v[:2] for k, v in cm.signature.index_bounds.items()} == \
+        {"rows": (-10, 10), "cols": (-6, 6), "picks": (0, 8)}
+    for i, (bad, allowed) in enumerate([(10, r"\[-10, 9\]"), (-11, r"\[-10, 9\]"), (6, r"\[-6, 5\]"),
+                                        (-1, r"\[0, 7\]"), (8, r"\[0, 7\]")]):
+        inputs = [x.clone() for x in example]
+        inputs[0 if i < 2 else 1 if i == 2 else 2][0] = bad
+        with pytest.raises((IndexError, RuntimeError)):
+            model(*inputs)
+        with pytest.raises(compilers.InputError, match=rf"index {bad} is out of range .*{allowed}"):
+            cm(*inputs)
+    inputs = (torch.tensor([-1, -10, 9]), torch.tensor([-6, 5, 0]), torch.tensor([0, 7, 3]))   # negative
+    with torch.no_grad():                                                                  # as eager allows
+        for got, want in zip(cm(*inputs), model(*inputs)):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_engine_failure_is_an_engine_error(target):
+    class Gather(nn.Module):
+        def forward(self, x, idx):
+            return torch.gather(x, 1, idx)     # the bound is x's size, an input: no static index bound
+
+    cm = compilers.compile(Gather(), target, (torch.randn(3, 5), torch.zeros(3, 2, dtype=torch.long)))
+    bad = (torch.randn(3, 5), torch.full((3, 2), 9))
+    with pytest.raises(RuntimeError):
+        Gather()(*bad)
+    with pytest.raises(compilers.EngineError, match=rf"the \w+ engine of {target} failed on these inputs "
+                                                    r"\(x: \(3, 5\), idx: \(3, 2\)\)") as e:
+        cm(*bad)
+    assert isinstance(e.value, RuntimeError) and e.value.__cause__ is not None
+
+
 def test_index_bounds_survive_save_and_old_manifests(tmp_path):
     cm = compilers.compile(Lookup().eval(), "ort-cpu", (torch.randint(0, 10, (2, 5)),))
     d = cm.signature.to_dict()
+    assert Signature.from_dict(d) == cm.signature
+    d["index_bounds"] = {"ids": [10, "emb"]}      # as saved before bounds had a lower end
     assert Signature.from_dict(d) == cm.signature
     del d["index_bounds"]          # an artifact saved before index bounds existed
     assert Signature.from_dict(d).index_bounds == {}

@@ -6,8 +6,8 @@
 """
 from .api import compile, targets, unavailable_reason, validate
 from .bench import Benchmark, Timing, benchmark
-from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
-                     ValidationError)
+from .errors import (ArtifactError, BackendUnavailable, CompilerError, EngineError, ExportError, InputError,
+                     TargetError, ValidationError)
 from .report import Report
 from .runtime import CompiledModel, load
 from .target import Auto, DimRange, Target, Tolerance, load_descriptor, load_target
@@ -18,4 +18,4 @@ __all__ = ["compile", "load", "validate", "benchmark", "targets", "unavailable_r
            "Target", "Tolerance", "DimRange", "Auto", "load_target", "load_descriptor",
            "CompiledModel", "Report", "ValidationReport", "Metric", "Benchmark", "Timing",
            "CompilerError", "TargetError", "BackendUnavailable", "ExportError", "ValidationError", "InputError",
-           "ArtifactError"]
+           "ArtifactError", "EngineError"]

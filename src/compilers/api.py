@@ -15,7 +15,7 @@ from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .cache import cache_key, calibration_checked, load_reference, reference_path, save_reference
 from .calibration import calibration_set, flat_samples
-from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, ValidationError
+from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, TargetError, ValidationError
 from .host import library_versions
 from .lower import FROZEN_NOTE, run_ladder
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
@@ -24,7 +24,7 @@ from .report import Report
 from .runtime import CompiledModel, load
 from .select import compile_auto, reusable
 from .signature import Captured, Signature, capture, restore_modes, train_modes
-from .target import Auto, Target, builtin_targets, load_descriptor, load_target
+from .target import Auto, Target, Tolerance, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 
 log = logging.getLogger("compilers")
@@ -57,6 +57,16 @@ def resolve(target: str | Path | Target) -> Resolved:
     if reason:
         raise BackendUnavailable(f"target {t.name!r} cannot run here: {reason}")
     return Resolved(t, backend, settings)
+
+
+def target_problem(target: Target) -> str | None:
+    """Why `target` cannot be compiled for here (options its backend refuses, a backend not installed), or None;
+    imports no backend library (`resolve` also probes the runtime)."""
+    try:
+        get_backend(target.backend).settings(target)
+    except TargetError as e:
+        return f"TargetError: {e}"
+    return unavailable_reason(target)
 
 
 def check_supported(model: torch.nn.Module, target: Target) -> None:
@@ -161,7 +171,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
             if not result.passed:
                 tried = "".join(f"; {route} failed: {why[:200]}" for route, why in cm.report.attempts)
                 msg = (f"{r.target.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
-                       f"beyond tolerance{_int8_advice(cm)}\n{result}")
+                       f"beyond tolerance{_int8_advice(cm)}\n{result}\n{_refusal_advice(r.target)}")
                 if validate is True:
                     raise ValidationError(msg, result)
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -243,6 +253,16 @@ def _int8_advice(cm: CompiledModel) -> str:
             "calibration data, or a larger [quantization] max_float_layers")
 
 
+def _refusal_advice(target: Target) -> str:
+    """What a user can do about a model that validation refused, in the order worth trying."""
+    return (f"What to do: if these errors are acceptable for your use, loosen the tolerance: a descriptor with "
+            f"extends = \"{target.name}\" and its own [tolerance] table, or "
+            f"compilers.load_target({target.name!r}).with_(noise=..., atol=...); "
+            f"or keep this model anyway with validate=\"warn\" (CLI: --no-fail); or try another target "
+            f"(`compilers targets` lists them). If the outputs look wrong rather than imprecise, please report it "
+            f"with the table above.")
+
+
 def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
            calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str],
            judge: Callable[[CompiledModel], ValidationReport] | None = None,
@@ -292,7 +312,7 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
     return cm
 
 
-def check(cm: CompiledModel, reference: Reference) -> ValidationReport:
+def check(cm: CompiledModel, reference: Reference, tolerance: Tolerance | None = None) -> ValidationReport:
     """Run `cm` on every sample of `reference` and give the verdict. A compiled model that raises on a sample
     fails (the grown example is skipped where the engine declares its size out of range)."""
     results: list[list[Any] | None] = []
@@ -311,7 +331,7 @@ def check(cm: CompiledModel, reference: Reference) -> ValidationReport:
                           f"{type(e).__name__}: {str(e)[:300]}.{hint}")
         results.append(None)
     sig = cm.signature
-    result = compare(sig.output_names, reference, results, cm.target.tolerance, errors, skipped,
+    result = compare(sig.output_names, reference, results, tolerance or cm.target.tolerance, errors, skipped,
                      [sig.batch_axis(spec) for spec in sig.outputs])
     if reference.metric is None:
         return result
@@ -341,8 +361,11 @@ def _sizes(signature: Signature, flat: list[Any]) -> str:
 
 
 def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any],
-             metric: Metric | None = None) -> ValidationReport:
-    """Compare `cm` with eager `model` on `samples` (each shaped like the example inputs), and on `metric`."""
+             metric: Metric | None = None, *, tolerance: Tolerance | Mapping[str, Any] | None = None) -> ValidationReport:
+    """Compare `cm` with eager `model` on `samples` (each shaped like the example inputs), and on `metric`.
+    `tolerance` judges instead of the target's: a Tolerance, or keys (noise, atol, min_cosine, ...) that
+    replace the target's."""
+    tolerance = _tolerance(cm.target.tolerance, tolerance)
     flats = flat_samples(cm.signature, samples, None, "validation")
     if not flats:
         raise InputError("validate needs at least one sample")
@@ -350,7 +373,18 @@ def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any],
     model.eval()
     try:
         reference = compute_reference(model, cm.signature, (), [(f"sample {i + 1}", f) for i, f in enumerate(flats)],
-                                      float64=cm.target.tolerance.noise is not None)
-        return check(cm, _with_metric(reference, metric, model))
+                                      float64=tolerance.noise is not None)
+        return check(cm, _with_metric(reference, metric, model), tolerance)
     finally:
         restore_modes(modes)
+
+
+def _tolerance(base: Tolerance, given: Tolerance | Mapping[str, Any] | None) -> Tolerance:
+    if given is None or isinstance(given, Tolerance):
+        return given or base
+    if not isinstance(given, Mapping):
+        raise InputError(f"tolerance must be a compilers.Tolerance or a dict of its keys, not {type(given).__name__}")
+    unknown = set(given) - set(asdict(base))
+    if unknown:
+        raise InputError(f"unknown tolerance key(s) {sorted(unknown)}; allowed: {sorted(asdict(base))}")
+    return replace(base, **given)      # Tolerance checks the values (TargetError)

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +21,47 @@ from .bench import Benchmark, Timing, benchmark, synthetic_inputs
 from .plot import plot
 from .progress import track
 from .errors import CompilerError, InputError, ValidationError
-from .runtime import MANIFEST, load
-from .target import Target, builtin_autos, load_descriptor
+from .host import own_version
+from .runtime import check_destination, load, read_manifest
+from .target import Target, builtin_dir, descriptor_files, load_descriptor
 
 
 def load_factory(spec: str) -> dict[str, Any]:
-    """Call the factory named by `module.py:name` or `package.module:name`; return its parts as a dict."""
+    """Call the factory named by `module.py:name` or `package.module:name`; return its parts as a dict. Whatever
+    goes wrong in the user's module (an import that fails, a factory that raises) is an InputError saying so."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
         raise InputError(f"factory {spec!r} must look like path/to/module.py:function or package.module:function")
-    if where.endswith(".py") or "/" in where:
-        path = Path(where)
-        if not path.is_file():
-            raise InputError(f"factory file {path} does not exist")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.path.insert(0, str(path.parent.resolve()))
-        mod_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(where)
+    try:
+        if where.endswith(".py") or "/" in where:
+            path = Path(where)
+            if not path.is_file():
+                raise InputError(f"factory file {path} does not exist")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.path.insert(0, str(path.parent.resolve()))
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except InputError:
+        raise
+    except ModuleNotFoundError as e:
+        raise InputError(f"factory module {where!r} cannot be imported: {e}. Give a file as path/to/module.py:"
+                         f"{name}, or install the package or put its directory on PYTHONPATH") from e
+    except Exception as e:
+        raise InputError(f"importing factory module {where} failed: {_one_line(e)}. Fix the module; "
+                         f"`python -c 'import runpy; runpy.run_path(\"{where}\")'` shows the traceback"
+                         if where.endswith(".py") else
+                         f"importing factory module {where} failed: {_one_line(e)}. Fix the module; "
+                         f"`python -c 'import {where}'` shows the traceback") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         raise InputError(f"{where} has no function {name!r}")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as e:
+        raise InputError(f"factory {spec} raised {_one_line(e)}; it must return (model, example_inputs) or a dict "
+                         "with 'model' and 'example_inputs'. Call it in Python to see the traceback") from e
     if isinstance(made, dict):
         parts = dict(made)
     elif isinstance(made, tuple) and len(made) == 2:
@@ -56,9 +75,17 @@ def load_factory(spec: str) -> dict[str, Any]:
     return parts
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:500]}" if text else type(e).__name__
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
-    parts = load_factory(a.factory)
     target = load_descriptor(a.target)
+    if check_destination(a.out) and not a.force:
+        raise InputError(f"{a.out} already holds a compilers artifact; pass --force to replace it, or choose "
+                         "another --out")
+    parts = load_factory(a.factory)
     what = f"backend {target.backend}" if isinstance(target, Target) else f"auto: {', '.join(target.candidates)}"
     print(f"compiling {type(parts['model']).__name__} for {target.name} ({what}); "
           "export and engine build can take a while...", file=sys.stderr, flush=True)
@@ -76,31 +103,79 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
-    rows = [(t.name, t.backend, t.device, t.precision, api.unavailable_reason(t)) for t in api.targets()]
-    autos = builtin_autos()
+    """Every descriptor a name finds: the directories of $COMPILERS_TARGETS first, then the built-ins. One that
+    does not parse is listed with its error rather than hiding the others."""
+    builtin = builtin_dir()
+    concrete, autos = [], []
+    for name, path in descriptor_files().items():
+        source = "built-in" if path.parent == builtin else str(path)
+        try:
+            found = load_descriptor(path)
+        except CompilerError as e:
+            concrete.append({"name": name, "backend": "?", "device": "?", "precision": "?", "source": source,
+                             "available": False, "reason": f"{type(e).__name__}: {_one_line(e)}"})
+            continue
+        if isinstance(found, Target):
+            reason = api.target_problem(found)
+            concrete.append({"name": name, "backend": found.backend, "device": found.device,
+                             "precision": found.precision, "source": source, "available": reason is None,
+                             "reason": reason})
+        else:
+            autos.append({"name": name, "auto": True, "backend": "auto", "objective": found.objective,
+                          "candidates": list(found.candidates), "description": found.description, "source": source})
     if a.json:
-        print(json.dumps([{"name": n, "backend": b, "device": d, "precision": p, "available": r is None, "reason": r}
-                          for n, b, d, p, r in rows] +
-                         [{"name": x.name, "auto": True, "objective": x.objective, "candidates": list(x.candidates),
-                           "description": x.description} for x in autos], indent=1))
+        print(json.dumps(concrete + autos, indent=1))
         return 0
     print(f"{'target':22s} {'backend':12s} {'device':7s} {'precision':9s} available")
-    for n, b, d, p, r in rows:
-        print(f"{n:22s} {b:12s} {d:7s} {p:9s} {'yes' if r is None else 'no: ' + r}")
+    for t in concrete:
+        from_user = "" if t["source"] == "built-in" else f"   (from {t['source']})"
+        print(f"{t['name']:22s} {t['backend']:12s} {t['device']:7s} {t['precision']:9s} "
+              f"{'yes' if t['available'] else 'no: ' + t['reason']}{from_user}")
     if autos:
         print(f"\n{'auto target':22s} {'objective':10s} candidates (compile picks the fastest valid one)")
         for x in autos:
-            print(f"{x.name:22s} {x.objective:10s} {', '.join(x.candidates)}")
+            from_user = "" if x["source"] == "built-in" else f"   (from {x['source']})"
+            print(f"{x['name']:22s} {x['objective']:10s} {', '.join(x['candidates'])}{from_user}")
     return 0
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
     cm = load(a.artifact)
     parts = load_factory(a.factory)
-    samples = [parts["example_inputs"], *list(parts.get("samples") or parts.get("calibration") or [])]
-    result = api.validate(cm, parts["model"], samples)
+    if a.samples:
+        samples = [parts["example_inputs"], *_read_samples(a.samples)]
+    else:
+        samples = [parts["example_inputs"], *list(parts.get("samples") or parts.get("calibration") or [])]
+    tolerance = {key: getattr(a, key) for key in _TOLERANCE_FLAGS if getattr(a, key) is not None}
+    result = api.validate(cm, parts["model"], samples, tolerance=tolerance or None)
     print(result)
     return 0 if result.passed else 1
+
+
+_TOLERANCE_FLAGS = {
+    "noise": "error allowed as a multiple of eager fp32's own error (fp32 targets' rule)",
+    "atol": "element-wise absolute tolerance (an element fails only if it exceeds both atol and rtol)",
+    "rtol": "element-wise relative tolerance",
+    "min_cosine": "lowest cosine similarity to eager per batch item (lossy targets)",
+    "min_snr_db": "lowest signal-to-noise ratio against eager, in dB (lossy targets)",
+}
+
+
+def _read_samples(path: str) -> list[Any]:
+    """Validation samples saved with torch.save(list_of_samples, path); read as data only (weights_only)."""
+    import torch
+    if not Path(path).is_file():
+        raise InputError(f"--samples {path} does not exist; save them with torch.save([sample, ...], path), each "
+                         "sample shaped like the example inputs")
+    try:
+        samples = torch.load(path, weights_only=True)
+    except Exception as e:
+        raise InputError(f"--samples {path} is not a torch.save file of tensors ({_one_line(e)}); save them with "
+                         "torch.save([sample, ...], path)") from e
+    if not isinstance(samples, (list, tuple)):
+        raise InputError(f"--samples {path} holds a {type(samples).__name__}; save a list of samples, each shaped "
+                         "like the example inputs")
+    return list(samples)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -190,7 +265,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def cmd_report(a: argparse.Namespace) -> int:
     cm = load(a.artifact, check_versions=False)
-    manifest = json.loads((Path(a.artifact) / MANIFEST).read_text())
+    manifest = read_manifest(a.artifact)
     if a.json:
         print(json.dumps(cm.report.to_dict(), indent=1))
         return 0
@@ -199,7 +274,9 @@ def cmd_report(a: argparse.Namespace) -> int:
     print("inputs      " + ", ".join(f"{s.name}: {str(s.dtype).removeprefix('torch.')}{list(s.shape)}" for s in sig.inputs))
     print("outputs     " + ", ".join(f"{s.name}: {str(s.dtype).removeprefix('torch.')}" for s in sig.outputs))
     print("files       " + ", ".join(manifest["files"]))
-    print("built with  " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    versions = manifest.get("versions")
+    if isinstance(versions, dict):
+        print("built with  " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return 0
 
 
@@ -252,12 +329,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compilers", description="Compile PyTorch models for inference backends, validated against eager.")
+    p.add_argument("--version", action="version", version=f"compilers {own_version()}")
+    p.add_argument("--traceback", action="store_true", help="print the full traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="compile a model from a factory and save the artifact")
     c.add_argument("factory", help="path/to/module.py:function or package.module:function")
     c.add_argument("--target", "-t", required=True, help="built-in target name or path to a .toml descriptor")
     c.add_argument("--out", "-o", required=True, help="artifact directory to write")
     c.add_argument("--cache-dir", help="reuse builds from this directory")
+    c.add_argument("--force", action="store_true", help="replace the artifact already at --out")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--no-validate", action="store_true", help="skip validation against eager")
     g.add_argument("--no-fail", action="store_true", help="save even when validation fails (exit status 1)")
@@ -267,7 +347,13 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(run=cmd_targets)
     v = sub.add_parser("validate", help="validate a saved artifact against the eager model")
     v.add_argument("artifact")
-    v.add_argument("factory")
+    v.add_argument("factory", help="path/to/module.py:function or package.module:function giving the eager model")
+    v.add_argument("--samples", metavar="FILE.pt", help="validation samples: torch.save([sample, ...], FILE.pt), each "
+                                                        "shaped like the example inputs (default: the factory's "
+                                                        "samples or calibration)")
+    for key, doc in _TOLERANCE_FLAGS.items():
+        v.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, metavar="X",
+                       help=f"{doc}; replaces the artifact target's value")
     v.set_defaults(run=cmd_validate)
     b = sub.add_parser("bench", help="time compiled models against eager: latency percentiles and throughput per batch size")
     b.add_argument("what", metavar="ARTIFACT_OR_FACTORY",
@@ -315,6 +401,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 1 validation failed, 2 anything else that stopped it (one paragraph
+    on stderr, the traceback only with --traceback), 130 interrupted."""
     a = parser().parse_args(argv)
     try:
         return a.run(a)
@@ -322,7 +410,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compilers: validation failed: {e}", file=sys.stderr)
         return 1
     except CompilerError as e:
+        if a.traceback:
+            traceback.print_exc()
         print(f"compilers: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compilers: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if a.traceback:
+            traceback.print_exc()
+        print(f"compilers: {a.command} stopped on an unexpected {_one_line(e)}. This is not an error compilers "
+              f"checks for, so it is likely a bug in compilers or in a backend: run it again with `compilers "
+              f"--traceback {a.command} ...` and report the traceback.", file=sys.stderr)
         return 2
 
 

@@ -38,3 +38,8 @@ class ConfigError(CompilerError):
 
 class ArtifactError(CompilerError):
     """A saved artifact is missing a file, fails its hash check or was built by other library versions."""
+
+
+class EngineError(CompilerError, RuntimeError):
+    """The compiled engine failed on a call's inputs (the backend's own error is its `__cause__`): usually inputs
+    eager rejects too, such as an index out of range."""

@@ -49,6 +49,14 @@ def installed_versions(libraries: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def own_version() -> str:
+    """This package's installed version ("unknown" when run from a source tree that is not installed)."""
+    try:
+        return version("compilers")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def library_versions(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Python and the core libraries' versions, plus `extra` (a backend's own): how an artifact was made."""
     return {"python": platform.python_version(), **installed_versions(CORE_LIBRARIES), **(extra or {})}

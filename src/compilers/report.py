@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from .records import from_json
 from .validate import ValidationReport
 
 
@@ -41,12 +42,8 @@ class Report:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Report":
-        d = dict(d)
-        v = d.pop("validation", None)
-        report = cls(**{**d, "attempts": [tuple(a) for a in d.get("attempts", [])]})
-        if v:
-            report.validation = ValidationReport.from_dict(v)
-        return report
+        """The report saved by `to_dict`, every field checked (ValueError naming the one that is malformed)."""
+        return from_json(cls, d, "report")
 
     def __str__(self) -> str:
         lines = [f"target      {self.target} (backend {self.backend}, {self.precision})"]

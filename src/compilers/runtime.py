@@ -22,8 +22,9 @@ import torch
 
 from .backends import get_backend
 from .backends.base import Engine, Spec
-from .errors import ArtifactError, BackendUnavailable, CompilerError, TargetError
+from .errors import ArtifactError, BackendUnavailable, CompilerError, EngineError, TargetError
 from .host import library_versions
+from .records import from_json
 from .report import Report
 from .settings import runtime_options
 from .signature import Signature
@@ -59,21 +60,35 @@ class CompiledModel:
         arrays for numpy inputs), in the eager model's dtypes. CPU tensors and numpy arrays are handed
         over without copies; a torch engine gets tensors on its own device."""
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None)
+        try:
+            if self._numpy_engine:
+                outs = self._run([_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat])
+            else:
+                outs = self._run([torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
+                                  else x.to(self._engine_device) for x in flat])
+        except CompilerError:
+            raise
+        except Exception as e:
+            raise self._engine_error(flat, e) from e
         if self._numpy_engine:
-            outs = self._run([_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat])
             if device is not None:
                 outs = [torch.from_numpy(o) for o in outs]
-        else:
-            outs = self._run([torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
-                              else x.to(self._engine_device) for x in flat])
-            if device is None:
-                outs = [o.detach().cpu().numpy() for o in outs]
+        elif device is None:
+            outs = [o.detach().cpu().numpy() for o in outs]
         if device is not None:
             return [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
                     for o, dt in zip(outs, self._out_dtypes)]
         return [o if o.dtype == dt else o.astype(dt) for o, dt in zip(outs, self._out_np_dtypes)]
 
     predict = __call__
+
+    def _engine_error(self, flat: list[Any], e: Exception) -> EngineError:
+        sizes = ", ".join(f"{spec.name}: {tuple(x.shape)}" for spec, x in zip(self.signature.inputs, flat))
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        return EngineError(f"the {self.target.backend} engine of {self.target.name} failed on these inputs ({sizes}): "
+                           f"{type(e).__name__}: {first[:400]}. Eager usually rejects such inputs too (an index out "
+                           "of range, a size the model cannot take); if model(...) runs on them, please report it "
+                           "with these shapes")
 
     def raw_call(self, *args: Any, **kwargs: Any) -> Callable[[], Any] | None:
         """The backend library's own call on these inputs, converted once up front: `cm(...)` minus this
@@ -95,7 +110,7 @@ class CompiledModel:
         when it is empty or a compilers artifact; anything else is an ArtifactError, with nothing deleted.
         Sets `self.digest`, the content digest that `load(path, digest=...)` pins (also in the manifest)."""
         path = Path(path)
-        _check_replaceable(path)
+        check_destination(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         umask = os.umask(0)
@@ -408,11 +423,19 @@ def digest(path: str | os.PathLike) -> str:
     return verify(path)["digest"]
 
 
-def _check_replaceable(path: Path) -> None:
-    """ArtifactError unless `path` is absent, an empty directory, or a compilers artifact whose directory holds
-    only the files its manifest lists (they may be damaged: a cache rebuilds over those)."""
+def check_destination(path: str | os.PathLike) -> bool:
+    """Whether `save(path)` would replace an artifact (True) or write a new one (False); ArtifactError, before
+    anything is built, when it cannot write there: `path` or a parent is a file, or `path` is a directory that
+    is not a compilers artifact. An artifact whose directory holds only the files its manifest lists may be
+    replaced (they may be damaged: a cache rebuilds over those)."""
+    path = Path(path)
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"cannot write an artifact at {path}: {parent} is a file, not a directory")
     if not os.path.lexists(path):
-        return
+        return False
     if not path.is_dir():
         raise ArtifactError(f"{path} exists and is not a directory, so not a compilers artifact; choose an empty "
                             "or new directory")
@@ -420,13 +443,14 @@ def _check_replaceable(path: Path) -> None:
         present, odd = _tree(path)
         raw = _read_manifest(path)
         if raw is None and not present and not odd:
-            return
+            return False
         manifest = _parse_manifest(path, raw) if raw is not None else None
     except (ArtifactError, OSError):
         manifest = None
     if manifest is None or odd or set(present) != set(manifest["files"]):
         raise ArtifactError(f"{path} exists and is not a compilers artifact (it holds files no artifact manifest "
                             "lists); nothing was deleted. Choose an empty or new directory, or remove it yourself")
+    return True
 
 
 def load(path: str | os.PathLike, *, check_versions: bool = True,
@@ -465,9 +489,26 @@ def load(path: str | os.PathLike, *, check_versions: bool = True,
                         "continually; load it again once that stops")
 
 
+def manifest_records(path: str | os.PathLike, manifest: Mapping[str, Any]) -> tuple[Target, Signature, Report]:
+    """The target, signature and report a manifest (from `read_manifest` or `verify`) holds, each checked field
+    by field; ArtifactError naming the field when one is malformed."""
+    path = Path(path)
+    return _malformed(path, lambda: (Target.from_dict(manifest["target"], source=str(path / MANIFEST)),
+                                     Signature.from_dict(manifest["signature"]),
+                                     Report.from_dict(manifest.get("report"))))
+
+
+def _malformed(path: Path, read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except (ValueError, TargetError) as e:
+        raise ArtifactError(f"{path / MANIFEST} is malformed: {e}. Re-save the artifact (or fetch it again)") from None
+
+
 def _load_verified(path: Path, manifest: dict[str, Any], check_versions: bool,
                    options: Mapping[str, Any] | None) -> CompiledModel:
-    target = Target.from_dict(manifest["target"], source=str(path / MANIFEST))
+    target, signature, report = manifest_records(path, manifest)
+    bound = _malformed(path, lambda: from_json(dict[str, str], manifest.get("bound", {}), "bound"))
     backend = get_backend(target.backend)
     if options:
         allowed = runtime_options(backend.Settings)
@@ -492,10 +533,9 @@ def _load_verified(path: Path, manifest: dict[str, Any], check_versions: bool,
         raise BackendUnavailable(f"cannot load {path}: {reason}")
     if check_versions:
         installed = backend.versions()
-        for lib, built in manifest.get("bound", {}).items():
+        for lib, built in bound.items():
             if installed.get(lib) != built:
                 raise ArtifactError(f"{path} was built with {lib} {built}, but {installed.get(lib, 'no version')} is "
                                     f"installed; recompile, or load(..., check_versions=False) to try it anyway")
-    signature = Signature.from_dict(manifest["signature"])
     engine = backend.load(Spec(target, settings, signature, path))
-    return CompiledModel(engine, signature, target, Report.from_dict(manifest["report"]))
+    return CompiledModel(engine, signature, target, report)

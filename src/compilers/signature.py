@@ -21,6 +21,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import treespec
+from .records import from_json
 from .errors import ExportError, InputError, TargetError
 from .target import DimRange
 
@@ -51,8 +52,14 @@ class TensorSpec:
         return {"name": self.name, "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
-        return cls(d["name"], getattr(torch, d["dtype"]), tuple(d["shape"]))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "tensor") -> "TensorSpec":
+        """The spec saved by `to_dict`; ValueError naming `where` when it is malformed."""
+        name = from_json(str, _key(d, "name", where), f"{where}.name")
+        dtype = getattr(torch, from_json(str, _key(d, "dtype", where), f"{where}.dtype"), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{where}.dtype: {d['dtype']!r} is not a torch dtype")
+        shape = from_json(tuple[int | str, ...], _key(d, "shape", where), f"{where}.shape")
+        return cls(name, dtype, shape)
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -78,10 +85,15 @@ class Leaf:
         return {"index": self.index} if self.index is not None else {"const": self.value}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Leaf":
+    def from_dict(cls, d: Mapping[str, Any], where: str = "leaf") -> "Leaf":
+        """The leaf saved by `to_dict`; ValueError naming `where` when it is malformed."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object, got {d!r}")
         if "size" in d:
-            return cls(size=tuple(d["size"]))
-        return cls(index=d["index"]) if "index" in d else cls(value=d["const"])
+            return cls(size=from_json(tuple[int, int], d["size"], f"{where}.size"))
+        if "index" in d:
+            return cls(index=from_json(int, d["index"], f"{where}.index"))
+        return cls(value=_key(d, "const", where))
 
     def get(self, values: Sequence[Any]) -> Any:
         if self.index is not None:
@@ -107,8 +119,26 @@ class Tree:
         return {"spec": treespec.dumps(self.spec), "leaves": [l.to_dict() for l in self.leaves]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Tree":
-        return cls(treespec.loads(d["spec"]), tuple(Leaf.from_dict(l) for l in d["leaves"]))
+    def from_dict(cls, d: Mapping[str, Any], where: str = "tree") -> "Tree":
+        """The tree saved by `to_dict`; ValueError naming `where` when it is malformed (ArtifactError for a
+        structure that names types this process must not import)."""
+        leaves = from_json(list[Any], _key(d, "leaves", where), f"{where}.leaves")
+        tree = cls(treespec.loads(_key(d, "spec", where)),
+                   tuple(Leaf.from_dict(l, f"{where}.leaves[{i}]") for i, l in enumerate(leaves)))
+        if tree.spec.num_leaves != len(tree.leaves):
+            raise ValueError(f"{where}: its structure has {tree.spec.num_leaves} leaves, but {len(tree.leaves)} "
+                             "are listed")
+        return tree
+
+    def check_slots(self, specs: Sequence[TensorSpec], where: str) -> None:
+        """ValueError unless every leaf names one of `specs` (the engine's flat inputs or outputs)."""
+        for i, leaf in enumerate(self.leaves):
+            slot = leaf.index if leaf.size is None else leaf.size[0]
+            if slot is not None and not 0 <= slot < len(specs):
+                raise ValueError(f"{where}.leaves[{i}] names slot {slot}, but there are {len(specs)}")
+            if leaf.size is not None and not 0 <= leaf.size[1] < len(specs[slot].shape):
+                raise ValueError(f"{where}.leaves[{i}] names axis {leaf.size[1]} of {specs[slot].name}, which "
+                                 f"has {len(specs[slot].shape)}")
 
 
 @dataclass(frozen=True)
@@ -124,9 +154,9 @@ class Signature:
     outputs: tuple[TensorSpec, ...]
     output: Tree
     batch: str | None = None         # the dynamic dim that is the batch (requests concatenate along it)
-    #: integer inputs that index an nn.Embedding directly: input name -> (number of rows, the module's name);
-    #: a value outside [0, rows) is an InputError, as eager raises IndexError
-    index_bounds: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    #: integer inputs that index a fixed-size table directly (an nn.Embedding, `weight[idx]`): input name ->
+    #: (low, high, what the table is); a value outside [low, high) is an InputError, as eager raises IndexError
+    index_bounds: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
     _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -281,13 +311,13 @@ class Signature:
                     raise InputError(f"input {spec.name!r}: dim {i} ({want!r}) is {got}, but another input "
                                      f"has {want!r} = {sizes[want]}; dims with one name must be equal")
             if self.index_bounds and spec.name in self.index_bounds and value.size:
-                rows, module = self.index_bounds[spec.name]
-                low, high = int(value.min()), int(value.max())
-                if low < 0 or high >= rows:
-                    bad = low if low < 0 else high
-                    raise InputError(f"input {spec.name!r}: index {bad} is out of range for {module} "
-                                     f"(nn.Embedding with {rows} rows: indices must lie in [0, {rows - 1}]); "
-                                     "eager raises IndexError here, and an engine would return a wrong row or zeros")
+                low, high, what = self.index_bounds[spec.name]
+                least, most = int(value.min()), int(value.max())
+                if least < low or most >= high:
+                    bad = least if least < low else most
+                    raise InputError(f"input {spec.name!r}: index {bad} is out of range for {what}: indices must "
+                                     f"lie in [{low}, {high - 1}]; eager raises IndexError here, and an engine "
+                                     "would return a wrong row or zeros")
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
         return self.output.build(outputs)
@@ -308,17 +338,56 @@ class Signature:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Signature":
-        return cls(
-            positional=tuple(d["positional"]), keyword_only=tuple(d["keyword_only"]),
-            args={k: Tree.from_dict(t) for k, t in d["args"].items()},
-            defaults=dict(d["defaults"]),
-            inputs=tuple(TensorSpec.from_dict(s) for s in d["inputs"]),
-            dims={k: DimRange(**r) for k, r in d["dims"].items()},
-            outputs=tuple(TensorSpec.from_dict(s) for s in d["outputs"]),
-            output=Tree.from_dict(d["output"]),
-            batch=d.get("batch", "batch" if "batch" in d["dims"] else None),
-            index_bounds={k: (int(v[0]), str(v[1])) for k, v in (d.get("index_bounds") or {}).items()},
+        """The signature saved by `to_dict`, checked whole: every field's type, and every tree leaf, shape and
+        dim naming something that exists. ValueError naming what is malformed."""
+        w = "signature"
+        if not isinstance(d, dict):
+            raise ValueError(f"{w}: expected an object, got {type(d).__name__}")
+        args = from_json(dict[str, Any], _key(d, "args", w), f"{w}.args")
+        dims = from_json(dict[str, DimRange], _key(d, "dims", w), f"{w}.dims")
+        sig = cls(
+            positional=from_json(tuple[str, ...], _key(d, "positional", w), f"{w}.positional"),
+            keyword_only=from_json(tuple[str, ...], _key(d, "keyword_only", w), f"{w}.keyword_only"),
+            args={k: Tree.from_dict(t, f"{w}.args[{k!r}]") for k, t in args.items()},
+            defaults=from_json(dict[str, Any], _key(d, "defaults", w), f"{w}.defaults"),
+            inputs=tuple(TensorSpec.from_dict(s, f"{w}.inputs[{i}]")
+                         for i, s in enumerate(from_json(list[Any], _key(d, "inputs", w), f"{w}.inputs"))),
+            dims=dims,
+            outputs=tuple(TensorSpec.from_dict(s, f"{w}.outputs[{i}]")
+                          for i, s in enumerate(from_json(list[Any], _key(d, "outputs", w), f"{w}.outputs"))),
+            output=Tree.from_dict(_key(d, "output", w), f"{w}.output"),
+            batch=from_json(str | None, d.get("batch", "batch" if "batch" in dims else None), f"{w}.batch"),
+            index_bounds={k: v if len(v) == 3 else (0, v[0], f"{v[1]} (nn.Embedding with {v[0]} rows)")
+                          for k, v in from_json(dict[str, tuple[int, int, str] | tuple[int, str]],
+                                                d.get("index_bounds") or {}, f"{w}.index_bounds").items()},
         )
+        sig._check_consistent()
+        return sig
+
+    def _check_consistent(self) -> None:
+        params, given = set(self.positional) | set(self.keyword_only), set(self.args) | set(self.defaults)
+        if params != given or set(self.args) & set(self.defaults):
+            raise ValueError(f"signature: the parameters {sorted(params)} are not each either given (args) or "
+                             f"fixed (defaults): args {sorted(self.args)}, defaults {sorted(self.defaults)}")
+        for name, tree in self.args.items():
+            tree.check_slots(self.inputs, f"signature.args[{name!r}]")
+        fed = sorted(l.index for t in self.args.values() for l in t.leaves if l.index is not None)
+        if fed != list(range(len(self.inputs))):
+            raise ValueError(f"signature.args: the inputs' leaves must feed each of the {len(self.inputs)} engine "
+                             f"inputs once; they feed {fed}")
+        self.output.check_slots(self.outputs, "signature.output")
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            for spec in specs:
+                for size in spec.shape:
+                    if isinstance(size, str) and size not in self.dims and not (kind == "outputs" and size == "?"):
+                        raise ValueError(f"signature.{kind}: {spec.name} names dim {size!r}, which is not in dims")
+                    if isinstance(size, int) and size < 0:
+                        raise ValueError(f"signature.{kind}: {spec.name} has a negative size {size}")
+        if self.batch is not None and self.batch not in self.dims:
+            raise ValueError(f"signature.batch: {self.batch!r} is not in dims")
+        unknown = set(self.index_bounds) - {s.name for s in self.inputs}
+        if unknown:
+            raise ValueError(f"signature.index_bounds names no input {sorted(unknown)}")
 
 
 def _flatten_with_path(tree: Any) -> tuple[list[tuple[tuple, Any]], pytree.TreeSpec]:
@@ -413,7 +482,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     modes = train_modes(model)
     model.eval()
     try:
-        with torch.inference_mode(), _embedding_lookups(model) as lookups:
+        with torch.inference_mode(), _lookups(model) as lookups:
             reference = model(*args, **kwargs)
         out_leaves, out_spec = _flatten_with_path(reference)
         outputs: list[TensorSpec] = []
@@ -486,36 +555,95 @@ def _constants_that_vary(sig: Signature, example: list[tuple[tuple, Any]], grown
 _EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """One lookup the eager run made into a tensor of fixed size: `indices` must lie in [low, high)."""
+
+    indices: torch.Tensor
+    low: int
+    high: int
+    what: str            # "nn.Embedding 'emb' with 10 rows", "weight 'w' (10 rows, indexed by w[idx])"
+
+
+class _LookupMode(torch.overrides.TorchFunctionMode):
+    """Records lookups into the model's parameters and buffers by functional indexing: `w[idx]` (and
+    `w[:, idx]`), `torch.index_select(w, dim, idx)`, `F.embedding(idx, w)`. The engine cannot know those sizes
+    are bounds, so an index outside them gives a wrong row or zeros, where eager raises IndexError."""
+
+    def __init__(self, model: torch.nn.Module, found: list[Lookup]):
+        super().__init__()
+        self.found = found
+        self.names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            self._record(func, args, kwargs)
+        except Exception:       # recording is best effort; the model's own call decides what happens
+            pass
+        return func(*args, **kwargs)
+
+    def _record(self, func, args, kwargs) -> None:
+        if func is torch.Tensor.__getitem__:
+            table, key = args
+            keys = key if isinstance(key, tuple) else (key,)
+            for dim, k in enumerate(keys):
+                if isinstance(k, torch.Tensor) and not k.dtype.is_floating_point and k.dtype != torch.bool:
+                    self._add(k, table, dim, -table.shape[dim], f"{{}} ({{}} rows along dim {dim}, indexed by [...])")
+                if not (isinstance(k, slice) and k == slice(None)):
+                    break      # after the first index that is not a full slice, dims no longer line up
+        elif func in (torch.index_select, torch.Tensor.index_select):
+            table = args[0]
+            dim = (args[1] if len(args) > 1 else kwargs["dim"]) % table.dim()
+            index = args[2] if len(args) > 2 else kwargs["index"]
+            self._add(index, table, dim, 0, f"{{}} ({{}} rows along dim {dim}, indexed by index_select)")
+        elif func is torch.nn.functional.embedding:
+            index, table = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            self._add(index, table, 0, 0, "{} (an embedding table with {} rows)")
+
+    def _add(self, index, table, dim: int, low: int, what: str) -> None:
+        name = self.names.get(id(table))
+        if name is not None and isinstance(index, torch.Tensor):
+            rows = table.shape[dim]
+            self.found.append(Lookup(index, low, rows, what.format(f"{name!r}", rows)))
+
+
 @contextlib.contextmanager
-def _embedding_lookups(model: torch.nn.Module) -> Iterator[list[tuple[torch.Tensor, int, str]]]:
-    """Record (indices, rows, module name) for each nn.Embedding call while the block runs the model."""
-    found: list[tuple[torch.Tensor, int, str]] = []
+def _lookups(model: torch.nn.Module) -> Iterator[list[Lookup]]:
+    """Record each lookup into a fixed-size table while the block runs the model: nn.Embedding calls, and
+    functional indexing into the model's parameters and buffers (`_LookupMode`)."""
+    found: list[Lookup] = []
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, _EMBEDDINGS):
             def hook(module, args, name=name or type(model).__name__):
                 if args and isinstance(args[0], torch.Tensor):
-                    found.append((args[0], module.num_embeddings, name))
+                    found.append(Lookup(args[0], 0, module.num_embeddings,
+                                        f"{name} (nn.Embedding with {module.num_embeddings} rows)"))
             handles.append(m.register_forward_pre_hook(hook))
     try:
-        yield found
+        with _LookupMode(model, found):
+            yield found
     finally:
         for h in handles:
             h.remove()
 
 
 def _index_bounds(inputs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor],
-                  lookups: Sequence[tuple[torch.Tensor, int, str]]) -> dict[str, tuple[int, str]]:
-    """Integer inputs that an nn.Embedding indexes directly (the same tensor, or a view of it with its shape)."""
-    bounds: dict[str, tuple[int, str]] = {}
+                  lookups: Sequence[Lookup]) -> dict[str, tuple[int, int, str]]:
+    """Integer inputs that index a fixed-size table directly (the same tensor, or a view of it with its shape):
+    input name -> (low, high, what), the narrowest range over every lookup it makes."""
+    bounds: dict[str, tuple[int, int, str]] = {}
     for spec, t in zip(inputs, tensors):
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             continue
-        for x, rows, name in lookups:
+        for found in lookups:
+            x = found.indices
             if x is t or (x.dtype == t.dtype and x.shape == t.shape and x.stride() == t.stride()
                           and x.numel() and x.data_ptr() == t.data_ptr()):
-                if spec.name not in bounds or rows < bounds[spec.name][0]:
-                    bounds[spec.name] = (rows, name)
+                low, high, what = bounds.get(spec.name, (found.low, found.high, found.what))
+                bounds[spec.name] = (max(low, found.low), min(high, found.high),
+                                     found.what if found.high < high else what)
     return bounds
 
 
@@ -623,3 +751,12 @@ class FlatModule(torch.nn.Module):
         positional = [values.pop(n) for n in self.positional_only if n in values]
         out = self.model(*positional, **values)
         return tuple(l for l in pytree.tree_leaves(out) if isinstance(l, torch.Tensor))
+
+
+def _key(d: Any, key: str, where: str) -> Any:
+    """`d[key]` of a saved record; ValueError naming `where` when `d` is no object or lacks the key."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise ValueError(f"{where}: '{key}' is missing")
+    return d[key]

@@ -11,6 +11,7 @@ validates and times, and what "fastest" means (see `Auto`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -344,12 +345,26 @@ def _find(name: str) -> Path:
         p = d / f"{name}.toml"
         if p.is_file():
             return p
-    raise TargetError(f"unknown target {name!r}; known targets: {', '.join(builtin_names())}. "
-                      "Pass a path to a .toml descriptor, or add its directory to $COMPILERS_TARGETS.")
+    known = list(descriptor_files())
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise TargetError(f"unknown target {name!r}; {hint}known targets: {', '.join(sorted(known))}. "
+                      "Pass a path to a .toml descriptor, or add its directory to $COMPILERS_TARGETS "
+                      "(`compilers targets` lists them all).")
 
 
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in builtin_dir().glob("*.toml"))
+
+
+def descriptor_files() -> dict[str, Path]:
+    """Every descriptor a name can find, name -> file: the directories of $COMPILERS_TARGETS in order, then the
+    built-ins; a name found earlier shadows the same name later, as `load_descriptor` resolves it."""
+    found: dict[str, Path] = {}
+    for d in _search_dirs():
+        for path in sorted(d.glob("*.toml")) if d.is_dir() else ():
+            found.setdefault(path.stem, path)
+    return dict(sorted(found.items()))
 
 
 def _path_of(spec: "str | os.PathLike") -> Path:

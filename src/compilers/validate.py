@@ -28,12 +28,13 @@ nonfinite = "report"`: its differences are rows of the report marked "known devi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from .records import from_json
 from .reference import Reference
 from .target import Tolerance
 
@@ -147,11 +148,8 @@ class ValidationReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ValidationReport":
-        known = {f.name for f in fields(OutputCheck)}   # artifacts of older versions carry other columns
-        return cls(tuple(OutputCheck(**{k: v for k, v in o.items() if k in known}) for o in d["outputs"]),
-                   d["samples"], Tolerance(**d["tolerance"]), d.get("reference", ""), tuple(d.get("errors", ())),
-                   tuple(d.get("skipped", ())), MetricCheck(**d["metric"]) if d.get("metric") else None,
-                   d.get("probes", 0), tuple(NonFiniteCheck(**c) for c in d.get("nonfinite", ())))
+        """The verdict saved by `to_dict`, every field checked (ValueError naming the one that is malformed)."""
+        return from_json(cls, d, "validation")
 
     def __str__(self) -> str:
         w = max([12] + [len(o.name) for o in self.outputs])

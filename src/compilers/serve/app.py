@@ -20,7 +20,6 @@ import logging
 import time
 import zlib
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version as distribution_version
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import CompilerError, ConfigError, InputError
+from ..host import own_version
 from .batcher import QueueFull
 from .protocol import HEADER_LENGTH, decode_request, encode_response, tensor_metadata
 from .repository import Repository
@@ -37,10 +37,7 @@ from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownMod
 log = logging.getLogger("compilers")
 
 MAX_BODY_BYTES = 64 << 20
-try:
-    _VERSION = distribution_version("compilers")
-except PackageNotFoundError:        # running from a source tree that is not installed
-    _VERSION = "unknown"
+_VERSION = own_version()
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _STATUS = ((InputError, 400), (LoadFailed, 400), (ConfigError, 400), (UnknownModel, 404), (NotReady, 503),
            (QueueFull, 503), (Unavailable, 503))

@@ -34,9 +34,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from ..errors import ConfigError, InputError
-from ..runtime import read_manifest
-from ..signature import Signature
-from ..target import Target
+from ..runtime import manifest_records, read_manifest
 from .app import create_app
 from .batcher import BatchStats, Combiner
 from .repository import ModelEntry, Repository
@@ -119,9 +117,8 @@ class RayEngines:
         if handle is None:
             raise ConfigError(f"model {entry.name!r} version {number} has no deployment in this Ray Serve "
                               f"application (deployed: {', '.join(sorted(self.handles)) or 'none'}); redeploy it")
-        manifest = read_manifest(repository.path / entry.name / str(number))
-        signature = Signature.from_dict(manifest["signature"])
-        target = Target.from_dict(manifest["target"], source=str(repository.path / entry.name / str(number)))
+        where = repository.path / entry.name / str(number)
+        target, signature, _ = manifest_records(where, read_manifest(where))
         combiner = Combiner(signature, entry.config.batching)
 
         async def infer(flat: list[np.ndarray]) -> list[np.ndarray]:

@@ -46,7 +46,7 @@ from xml.sax.saxutils import escape
 
 from ..backends import get_backend
 from ..errors import ArtifactError, BackendUnavailable, ConfigError, InputError, TargetError
-from ..runtime import verify
+from ..runtime import manifest_records, verify
 from ..settings import parse, runtime_options
 from ..signature import Signature, TensorSpec
 from ..target import Target
@@ -107,8 +107,7 @@ def triton_model(artifact: str | os.PathLike, name: str, serving: ServingConfig 
     backend would not find); ConfigError for serving.toml [engine] options the backend cannot change at load."""
     path = Path(artifact)
     manifest = verify(path)
-    target = Target.from_dict(manifest["target"], source=str(path / "manifest.json"))
-    signature = Signature.from_dict(manifest["signature"])
+    target, signature, _ = manifest_records(path, manifest)
     if target.backend == "inductor":
         _refuse_inductor(path, target, manifest)
     if target.backend not in BACKENDS:

@@ -31,8 +31,8 @@ def install_clash() -> str | None:
         return None
     return (f"both {' and '.join(found)} are installed; they share the `onnxruntime` module, so whichever was "
             "installed last wins and the CUDA provider may silently disappear. Fix: "
-            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'compilers[gpu]' (GPU machine) "
-            "or pip install 'compilers[cpu]' (CPU machine)")
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then install the one you need: pip install "
+            "'compilers[cpu]' (the CPU targets compilers has today) or onnxruntime-gpu alone for your own CUDA use")
 
 
 def op_counts(graph) -> collections.Counter:
