@@ -68,6 +68,8 @@ def test_a_factory_that_cannot_be_imported_or_raises_is_exit_2_in_one_paragraph(
         code, out, err = run(capsys, "compile", factory, "-t", "ort-cpu", "-o", "art")
         assert code == 2 and message in err and one_paragraph(err), (factory, err)
     assert not (workdir / "art").exists()
+    code, _, err = run(capsys, "--traceback", "compile", "broken.py:make", "-t", "ort-cpu", "-o", "art")
+    assert code == 2 and "Traceback" in err and 'broken.py", line 2' in err     # where the user's module failed
 
 
 def test_out_is_checked_before_compiling(workdir, capsys):

@@ -49,11 +49,8 @@ def load_factory(spec: str) -> dict[str, Any]:
         raise InputError(f"factory module {where!r} cannot be imported: {e}. Give a file as path/to/module.py:"
                          f"{name}, or install the package or put its directory on PYTHONPATH") from e
     except Exception as e:
-        raise InputError(f"importing factory module {where} failed: {_one_line(e)}. Fix the module; "
-                         f"`python -c 'import runpy; runpy.run_path(\"{where}\")'` shows the traceback"
-                         if where.endswith(".py") else
-                         f"importing factory module {where} failed: {_one_line(e)}. Fix the module; "
-                         f"`python -c 'import {where}'` shows the traceback") from e
+        raise InputError(f"importing factory module {where} failed: {_one_line(e)}. Fix the module "
+                         "(`compilers --traceback ...` shows where it failed)") from e
     factory = getattr(module, name, None)
     if not callable(factory):
         raise InputError(f"{where} has no function {name!r}")
@@ -61,7 +58,7 @@ def load_factory(spec: str) -> dict[str, Any]:
         made = factory()
     except Exception as e:
         raise InputError(f"factory {spec} raised {_one_line(e)}; it must return (model, example_inputs) or a dict "
-                         "with 'model' and 'example_inputs'. Call it in Python to see the traceback") from e
+                         "with 'model' and 'example_inputs' (`compilers --traceback ...` shows where it failed)") from e
     if isinstance(made, dict):
         parts = dict(made)
     elif isinstance(made, tuple) and len(made) == 2:
