@@ -160,6 +160,8 @@ def test_cli_bench_writes_a_table_json_and_png(tmp_path, capsys):
     assert cli.main(["bench", str(artifact), "--batch-sizes", "2", "--min-time", "0.05"]) == 0
     assert "ort-cpu" in capsys.readouterr().out
     assert cli.main(["bench", str(artifact), "--batch-sizes", "x"]) == 2
+    assert cli.main(["bench", str(artifact), "--plot", str(tmp_path / "chart.jpeg")]) == 2
+    assert "write a .png, .svg or .pdf file" in capsys.readouterr().err and not (tmp_path / "chart.jpeg").exists()
 
 
 def _made(factory):

@@ -16,7 +16,7 @@ import compilers
 PACKAGE = Path(compilers.__file__).parent
 # lowest first: a module may import only modules of its own or a lower layer
 LAYERS = [
-    {"errors", "quiet", "host", "progress", "records"},
+    {"errors", "quiet", "host", "progress", "records", "files"},
     {"target", "settings", "treespec"},
     {"signature"},
     {"calibration", "reference", "lower"},

@@ -9,8 +9,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
-import tempfile
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from .calibration import update_with_array
+from .files import replacing, write_text
 from .host import cpu_isa
 from .reference import Reference
 from .signature import Signature
@@ -89,15 +88,8 @@ def load_reference(path: Path) -> Reference | None:
 
 def save_reference(path: Path, reference: Reference) -> None:
     """Write `reference` (without its metric: the user's function is not data) atomically to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".reference-", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         torch.save({f.name: getattr(reference, f.name) for f in fields(reference) if f.name != "metric"}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def auto_choice_path(cache_dir: Path, model: torch.nn.Module, auto: Auto, example: dict[str, Any],
@@ -128,12 +120,4 @@ def load_choice(path: Path) -> dict[str, Any] | None:
 
 def save_choice(path: Path, choice: dict[str, Any]) -> None:
     """Write the auto choice (JSON) atomically to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".auto-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(choice, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text(path, json.dumps(choice, indent=1))

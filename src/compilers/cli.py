@@ -18,9 +18,10 @@ from typing import Any
 
 from . import api
 from .bench import Benchmark, Timing, benchmark, synthetic_inputs
-from .plot import plot
+from .plot import plot, plot_format
 from .progress import track
 from .errors import CompilerError, InputError, ValidationError
+from .files import write_text
 from .host import own_version
 from .runtime import check_destination, load, read_manifest
 from .target import Target, builtin_dir, descriptor_files, load_descriptor
@@ -177,6 +178,8 @@ def _read_samples(path: str) -> list[Any]:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     batch_sizes = _ints(a.batch_sizes, "--batch-sizes") if a.batch_sizes else None
+    if a.plot:
+        plot_format(a.plot)           # a wrong suffix is refused before anything is compiled or timed
     sizes = dict(_size(item) for item in a.sizes.split(",")) if a.sizes else {}
     compiled: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
@@ -211,7 +214,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     result.timings += [Timing(name, b, error=why) for b in result.batch_sizes for name, why in failed.items()]
     _print_table(result, title)
     if a.json:
-        _write_atomic(Path(a.json), json.dumps({"title": title, "compiled": compiled, **result.to_dict()}, indent=1))
+        write_text(a.json, json.dumps({"title": title, "compiled": compiled, **result.to_dict()}, indent=1))
         print(f"wrote {a.json}", file=sys.stderr)
     if a.plot:
         plot(result, a.plot, title)
@@ -251,13 +254,6 @@ def _print_table(result: Benchmark, title: str) -> None:
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
     console.print(result.footnote(), highlight=False)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def cmd_report(a: argparse.Namespace) -> int:

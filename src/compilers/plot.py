@@ -7,10 +7,12 @@ from pathlib import Path
 
 from .bench import RAW, Benchmark
 from .errors import InputError
+from .files import replacing
 
 
 def plot(bench: Benchmark, path: str | os.PathLike, title: str = "") -> Path:
-    """Write a PNG: p50 latency per call (band up to p99) and samples/s versus batch size, eager dashed."""
+    """Write the chart to `path` (PNG; SVG or PDF by the suffix): p50 latency per call (dotted: p99) and samples/s
+    versus batch size, eager dashed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -19,6 +21,7 @@ def plot(bench: Benchmark, path: str | os.PathLike, title: str = "") -> Path:
     except ImportError:
         raise InputError("plotting needs matplotlib: pip install 'compilers[bench]'") from None
     path = Path(path)
+    kind = plot_format(path)
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.8))
     for name in bench.names:
         if name.endswith(RAW):
@@ -50,15 +53,20 @@ def plot(bench: Benchmark, path: str | os.PathLike, title: str = "") -> Path:
     fig.suptitle(f"{title}\n{bench.machine}, {bench.threads} torch threads" if title else
                  f"{bench.machine}, {bench.threads} torch threads", fontsize="medium")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")   # created with the user's umask, unlike mkstemp
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=kind)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The chart format a path asks for by its suffix (png without one); InputError for any other."""
+    kind = Path(path).suffix.lower().lstrip(".") or "png"
+    if kind not in ("png", "svg", "pdf"):
+        raise InputError(f"--plot {path}: write a .png, .svg or .pdf file, not .{kind}")
+    return kind
 
 
 def _short(v: float) -> str:

@@ -23,6 +23,7 @@ import torch
 from .backends import get_backend
 from .backends.base import Engine, Spec
 from .errors import ArtifactError, BackendUnavailable, CompilerError, EngineError, TargetError
+from .files import staging_dir
 from .host import library_versions
 from .records import from_json
 from .report import Report
@@ -112,10 +113,7 @@ class CompiledModel:
         path = Path(path)
         check_destination(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)     # mkdtemp makes it private; an artifact is as readable as any new directory
+        tmp = staging_dir(path.parent, f".{path.name}.tmp-")
         try:
             self.engine.save(tmp)
             present, odd = _tree(tmp)
