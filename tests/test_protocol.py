@@ -272,7 +272,7 @@ def test_malformed_tensors():
     assert 'inputs[0] needs a "name"' in one(name=5)
     assert "inputs[0] must be a JSON object" in bad(body_of(5))
     for shape in ([2, -1], "2", [2.0], [True], None):
-        assert "shape must be a list of non-negative integers" in one(shape=shape if shape is not None else ...), shape
+        assert "shape must be a list of at most 32 non-negative integers" in one(shape=shape if shape is not None else ...), shape
     msg = one(datatype="BYTES", data=["a", "b"])
     assert "datatype 'BYTES' is not served" in msg and "FP32" in msg
     assert "datatype 'float32' is not served" in one(datatype="float32")
@@ -284,7 +284,7 @@ def test_malformed_tensors():
     assert "outside UINT8's range [0, 255]" in one(datatype="UINT8", data=[300, 1])
     # numpy would convert each of these silently; the protocol's types are strict
     assert "FP32 data must be numbers; got strings" in one(data=["1.5", 2])
-    assert "got nulls or mixed values" in one(data=[None, 2])
+    assert "got nulls, objects, or integers beyond 64 bits" in one(data=[None, 2])
     assert "FP32 data must be numbers; got true/false" in one(data=[True, 2])
     assert "INT32 data must be integers; got numbers with fractions" in one(datatype="INT32", data=[1.7, 2])
     assert "BOOL data must be true/false; got integers" in one(datatype="BOOL", data=[5, 1])
@@ -660,3 +660,46 @@ def test_the_server_still_serves_after_every_error(server, small, mlp, client):
     inp = httpclient.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
     np.testing.assert_allclose(client.infer("mlp", [inp]).as_numpy("output"), mlp(x), rtol=1e-6, atol=1e-6)
+
+
+# -- hostile requests: refused cheaply with a 400, no path or traceback in any answer -------------------------
+def test_costly_shapes_and_json_are_refused_before_they_cost():
+    import time
+    started = time.perf_counter()
+    huge = {"name": "x", "shape": [2 ** 62] * 60000, "datatype": "FP32", "data": [1, 2, 3, 4]}
+    assert "at most 32 non-negative integers" in bad(body_of(huge))               # took 11 s, then a 500
+    assert "at most 32" in bad(body_of({**huge, "shape": [1] * 65 + [4]}))
+    assert "none larger than the request could carry" in bad(body_of({**huge, "shape": [2 ** 63, 0], "data": []}))
+    assert "more than the request" in bad(body_of({**huge, "shape": [60, 60]}))
+    assert time.perf_counter() - started < 2
+    singles = b'{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[' + b"[0]," * 100_000 + b"[0]]}]}"
+    assert "send each input's data as one flat list" in bad(singles)              # ~20x the body in Python
+    deep = b'{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":' + b"[" * 5000 + b"1" + b"]" * 5000 + b"}]}"
+    assert "nested too deeply" in bad(deep) or "flat list" in bad(deep)
+    long_int = body_of({"name": "x", "shape": [1], "datatype": "INT64", "data": [0]}).replace(b"[0]", b"[" + b"9" * 5000 + b"]")
+    assert "not valid JSON" in bad(long_int)
+
+
+def test_flags_and_ids_have_their_protocol_types():
+    x = json_input("x", np.ones((1, 2), np.float32), "FP32")
+    assert "binary_data_output must be true or false" in bad(body_of(x, parameters={"binary_data_output": "false"}))
+    assert "binary_data must be true or false" in bad(body_of(x, outputs=[{"name": "a", "parameters": {"binary_data": 0}}]))
+    assert '"id" must be a string' in bad(body_of(x, id={"a": [1]}))
+    assert decode_request(body_of(x, outputs=[]), None).outputs is None       # [] asks for every output
+
+
+def test_hostile_urls_and_bodies_get_a_400_without_paths(server, repo):
+    path = "/v2/models/mlp/versions/{}/infer"
+    good = body_of(json_input("input", np.ones((1, 6), np.float32), "FP32"))
+    for version in ("%C2%B2", "9" * 5000):                  # '²'.isdigit() is true; 5000 digits overflow int()
+        status, _, answer = call(server, "POST", path.format(version), good)
+        assert status == 400 and b"not a version number" in answer, answer[:200]
+        status, _, answer = call(server, "GET", f"/v2/models/mlp/versions/{version}")
+        assert status == 400
+    for body in (b'{"parameters": 5}', b'{"parameters": null}'):
+        status, _, answer = call(server, "POST", "/v2/repository/models/mlp/load", body)
+        assert status == 400 and b"must be a JSON object" in answer
+    status, _, answer = call(server, "POST", "/v2/repository/index", b"[" * 5000 + b"]" * 5000)
+    assert status == 400 and b"nested too deeply" in answer
+    status, _, answer = call(server, "POST", "/v2/repository/models/../load")
+    assert status == 404 and str(repo).encode() not in answer and b"REPO" in answer

@@ -189,7 +189,8 @@ def test_unload_then_load(tmp_path, artifacts):
     with running(repo) as server:
         c = client(server)
         c.unload_model("mlp")
-        assert not c.is_model_ready("mlp") and not c.is_server_ready()
+        assert not c.is_model_ready("mlp")
+        assert c.is_server_ready()          # unloaded on purpose: readiness does not wait for it
         with pytest.raises(InferenceServerException) as e:
             infer(c, X)
         assert e.value.status() == "503" and "unloaded" in e.value.message()
@@ -297,3 +298,19 @@ def test_cli_publish_serve_and_drain_on_sigterm(tmp_path, mlp, artifacts):
     for r in results:
         np.testing.assert_allclose(r.as_numpy("output"), want, rtol=1e-6, atol=1e-6)
     assert "Finished server process" in log
+
+
+def test_a_model_removed_from_disk_is_dropped_and_no_longer_holds_readiness(tmp_path, artifacts):
+    repo = make_repo(tmp_path / "repo", [artifacts["a"]])
+    broken = repo / "bad" / "1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{")                # fails to load at start: the server is not ready
+    with running(repo) as server:
+        c = client(server)
+        assert not c.is_server_ready() and c.is_model_ready("mlp")
+        shutil.rmtree(repo / "bad")
+        with pytest.raises(InferenceServerException) as e:
+            c.load_model("bad")
+        assert e.value.status() == "404" and "no longer in the repository" in e.value.message()
+        assert c.is_server_ready()                              # was stuck at 503 until a restart
+        assert [r["name"] for r in c.get_model_repository_index()] == ["mlp"]

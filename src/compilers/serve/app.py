@@ -15,7 +15,7 @@ failed load; 404 for an unknown model or version; 503 when the model is not load
 """
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 import zlib
@@ -30,13 +30,14 @@ from starlette.routing import Route
 from ..errors import CompilerError, ConfigError, InputError
 from ..host import own_version
 from .batcher import QueueFull
-from .protocol import HEADER_LENGTH, decode_request, encode_response, tensor_metadata
+from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
 from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
 
 log = logging.getLogger("compilers")
 
 MAX_BODY_BYTES = 64 << 20
+DECODE_IN_LOOP = 64 << 10       # bodies this large or larger are decoded on a worker thread
 _VERSION = own_version()
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _STATUS = ((InputError, 400), (LoadFailed, 400), (ConfigError, 400), (UnknownModel, 404), (NotReady, 503),
@@ -80,14 +81,23 @@ def create_app(repository: str | Repository | ModelService, *, max_body_bytes: i
 
 
 def _error(request: Request, exc: Exception) -> Response:
+    """The answer to a request that raised: 4xx/503 with the message, where the repository's place on this
+    machine reads REPO (clients name models, not paths); 500 with no detail, which goes to the log."""
     for kind, status in _STATUS:
         if isinstance(exc, kind):
             headers = {"retry-after": "1"} if status == 503 else None
-            return JSONResponse({"error": str(exc)}, status, headers=headers)
+            return JSONResponse({"error": _public(request, str(exc))}, status, headers=headers)
     # an engine failure (CompilerError) or a bug: 500; Starlette logs anything that is not a CompilerError
     if isinstance(exc, CompilerError):
         log.error("request %s %s failed: %s", request.method, request.url.path, exc)
-    return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, 500)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server's log has the details"}, 500)
+
+
+def _public(request: Request, message: str) -> str:
+    root = request.app.state.service.repository.path
+    for form in {str(root.resolve()), str(root.absolute()), str(root)} - {"", "."}:
+        message = message.replace(form, "REPO")
+    return message
 
 
 class _Routes:
@@ -137,12 +147,14 @@ class _Routes:
             number = _version(request)
             body = await self._body(request)
             started = time.perf_counter()
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+            header = request.headers.get(HEADER_LENGTH)
+            decoded = decode_request(body, header) if len(body) < DECODE_IN_LOOP else \
+                await asyncio.to_thread(decode_request, body, header)   # a big body must not stall other requests
         except InputError:                 # counted for a model served here (no series for made-up names)
             model = self.service.models.get(name)
             if model is not None:
-                text = request.path_params.get("version", "")
-                version = text if text.isdigit() and int(text) in model.versions else ""
+                version = request.path_params.get("version", "")
+                version = version if version in {str(v) for v in model.versions} else ""
                 self.service.metrics.requests.labels(name, version, "invalid").inc()
             raise
         served, outputs = await self.service.infer(name, number, decoded.inputs, decoded.outputs)
@@ -193,7 +205,10 @@ class _Routes:
 
     async def load(self, request: Request) -> Response:
         options = await self._json(request)
-        if set(options.get("parameters", {})) - {"unload_dependents"}:
+        parameters = options.get("parameters", {})
+        if not isinstance(parameters, dict):
+            raise InputError(f'"parameters" must be a JSON object, not {type(parameters).__name__}')
+        if set(parameters) - {"unload_dependents"}:
             raise InputError("load takes no config or files here: publish the artifact into the repository "
                              "(compilers publish ARTIFACT REPO/<model>), then load")
         await self.service.load(request.path_params["name"])
@@ -207,10 +222,7 @@ class _Routes:
         body = await self._body(request)
         if not body.strip():
             return {}
-        try:
-            value = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"the request body is not valid JSON ({e})") from None
+        value = parse_json(body, "send a JSON object")
         if not isinstance(value, dict):
             raise InputError("the request body must be a JSON object")
         return value
@@ -223,6 +235,6 @@ def _version(request: Request) -> int | None:
     text = request.path_params.get("version")
     if text is None or text == "":
         return None
-    if not (text.isdigit() and text.isascii()) or int(text) < 1:
-        raise InputError(f"version {text!r} is not a version number (a positive integer)")
+    if not (text.isdigit() and text.isascii()) or len(text) > 18 or int(text) < 1:
+        raise InputError(f"version {text[:40]!r} is not a version number (a positive integer)")
     return int(text)

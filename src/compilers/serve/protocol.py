@@ -12,7 +12,10 @@ Non-finite floats in JSON outputs are written NaN / Infinity / -Infinity, as Pyt
 rapidjson read them (strict JSON cannot write them); binary outputs carry them exactly.
 
 Bytes in, numpy out and back: no HTTP framework here. Every malformed request is an InputError whose message
-says what to fix (the server answers it with 400).
+says what to fix (the server answers it with 400), found before the request can cost much: a shape has at most
+MAX_RANK dims, none larger than the body could carry; JSON made mostly of brackets (more than one list or object
+per LIST_BYTES bytes: nested data of single elements, which Python would hold at ~20x the body's size) must be
+sent flat, as the protocol allows; nesting too deep for the parser and integers too long to convert are refused.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from ..errors import InputError
 from ..signature import TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
+MAX_RANK = 32
+LIST_BYTES = 16
 
 # Open Inference Protocol datatype <-> numpy. BYTES (strings) and BF16 (no numpy dtype) are not served.
 DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in (
@@ -76,11 +81,13 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         head, binary = body[:length], memoryview(body)[length:]
     else:
         head, binary = body, memoryview(b"")
-    try:
-        request = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"the request is not valid JSON ({e}); send an Open Inference Protocol infer request "
-                         f'object: {{"inputs": [{{"name", "shape", "datatype", "data"}}]}}') from None
+    containers = head.count(b"[") + head.count(b"{")
+    if containers > max(4096, len(head) // LIST_BYTES):
+        raise InputError(f"the request's JSON holds {containers} lists and objects in {len(head)} bytes: send each "
+                         "input's data as one flat list in row-major order (the protocol allows it), not nested "
+                         "lists of single elements")
+    request = parse_json(head, 'send an Open Inference Protocol infer request object: {"inputs": [{"name", '
+                               '"shape", "datatype", "data"}]}')
     if not isinstance(request, dict):
         raise InputError("the request must be a JSON object with an \"inputs\" list")
     parameters = _object(request.get("parameters", {}), "parameters")
@@ -90,7 +97,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, tensor in enumerate(raw_inputs):
-        name, array, offset = _decode_input(tensor, i, binary, offset)
+        name, array, offset = _decode_input(tensor, i, binary, offset, len(body))
         if name in inputs:
             raise InputError(f"input {name!r} is given twice")
         inputs[name] = array
@@ -112,11 +119,30 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
             outputs.append(name)
             out_params = _object(out.get("parameters", {}), f"outputs[{j}].parameters")
             if "binary_data" in out_params:
-                binary_out[name] = bool(out_params["binary_data"])
-        outputs = tuple(outputs)
+                binary_out[name] = _flag(out_params["binary_data"], f"outputs[{j}].parameters.binary_data")
+        outputs = tuple(outputs) or None          # an empty list asks for every output, as in Triton
     request_id = request.get("id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, (str, int))):
+        raise InputError(f'"id" must be a string, not {type(request_id).__name__}')
     return InferRequest(None if request_id is None else str(request_id), inputs, outputs, binary_out,
-                        bool(parameters.get("binary_data_output", False)))
+                        _flag(parameters.get("binary_data_output", False), "parameters.binary_data_output"))
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """A request body's JSON; InputError (saying `what` to send) for bytes that are not UTF-8 JSON, nesting too
+    deep for the parser, or integers too long to convert."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise InputError("the request's JSON is nested too deeply; send flat lists") from None
+    except (UnicodeDecodeError, ValueError) as e:      # JSONDecodeError, and ints over Python's 4300 digits
+        raise InputError(f"the request is not valid JSON ({str(e)[:200]}); {what}") from None
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{where} must be true or false, not {json.dumps(value)[:40]}")
+    return value
 
 
 def _object(value: Any, where: str) -> dict:
@@ -125,19 +151,25 @@ def _object(value: Any, where: str) -> dict:
     return value
 
 
-def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_size: int) -> tuple[str, np.ndarray, int]:
     tensor = _object(tensor, f"inputs[{i}]")
     name = tensor.get("name")
     if not isinstance(name, str):
         raise InputError(f'inputs[{i}] needs a "name" (string)')
     shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InputError(f"input {name!r}: shape must be a list of non-negative integers, not {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= body_size for d in shape):
+        got = f"{len(shape)} dims" if isinstance(shape, list) and len(shape) > MAX_RANK else json.dumps(shape)[:100]
+        raise InputError(f"input {name[:100]!r}: shape must be a list of at most {MAX_RANK} non-negative integers, "
+                         f"none larger than the request could carry ({body_size} bytes); got {got}")
     kind = tensor.get("datatype")
     dtype = DATATYPES.get(kind) if isinstance(kind, str) else None
     if dtype is None:
         raise InputError(f"input {name!r}: datatype {kind!r} is not served here; use one of {', '.join(DATATYPES)}")
     count = math.prod(shape)
+    if count > body_size:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements, more than the request's "
+                         f"{body_size} bytes could carry")
     size = _object(tensor.get("parameters", {}), f"input {name!r} parameters").get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -174,7 +206,7 @@ def _json_array(data: Any, dtype: np.dtype, where: str, kind: str) -> np.ndarray
     got = parsed.dtype.kind
     bools = got == "b" or (got in "iuf" and _holds_bool(data))
     if got not in _ACCEPTS[dtype.kind] or (bools and dtype.kind != "b"):
-        what = ("true/false" if bools else {"U": "strings", "O": "nulls or mixed values",
+        what = ("true/false" if bools else {"U": "strings", "O": "nulls, objects, or integers beyond 64 bits",
                                               "f": "numbers with fractions"}.get(got, "integers"))
         raise InputError(f"{where}: {kind} data must be {_WHAT[dtype.kind]}; got {what}")
     if dtype.kind in "iu":

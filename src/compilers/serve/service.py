@@ -29,6 +29,7 @@ from .protocol import check_outputs, flat_inputs
 from .repository import ModelEntry, Repository, choose_version
 
 log = logging.getLogger("compilers")
+UNLOADED = "unloaded"      # a model's reason after an explicit unload: it does not hold readiness back
 
 
 class UnknownModel(CompilerError):
@@ -125,17 +126,24 @@ class ModelService:
 
     @property
     def ready(self) -> bool:
-        """Started, and every model of the repository has a version serving (Triton's strict readiness)."""
-        return self.started and all(m.versions for m in self.models.values())
+        """Started, and every model of the repository has a version serving (Triton's strict readiness), but for
+        models unloaded on purpose."""
+        return self.started and all(m.versions or m.reason == UNLOADED for m in self.models.values())
 
     # -- loading ----------------------------------------------------------------------------------------
     async def load(self, name: str) -> None:
         """(Re)load the model's live versions from disk; all or nothing (see the module doc)."""
-        if name not in self.models:
-            if name not in await asyncio.to_thread(self.repository.models):
-                raise UnknownModel(f"no model {name!r} in repository {self.repository.path}")
-            self.models[name] = Model(name)
-        model = self.models[name]
+        if name not in await asyncio.to_thread(self.repository.models):
+            gone = self.models.pop(name, None)
+            if gone is not None:       # its directory was removed: stop serving it, as Triton does
+                async with gone.lock:
+                    for number in gone.versions:
+                        self.metrics.loaded.labels(name, str(number)).set(0)
+                    await self._retire(gone, list(gone.versions.values()))
+                raise UnknownModel(f"model {name!r} is no longer in the repository {self.repository.path}; "
+                                   "unloaded it")
+            raise UnknownModel(f"no model {name!r} in repository {self.repository.path}")
+        model = self.models.setdefault(name, Model(name))
         async with model.lock:
             fresh: list[Version] = []
             try:
@@ -168,7 +176,7 @@ class ModelService:
         async with model.lock:
             old = list(model.versions.values())
             model.versions, model.weights = {}, {}
-            model.reason = "unloaded"
+            model.reason = UNLOADED
             for v in old:
                 self.metrics.loaded.labels(name, str(v.number)).set(0)
             await self._retire(model, old)
