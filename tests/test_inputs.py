@@ -59,3 +59,46 @@ def test_a_cache_dir_that_is_a_file_is_refused_before_compiling(tmp_path):
     file.write_text("not a directory")
     with pytest.raises(compilers.InputError, match="is a file; pass a directory"):
         compilers.compile(nn.Sequential(nn.Linear(4, 2)).eval(), "ort-cpu", (torch.randn(2, 4),), cache_dir=file)
+
+
+# -- found by probing the API (2026-12-02) -----------------------------------------------------------------
+def test_malformed_dynamic_shapes_are_input_errors():
+    x = (torch.randn(4, 6),)
+    model = nn.Linear(6, 3)
+    for bad, message in [({"input": {0: None}}, "must be a dim name"), ({"input": [0]}, "must be a dict of dim index"),
+                         (["input"], "must be a dict of input name"), ({"input": "batch"}, "must be a dict of dim"),
+                         ({"input": {True: "b"}}, "must be an integer index")]:
+        with pytest.raises(compilers.InputError, match=message):     # were KeyError / AttributeError, or dim 1
+            compilers.compile(model, "ort-cpu", x, dynamic_shapes=bad)
+
+
+def test_an_iterator_of_samples_that_fails_is_an_input_error_naming_the_sample():
+    def samples():
+        yield (torch.randn(2, 6),)
+        raise ValueError("the dataset file is gone")
+
+    with pytest.raises(compilers.InputError, match="validation: the iterator failed making sample 1: ValueError"):
+        compilers.compile(nn.Linear(6, 3), "ort-cpu", (torch.randn(4, 6),), samples=samples())
+
+
+class Clamps(nn.Module):
+    def forward(self, x):
+        x.clamp_(min=0)                # changes the caller's tensor in eager; an engine never can
+        return x * 2
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino-cpu", "torchscript-cpu"])
+def test_a_model_that_changes_its_input_in_place_is_refused(target):
+    with pytest.raises(compilers.InputError, match=r"changes its input\(s\) 'x' in place"):
+        compilers.compile(Clamps(), target, (torch.randn(4, 6),))
+    inference = torch.inference_mode()
+    with inference:
+        frozen = torch.randn(4, 6)          # an inference tensor has no version counter: no false alarm either way
+    compilers.compile(nn.Linear(6, 3), target, (frozen,))
+
+
+def test_a_model_in_train_mode_is_compiled_for_inference_and_says_so():
+    model = nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.5)).train()
+    with pytest.warns(RuntimeWarning, match=r"BatchNorm1d, Dropout layer\(s\) in train mode"):
+        cm = compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))
+    assert any("compiled for inference (eval mode)" in n for n in cm.report.notes) and model.training

@@ -23,7 +23,7 @@ from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
 from .select import compile_auto, reusable
-from .signature import Captured, Signature, capture, restore_modes, train_modes
+from .signature import Captured, Signature, capture, restore_modes, train_mode_note, train_modes
 from .target import Auto, Target, Tolerance, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 
@@ -124,6 +124,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     r = resolve(descriptor)
     check_supported(model, r.target)
     modes = train_modes(model)
+    mode_note = train_mode_note(modes)
     model.eval()
     try:
         captured = capture(model, example_inputs, dynamic_shapes, r.target.shapes)
@@ -179,6 +180,8 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
             cm.save(entry)
     finally:
         restore_modes(modes)
+    if mode_note and mode_note not in cm.report.notes:
+        cm.report.notes.append(mode_note)
     cm.report.seconds["total"] = time.perf_counter() - t0
     return cm
 

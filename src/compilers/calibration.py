@@ -35,7 +35,7 @@ def flat_samples(signature: Signature, items: Iterable[Any], like: Any, what: st
         raise InputError(f"{what} must be an iterable of inputs shaped like example_inputs (a list of them, or "
                          f"a DataLoader yielding them), not {type(items).__name__}")
     out = []
-    for i, item in enumerate(items):
+    for i, item in enumerate(_guarded(items, what)):
         if isinstance(like, tuple) and isinstance(item, list):
             item = tuple(item)     # DataLoader's default collate yields a tuple dataset's items as lists
         try:
@@ -44,6 +44,21 @@ def flat_samples(signature: Signature, items: Iterable[Any], like: Any, what: st
             raise InputError(f"{what} sample {i}: {e}. Each sample must be shaped like example_inputs: "
                              f"{signature.describe_inputs()}") from None
     return out
+
+
+def _guarded(items: Iterable[Any], what: str) -> Iterable[Any]:
+    """`items`, with an error the user's iterator (a generator, a DataLoader) raises turned into an InputError
+    that says which sample it was making."""
+    iterator, i = iter(items), 0
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise InputError(f"{what}: the iterator failed making sample {i}: {type(e).__name__}: {e}") from e
+        yield item
+        i += 1
 
 
 def calibration_set(signature: Signature, items: Iterable[Any], like: Any) -> Calibration:

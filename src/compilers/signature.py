@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -418,6 +419,22 @@ def train_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
 
+_MODE_DEPENDENT = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
+                   torch.nn.modules.instancenorm._InstanceNorm, torch.nn.RReLU)
+
+
+def train_mode_note(modes: Sequence[tuple[torch.nn.Module, bool]]) -> str | None:
+    """What a model left in train mode gets compiled as (eval), said in the report and as a warning: its
+    BatchNorm / Dropout layers in training would act otherwise in eager."""
+    training = sorted({type(m).__name__ for m, flag in modes if flag and isinstance(m, _MODE_DEPENDENT)})
+    if not training:
+        return None
+    note = (f"compiled for inference (eval mode): the model has {', '.join(training)} layer(s) in train mode, "
+            "which eager would run with batch statistics / dropout; call model.eval() to compare like with like")
+    warnings.warn(note, RuntimeWarning, stacklevel=3)
+    return note
+
+
 def restore_modes(modes: Sequence[tuple[torch.nn.Module, bool]]) -> None:
     for m, training in modes:
         m.training = training
@@ -482,8 +499,15 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     modes = train_modes(model)
     model.eval()
     try:
+        versions = [_version(t) for t in tensors]
         with torch.inference_mode(), _lookups(model) as lookups:
             reference = model(*args, **kwargs)
+        changed = [spec.name for spec, t, v in zip(inputs, tensors, versions) if v is not None and _version(t) != v]
+        if changed:
+            raise InputError(f"the model changes its input(s) {', '.join(map(repr, changed))} in place (x.add_(), "
+                             "x.clamp_(), x[...] = ...): a compiled engine never changes the caller's tensors, so "
+                             "it cannot do what eager does. Clone in forward (x = x.clone()) or use the "
+                             "out-of-place op; note that this eager run changed your example tensor(s) too")
         out_leaves, out_spec = _flatten_with_path(reference)
         outputs: list[TensorSpec] = []
         leaves = []
@@ -695,6 +719,34 @@ def _output_dims(sig: Signature, runs: list[tuple[list[Any], list[torch.Tensor]]
     return tuple(specs)
 
 
+def _version(t: torch.Tensor) -> int | None:
+    """A tensor's version counter (in-place changes bump it); None for an inference tensor, which has none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _check_dynamic_shapes(dynamic_shapes: Any) -> None:
+    """InputError unless `dynamic_shapes` is {input name: {dim index: dim name}} (or an input's entry None)."""
+    example = 'dynamic_shapes={"x": {0: "batch"}}'
+    if not isinstance(dynamic_shapes, Mapping):
+        raise InputError(f"dynamic_shapes must be a dict of input name -> {{dim index: dim name}}, like {example}; "
+                         f"not {type(dynamic_shapes).__name__}")
+    for name, dims in dynamic_shapes.items():
+        if dims is None:
+            continue
+        if not isinstance(dims, Mapping):
+            raise InputError(f"dynamic_shapes[{name!r}] must be a dict of dim index -> dim name, like {example}; "
+                             f"not {type(dims).__name__} {dims!r}")
+        for i, dim_name in dims.items():
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise InputError(f"dynamic_shapes[{name!r}]: dim {i!r} must be an integer index, like {example}")
+            if not isinstance(dim_name, str) or not dim_name:
+                raise InputError(f"dynamic_shapes[{name!r}][{i}] = {dim_name!r} must be a dim name (a non-empty "
+                                 f"string; equal names mean equal sizes), like {example}")
+
+
 def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],
                    dynamic_shapes: Mapping[str, Mapping[int, str]] | None,
                    shape_ranges: Mapping[str, Mapping[int, DimRange]]) -> tuple[list[TensorSpec], dict[str, DimRange]]:
@@ -703,6 +755,7 @@ def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],
     if dynamic_shapes is None:
         batch = tensors[0].shape[0] if tensors[0].dim() else None
         dynamic_shapes = {s.name: {0: "batch"} for s, t in zip(inputs, tensors) if t.dim() and t.shape[0] == batch}
+    _check_dynamic_shapes(dynamic_shapes)
     unknown = set(dynamic_shapes) - names
     if unknown:
         raise InputError(f"dynamic_shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
