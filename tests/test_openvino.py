@@ -106,3 +106,26 @@ def test_direct_import_failure_falls_back_to_onnx():
     x = torch.randn(5, 6)
     torch.testing.assert_close(cm(x), torch.diff(x, dim=-1) * 2, atol=1e-5, rtol=1e-4)
 
+
+
+# -- what the CPU plugin computes narrower than asked (found by probing, 2026-12-02) -----------------------
+def test_int64_inputs_outside_int32_are_refused_not_wrapped():
+    class Affine(torch.nn.Module):
+        def forward(self, x):
+            return x * 3 + 1
+
+    cm = compilers.compile(Affine(), "openvino-cpu", (torch.tensor([[1, 2, 3]]),))
+    x = torch.tensor([[5, -7, -2 ** 31]])
+    torch.testing.assert_close(cm(x[:, :2].repeat(1, 2)[:, :3]), Affine()(x[:, :2].repeat(1, 2)[:, :3]))
+    assert cm(x).shape == (1, 3)                              # int32's own limits are taken
+    with pytest.raises(compilers.InputError, match=r"holds 1099511627777, outside int32"):
+        cm(torch.tensor([[2 ** 40 + 1, 0, 3]]))              # gave 4 where eager gives 3298534883332
+
+
+def test_a_float64_model_is_refused_rather_than_run_in_float32():
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(compilers.ExportError, match="computes float64 in float32"):
+        compilers.compile(Double(), "openvino-cpu", (torch.randn(2, 3, dtype=torch.float64),))

@@ -11,11 +11,12 @@ import os
 import threading
 
 import numpy as np
+import torch
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ...errors import ExportError
+from ...errors import ExportError, InputError
 from ...lower import Lowered
 from ...quantize import CalibrationPlan
 from ...settings import MAX_THREADS, option
@@ -25,6 +26,7 @@ from ..base import Backend, Engine, Optimized, Spec
 
 MODEL_XML = "model.xml"
 # the precision the plugin computes in; int8 models compute their unquantized layers in f32, never silently bf16
+_INT32 = np.iinfo(np.int32)
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
@@ -83,6 +85,11 @@ class OpenVinoBackend(Backend):
         return dataclasses.replace(optimized, lowered=dataclasses.replace(optimized.lowered, model=model), notes=notes)
 
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
+        wide = [t.name for t in (*spec.signature.inputs, *spec.signature.outputs) if t.dtype == torch.float64]
+        if wide:
+            raise ExportError(f"OpenVINO's CPU plugin computes float64 in float32, so {', '.join(wide)} would lose "
+                              "precision and range silently; use ort-cpu or torchscript-cpu for a float64 model, or "
+                              "cast the model and its inputs to float32")
         model = self._model(optimized.lowered)
         name_inputs(model, spec.signature)
         engine = OpenVinoEngine(model, spec.target, spec.settings)
@@ -154,6 +161,9 @@ class OpenVinoEngine(Engine):
         self.outputs = list(self.compiled.outputs)
         self._tensor = ov.Tensor
         self._local = threading.local()   # an infer request serves one call at a time: one per thread
+        # the CPU plugin computes int64 in int32: int64 inputs are checked to fit (results past int32 still wrap)
+        self._int64 = [(i, port.get_any_name() if port.get_names() else f"input {i}")
+                       for i, port in enumerate(self.compiled.inputs) if port.get_element_type().get_type_name() == "i64"]
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         # The low-level request calls: InferRequest.infer(inputs) costs ~35 us more per call on a small model.
@@ -162,6 +172,13 @@ class OpenVinoEngine(Engine):
         if request is None:
             request = local.request = self.compiled.create_infer_request()
             local.bound = [None] * len(inputs)
+        for i, name in self._int64:
+            x = inputs[i]
+            if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
+                bad = int(x.min()) if x.min() < _INT32.min else int(x.max())
+                raise InputError(f"input {name!r} holds {bad}, outside int32: OpenVINO's CPU plugin computes int64 "
+                                 "in int32 and would give a wrong answer; use ort-cpu or torchscript-cpu for values "
+                                 "that need 64 bits")
         bound, converted = local.bound, []
         for i, x in enumerate(inputs):   # shares the arrays' memory: no copy of the inputs
             if not (x.flags.c_contiguous and x.flags.writeable):   # OpenVINO shares only writable memory
