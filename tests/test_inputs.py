@@ -102,3 +102,23 @@ def test_a_model_in_train_mode_is_compiled_for_inference_and_says_so():
     with pytest.warns(RuntimeWarning, match=r"BatchNorm1d, Dropout layer\(s\) in train mode"):
         cm = compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))
     assert any("compiled for inference (eval mode)" in n for n in cm.report.notes) and model.training
+
+
+class Rounds(nn.Module):
+    def forward(self, x):
+        return (x * 2).bfloat16()
+
+
+def test_a_bfloat16_model_runs_where_it_can_and_is_a_typed_error_where_it_cannot():
+    torch.manual_seed(0)
+    model, x = nn.Linear(4, 3).bfloat16(), torch.randn(2, 4).bfloat16()
+    cm = compilers.compile(model, "torchscript-cpu", (x,))          # judged by bf16's own rounding noise
+    y = cm(torch.randn(3, 4).bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 3)
+    rounds = compilers.compile(Rounds(), "torchscript-cpu", (torch.randn(2, 4),))
+    assert rounds(torch.randn(3, 4)).dtype == torch.bfloat16
+    with pytest.raises(compilers.InputError, match="numpy has no bfloat16"):    # numpy in, numpy out: impossible
+        rounds(np.ones((3, 4), np.float32))
+    for target in ("ort-cpu", "openvino-cpu"):                      # raw NotImplemented / TypeError before
+        with pytest.raises(compilers.ExportError, match=r"could not build an engine .*takes or gives bfloat16"):
+            compilers.compile(model, target, (x,))

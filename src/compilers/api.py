@@ -15,7 +15,7 @@ from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .cache import cache_key, calibration_checked, load_reference, reference_path, save_reference
 from .calibration import calibration_set, flat_samples
-from .errors import ArtifactError, BackendUnavailable, ExportError, InputError, TargetError, ValidationError
+from .errors import ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError, ValidationError
 from .host import library_versions
 from .lower import FROZEN_NOTE, run_ladder
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
@@ -256,6 +256,15 @@ def _int8_advice(cm: CompiledModel) -> str:
             "calibration data, or a larger [quantization] max_float_layers")
 
 
+def _build_failed(target: Target, signature: Signature, e: Exception) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    bf16 = [t.name for t in (*signature.inputs, *signature.outputs) if t.dtype == torch.bfloat16]
+    hint = (f" The model takes or gives bfloat16 ({', '.join(bf16)}), which {target.backend} cannot take here: "
+            "cast to float32 around the model (openvino-cpu-bf16 computes in bf16 from float32), or use "
+            "torchscript-cpu / inductor-cpu" if bf16 else " Try another target (`compilers targets`).")
+    return f"{target.name}: {target.backend} could not build an engine for this model: {type(e).__name__}: {first[:400]}.{hint}"
+
+
 def _refusal_advice(target: Target) -> str:
     """What a user can do about a model that validation refused, in the order worth trying."""
     return (f"What to do: if these errors are acceptable for your use, loosen the tolerance: a descriptor with "
@@ -290,7 +299,12 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
         t = time.perf_counter()
 
         def engine(chosen: Optimized) -> CompiledModel:
-            return CompiledModel(r.backend.build(chosen, spec), signature, r.target, report)
+            try:
+                return CompiledModel(r.backend.build(chosen, spec), signature, r.target, report)
+            except CompilerError:
+                raise
+            except Exception as e:        # the backend library refused the lowered model
+                raise ExportError(_build_failed(r.target, signature, e)) from e
 
         def build(keep: tuple[str, ...]) -> CompiledModel:
             return engine(r.backend.keep_float(optimized, keep) if keep else optimized)

@@ -43,6 +43,8 @@ SCALED_NOISE = (1e-6, 2e-6)
 #: eager fp32 this far from its float64 twin is not rounding noise: the model computes something else in
 #: float64 (code that branches on the dtype), and the output is judged by the scaled rule instead
 MAX_FP32_NOISE = 1e-4
+#: a half-precision output's rounding step relative to fp32's (machine epsilon ratio): its noise scales by it
+_EPS_RATIO = {"float16": 2.0 ** -10 / 2.0 ** -23, "bfloat16": 2.0 ** -7 / 2.0 ** -23}
 
 
 @dataclass(frozen=True)
@@ -247,17 +249,20 @@ def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = Non
 
     failures = []
     if tol.noise is not None:
+        # half-precision outputs (a model computing in fp16/bf16 itself) carry their own dtype's rounding noise
+        scale = _EPS_RATIO.get(dtype, 1.0)
         noise, max_noise = _relative(r64 - x64, x64) if x64 is not None else (math.inf, math.inf)
-        if noise <= MAX_FP32_NOISE:   # the noise rule: compiled vs float64, against eager fp32's own distance from it
+        if noise <= min(MAX_FP32_NOISE * scale, 0.05):   # the noise rule: vs float64, against eager's own distance
             error, max_error = _relative(g64 - x64, x64)
             rule = "noise"
-        else:                 # the scaled rule: compiled vs eager fp32, against an assumed fp32 noise
+        else:                 # the scaled rule: compiled vs eager, against an assumed rounding noise of the dtype
             error, max_error = _relative(diff, r64)
-            noise, max_noise = SCALED_NOISE
+            noise, max_noise = SCALED_NOISE[0] * scale, SCALED_NOISE[1] * scale
             rule = "scaled"
         allowed, max_allowed = tol.noise * noise + tol.floor, 2 * tol.noise * max_noise + tol.floor
         if error > allowed:
-            failures.append(f"error {error:.2e} > {allowed:.2e} allowed ({tol.noise:g}x fp32 noise {noise:.1e} "
+            kind = "fp32" if scale == 1.0 else dtype
+            failures.append(f"error {error:.2e} > {allowed:.2e} allowed ({tol.noise:g}x {kind} noise {noise:.1e} "
                             f"+ {tol.floor:g})")
         elif max_error > max_allowed:
             failures.append(f"worst element error {max_error:.2e} > {max_allowed:.2e} allowed")
