@@ -143,6 +143,18 @@ def test_size_output_follows_the_inputs(target, tmp_path):
     assert loaded(torch.randn(5, 4))[1] == 5
 
 
+def test_a_shape_output_comes_back_as_a_torch_size(tmp_path):
+    class WithShape(WithSize):
+        def forward(self, x):
+            return self.lin(x), x.shape          # pytree alone rebuilds a torch.Size as a plain tuple
+
+    cm = compilers.compile(WithShape().eval(), "ort-cpu", (torch.randn(8, 4),))
+    loaded = compilers.load(cm.save(tmp_path / "m"))
+    for compiled in (cm, loaded):
+        shape = compiled(torch.randn(3, 4))[1]
+        assert type(shape) is torch.Size and shape == (3, 4)
+
+
 def test_output_constant_that_follows_no_output_dim_is_refused():
     class Doubled(WithSize):
         def forward(self, x):

@@ -102,19 +102,40 @@ class Leaf:
         return self.value if self.size is None else int(values[self.size[0]].shape[self.size[1]])
 
 
+def _holds_size(spec: pytree.TreeSpec) -> bool:
+    return spec.type is torch.Size or any(_holds_size(c) for c in spec.children())
+
+
+def _unflatten(leaves: Iterator[Any], spec: pytree.TreeSpec) -> Any:
+    """tree_unflatten that gives torch.Size nodes back as torch.Size."""
+    if spec.is_leaf():
+        return next(leaves)
+    children = [_unflatten(leaves, c) for c in spec.children()]
+    if spec.type is torch.Size:
+        return torch.Size(children)
+    return pytree.SUPPORTED_NODES[spec.type].unflatten_fn(children, spec.context)
+
+
 @dataclass(frozen=True)
 class Tree:
     """A pytree whose leaves are engine slots or constants (one forward argument, or the output)."""
 
     spec: pytree.TreeSpec
     leaves: tuple[Leaf, ...]
+    _sized: bool = field(default=False, init=False, compare=False, repr=False)   # holds a torch.Size node
+
+    def __post_init__(self):
+        object.__setattr__(self, "_sized", _holds_size(self.spec))
 
     @property
     def is_single_tensor(self) -> bool:
         return self.spec.is_leaf() and self.leaves[0].index is not None
 
     def build(self, values: Sequence[Any]) -> Any:
-        return pytree.tree_unflatten([l.get(values) for l in self.leaves], self.spec)
+        leaves = [l.get(values) for l in self.leaves]
+        if self._sized:       # pytree rebuilds a torch.Size as a plain tuple; eager returns a Size
+            return _unflatten(iter(leaves), self.spec)
+        return pytree.tree_unflatten(leaves, self.spec)
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": treespec.dumps(self.spec), "leaves": [l.to_dict() for l in self.leaves]}
