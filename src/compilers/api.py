@@ -15,7 +15,8 @@ from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .cache import cache_key, calibration_checked, load_reference, reference_path, save_reference
 from .calibration import calibration_set, flat_samples
-from .errors import ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError, ValidationError
+from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
+                     ValidationError, brief)
 from .host import library_versions
 from .lower import FROZEN_NOTE, run_ladder
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
@@ -257,12 +258,11 @@ def _int8_advice(cm: CompiledModel) -> str:
 
 
 def _build_failed(target: Target, signature: Signature, e: Exception) -> str:
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
     bf16 = [t.name for t in (*signature.inputs, *signature.outputs) if t.dtype == torch.bfloat16]
     hint = (f" The model takes or gives bfloat16 ({', '.join(bf16)}), which {target.backend} cannot take here: "
             "cast to float32 around the model (openvino-cpu-bf16 computes in bf16 from float32), or use "
             "torchscript-cpu / inductor-cpu" if bf16 else " Try another target (`compilers targets`).")
-    return f"{target.name}: {target.backend} could not build an engine for this model: {type(e).__name__}: {first[:400]}.{hint}"
+    return f"{target.name}: {target.backend} could not build an engine for this model: {brief(e)}.{hint}"
 
 
 def _refusal_advice(target: Target) -> str:

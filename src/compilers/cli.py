@@ -20,7 +20,7 @@ from . import api
 from .bench import Benchmark, Timing, benchmark, synthetic_inputs
 from .plot import plot, plot_format
 from .progress import track
-from .errors import CompilerError, InputError, ValidationError
+from .errors import CompilerError, InputError, ValidationError, brief
 from .files import write_text
 from .host import own_version
 from .runtime import check_destination, load, read_manifest
@@ -50,7 +50,7 @@ def load_factory(spec: str) -> dict[str, Any]:
         raise InputError(f"factory module {where!r} cannot be imported: {e}. Give a file as path/to/module.py:"
                          f"{name}, or install the package or put its directory on PYTHONPATH") from e
     except Exception as e:
-        raise InputError(f"importing factory module {where} failed: {_one_line(e)}. Fix the module "
+        raise InputError(f"importing factory module {where} failed: {brief(e)}. Fix the module "
                          "(`compilers --traceback ...` shows where it failed)") from e
     factory = getattr(module, name, None)
     if not callable(factory):
@@ -58,7 +58,7 @@ def load_factory(spec: str) -> dict[str, Any]:
     try:
         made = factory()
     except Exception as e:
-        raise InputError(f"factory {spec} raised {_one_line(e)}; it must return (model, example_inputs) or a dict "
+        raise InputError(f"factory {spec} raised {brief(e)}; it must return (model, example_inputs) or a dict "
                          "with 'model' and 'example_inputs' (`compilers --traceback ...` shows where it failed)") from e
     if isinstance(made, dict):
         parts = dict(made)
@@ -71,11 +71,6 @@ def load_factory(spec: str) -> dict[str, Any]:
     if missing:
         raise InputError(f"factory {spec} returned no {', '.join(sorted(missing))}")
     return parts
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:500]}" if text else type(e).__name__
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
@@ -111,7 +106,7 @@ def cmd_targets(a: argparse.Namespace) -> int:
             found = load_descriptor(path)
         except CompilerError as e:
             concrete.append({"name": name, "backend": "?", "device": "?", "precision": "?", "source": source,
-                             "available": False, "reason": f"{type(e).__name__}: {_one_line(e)}"})
+                             "available": False, "reason": brief(e)})
             continue
         if isinstance(found, Target):
             reason = api.target_problem(found)
@@ -168,7 +163,7 @@ def _read_samples(path: str) -> list[Any]:
     try:
         samples = torch.load(path, weights_only=True)
     except Exception as e:
-        raise InputError(f"--samples {path} is not a torch.save file of tensors ({_one_line(e)}); save them with "
+        raise InputError(f"--samples {path} is not a torch.save file of tensors ({brief(e)}); save them with "
                          "torch.save([sample, ...], path)") from e
     if not isinstance(samples, (list, tuple)):
         raise InputError(f"--samples {path} holds a {type(samples).__name__}; save a list of samples, each shaped "
@@ -413,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if a.traceback:
             traceback.print_exc()
-        print(f"compilers: {a.command} stopped on an unexpected {_one_line(e)}. This is not an error compilers "
+        print(f"compilers: {a.command} stopped on an unexpected {brief(e)}. This is not an error compilers "
               f"checks for, so it is likely a bug in compilers or in a backend: run it again with `compilers "
               f"--traceback {a.command} ...` and report the traceback.", file=sys.stderr)
         return 2

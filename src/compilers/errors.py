@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 
+def brief(e: BaseException, limit: int = 400) -> str:
+    """`Type: message` of an exception on one line, cut at `limit` characters: how a message quotes an error
+    from the user's code or a backend library."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
 class CompilerError(Exception):
     """Base of every error this package raises on purpose."""
 

@@ -22,13 +22,13 @@ import torch
 
 from .backends import get_backend
 from .backends.base import Engine, Spec
-from .errors import ArtifactError, BackendUnavailable, CompilerError, EngineError, InputError, TargetError
+from .errors import ArtifactError, BackendUnavailable, CompilerError, EngineError, InputError, TargetError, brief
 from .files import staging_dir
 from .host import library_versions
 from .records import from_json
 from .report import Report
 from .settings import runtime_options
-from .signature import Signature, _numpy_dtype
+from .signature import Signature, numpy_dtype
 from .target import Target
 
 FORMAT = "compilers-artifact"
@@ -50,7 +50,8 @@ class CompiledModel:
         self._numpy_engine = engine.array_kind == "numpy"
         self._engine_device = torch.device(engine.device)
         self._out_dtypes = [s.dtype for s in signature.outputs]
-        self._out_np_dtypes = [_numpy_dtype(s.dtype) for s in signature.outputs]    # None: numpy has none (bf16)
+        self._out_np_dtypes = [numpy_dtype(s.dtype) for s in signature.outputs]     # None: numpy has none (bf16)
+        self._numpy_outputs = None not in self._out_np_dtypes
         self._run = engine.run if engine.thread_safe else _serialized(engine.run)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -61,7 +62,7 @@ class CompiledModel:
         arrays for numpy inputs), in the eager model's dtypes. CPU tensors and numpy arrays are handed
         over without copies; a torch engine gets tensors on its own device."""
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None)
-        if device is None and None in self._out_np_dtypes:
+        if device is None and not self._numpy_outputs:
             raise InputError(f"the model gives {', '.join(str(s.dtype) for s in self.signature.outputs)} outputs; "
                              "numpy has no bfloat16, so call it with torch tensors, not numpy arrays")
         try:
@@ -88,9 +89,8 @@ class CompiledModel:
 
     def _engine_error(self, flat: list[Any], e: Exception) -> EngineError:
         sizes = ", ".join(f"{spec.name}: {tuple(x.shape)}" for spec, x in zip(self.signature.inputs, flat))
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         return EngineError(f"the {self.target.backend} engine of {self.target.name} failed on these inputs ({sizes}): "
-                           f"{type(e).__name__}: {first[:400]}. Eager usually rejects such inputs too (an index out "
+                           f"{brief(e)}. Eager usually rejects such inputs too (an index out "
                            "of range, a size the model cannot take); if model(...) runs on them, please report it "
                            "with these shapes")
 

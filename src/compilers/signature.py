@@ -30,7 +30,7 @@ _JSON_SCALARS = (type(None), bool, int, float, str)
 
 
 @functools.lru_cache(maxsize=64)
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
+def numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
     """The numpy dtype of a torch dtype; None for one numpy lacks (bfloat16)."""
     try:
         return torch.empty((), dtype=dtype).numpy().dtype
@@ -64,7 +64,7 @@ class TensorSpec:
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        dtype = _numpy_dtype(self.dtype)
+        dtype = numpy_dtype(self.dtype)
         if dtype is None:
             raise TypeError(f"{self.name}: numpy has no {self.dtype}")
         return dtype
@@ -309,7 +309,7 @@ class Signature:
                                      f"(e.g. x.to_dense())")
                 dtype = value.dtype
             elif isinstance(value, np.ndarray):
-                dtype = spec.dtype if value.dtype == _numpy_dtype(spec.dtype) else \
+                dtype = spec.dtype if value.dtype == numpy_dtype(spec.dtype) else \
                     torch.from_numpy(value[:0] if value.ndim else value.reshape(1)[:0]).dtype
             else:
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
@@ -607,18 +607,22 @@ class Lookup:
     indices: torch.Tensor
     low: int
     high: int
-    what: str            # "nn.Embedding 'emb' with 10 rows", "weight 'w' (10 rows, indexed by w[idx])"
+    what: str            # "emb (nn.Embedding with 10 rows)", "'w' (10 rows along dim 0, indexed by [...])"
 
 
 class _LookupMode(torch.overrides.TorchFunctionMode):
-    """Records lookups into the model's parameters and buffers by functional indexing: `w[idx]` (and
-    `w[:, idx]`), `torch.index_select(w, dim, idx)`, `F.embedding(idx, w)`. The engine cannot know those sizes
-    are bounds, so an index outside them gives a wrong row or zeros, where eager raises IndexError."""
+    """Records lookups into the model's parameters and buffers while it runs: `w[idx]` (and `w[:, idx]`),
+    `index_select`, and `F.embedding` / `F.embedding_bag` (so every nn.Embedding and nn.EmbeddingBag call). An
+    engine cannot know those sizes are bounds, so an index outside them gives a wrong row or zeros, where eager
+    raises IndexError."""
 
     def __init__(self, model: torch.nn.Module, found: list[Lookup]):
         super().__init__()
         self.found = found
-        self.names = {id(t): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.names = {id(t): repr(name) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+        self.names.update({id(m.weight): f"{name or type(model).__name__} (nn.{type(m).__name__} with "
+                                         f"{m.num_embeddings} rows)"
+                           for name, m in model.named_modules() if isinstance(m, _EMBEDDINGS)})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -631,47 +635,32 @@ class _LookupMode(torch.overrides.TorchFunctionMode):
     def _record(self, func, args, kwargs) -> None:
         if func is torch.Tensor.__getitem__:
             table, key = args
-            keys = key if isinstance(key, tuple) else (key,)
-            for dim, k in enumerate(keys):
+            for dim, k in enumerate(key if isinstance(key, tuple) else (key,)):
                 if isinstance(k, torch.Tensor) and not k.dtype.is_floating_point and k.dtype != torch.bool:
-                    self._add(k, table, dim, -table.shape[dim], f"{{}} ({{}} rows along dim {dim}, indexed by [...])")
+                    self._add(k, table, dim, -table.shape[dim], "[...]")     # Python's negative indices work
                 if not (isinstance(k, slice) and k == slice(None)):
                     break      # after the first index that is not a full slice, dims no longer line up
         elif func in (torch.index_select, torch.Tensor.index_select):
             table = args[0]
             dim = (args[1] if len(args) > 1 else kwargs["dim"]) % table.dim()
-            index = args[2] if len(args) > 2 else kwargs["index"]
-            self._add(index, table, dim, 0, f"{{}} ({{}} rows along dim {dim}, indexed by index_select)")
-        elif func is torch.nn.functional.embedding:
-            index, table = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            self._add(index, table, 0, 0, "{} (an embedding table with {} rows)")
+            self._add(args[2] if len(args) > 2 else kwargs["index"], table, dim, 0, "index_select")
+        elif func in (torch.nn.functional.embedding, torch.nn.functional.embedding_bag):
+            self._add(args[0], args[1] if len(args) > 1 else kwargs["weight"], 0, 0, "")
 
-    def _add(self, index, table, dim: int, low: int, what: str) -> None:
+    def _add(self, index: Any, table: torch.Tensor, dim: int, low: int, how: str) -> None:
         name = self.names.get(id(table))
         if name is not None and isinstance(index, torch.Tensor):
             rows = table.shape[dim]
-            self.found.append(Lookup(index, low, rows, what.format(f"{name!r}", rows)))
+            what = f"{name} ({rows} rows along dim {dim}, indexed by {how})" if how else name
+            self.found.append(Lookup(index, low, rows, what))
 
 
 @contextlib.contextmanager
 def _lookups(model: torch.nn.Module) -> Iterator[list[Lookup]]:
-    """Record each lookup into a fixed-size table while the block runs the model: nn.Embedding calls, and
-    functional indexing into the model's parameters and buffers (`_LookupMode`)."""
+    """Each lookup into a fixed-size table (`_LookupMode`) that the model makes while the block runs it."""
     found: list[Lookup] = []
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, _EMBEDDINGS):
-            def hook(module, args, name=name or type(model).__name__):
-                if args and isinstance(args[0], torch.Tensor):
-                    found.append(Lookup(args[0], 0, module.num_embeddings,
-                                        f"{name} (nn.Embedding with {module.num_embeddings} rows)"))
-            handles.append(m.register_forward_pre_hook(hook))
-    try:
-        with _LookupMode(model, found):
-            yield found
-    finally:
-        for h in handles:
-            h.remove()
+    with _LookupMode(model, found):
+        yield found
 
 
 def _index_bounds(inputs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor],
