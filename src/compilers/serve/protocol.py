@@ -14,7 +14,7 @@ rapidjson read them (strict JSON cannot write them); binary outputs carry them e
 Bytes in, numpy out and back: no HTTP framework here. Every malformed request is an InputError whose message
 says what to fix (the server answers it with 400), found before the request can cost much: a shape has at most
 MAX_RANK dims, none larger than the body could carry; JSON made mostly of brackets (more than one list or object
-per LIST_BYTES bytes: nested data of single elements, which Python would hold at ~20x the body's size) must be
+per LIST_BYTES bytes: nested data of single elements, which Python would hold at many times the body's size) must be
 sent flat, as the protocol allows; nesting too deep for the parser and integers too long to convert are refused.
 """
 from __future__ import annotations
