@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import compilers
-from compilers import runtime
+from compilers import artifact, files
 
 MANIFEST = "manifest.json"
 MODEL_FILES = {"ort-cpu": "model.onnx", "openvino-cpu": "model.bin", "torchscript-cpu": "model.pt"}
@@ -164,7 +164,7 @@ def test_the_content_digest_pins_an_artifact(mlp, tmp_path):
     pinned = mlp.digest
     assert pinned.startswith("sha256:") and len(pinned) == len("sha256:") + 64
     assert json.loads((path / MANIFEST).read_text())["digest"] == pinned
-    assert runtime.digest(path) == pinned == runtime.verify(path)["digest"]
+    assert artifact.digest(path) == pinned == artifact.verify(path)["digest"]
     assert mlp.save(tmp_path / "again") and mlp.digest == pinned          # the digest is of content, not place
     assert compilers.load(path, digest=pinned).digest == pinned
 
@@ -332,7 +332,7 @@ def test_readers_see_the_old_or_the_new_artifact_while_save_replaces_it(two_mode
 def test_readers_ride_out_the_rename_fallback(two_models, tmp_path, monkeypatch):
     """Where the atomic exchange is unavailable, save renames the old artifact aside and the new one in; a
     reader that finds no manifest while a save is under way tries again."""
-    monkeypatch.setattr(runtime, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(files, "_rename2", lambda a, b, flags: False)
     path = two_models[0].save(tmp_path / "art")
     failures, loads = _race(path, two_models, saves=60, seconds=60)
     assert failures == [], f"{len(failures)} failures, first: {failures[:3]}"
@@ -342,7 +342,7 @@ def test_readers_ride_out_the_rename_fallback(two_models, tmp_path, monkeypatch)
 def test_an_interrupt_between_the_renames_keeps_the_old_artifact(two_models, tmp_path, monkeypatch):
     old, new = two_models
     path = old.save(tmp_path / "art")
-    monkeypatch.setattr(runtime, "_exchange", lambda a, b: False, raising=False)
+    monkeypatch.setattr(files, "_rename2", lambda a, b, flags: False)
     rename = os.rename
 
     def interrupted(src, dst, *args, **kwargs):
@@ -354,7 +354,7 @@ def test_an_interrupt_between_the_renames_keeps_the_old_artifact(two_models, tmp
     with pytest.raises(KeyboardInterrupt):
         new.save(path)
     monkeypatch.setattr(os, "rename", rename)
-    assert compilers.load(path).digest == runtime.digest(tmp_path / "art") and runtime.digest(path) == old.digest
+    assert compilers.load(path).digest == artifact.digest(tmp_path / "art") and artifact.digest(path) == old.digest
     assert [p.name for p in tmp_path.iterdir()] == ["art"]
 
 

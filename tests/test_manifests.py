@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 import compilers
-from compilers import cli, runtime
+from compilers import artifact, cli
 
 WRONG = (None, 3, "x", [], {}, True, [3], [{}], [{"name": 3}])
 
@@ -133,4 +136,67 @@ def test_load_and_save_on_a_file_are_artifact_errors(saved, tmp_path):
         cm.save(tmp_path / "file" / "below")
     assert (tmp_path / "file").read_text() == "not an artifact"
     with pytest.raises(compilers.ArtifactError):
-        runtime.read_manifest(tmp_path / "file")
+        artifact.read_manifest(tmp_path / "file")
+
+
+def _odd_manifest(path: Path, base: Path, kind: str) -> None:
+    """`path` a copy of `base` whose manifest.json is a FIFO, a directory, a character device or nested JSON."""
+    _write(path, base, b"{}")
+    manifest = path / "manifest.json"
+    manifest.unlink()
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    elif kind == "directory":
+        manifest.mkdir()
+        (manifest / "manifest.json").write_text("{}")
+    elif kind == "device":
+        try:
+            os.mknod(manifest, 0o600 | stat.S_IFCHR, os.makedev(1, 5))     # like /dev/zero: endless bytes
+        except PermissionError:
+            pytest.skip("this process may not create device nodes")
+    else:
+        manifest.write_text("[" * 200_000 + "]" * 200_000)
+
+
+def _within(seconds: float, call) -> BaseException | None:
+    """What `call()` raised, failing the test if it is still running after `seconds` (a read that hangs)."""
+    done: list[BaseException | None] = []
+
+    def run():
+        try:
+            call()
+            done.append(None)
+        except BaseException as e:      # noqa: BLE001 - handed back to the test
+            done.append(e)
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert done, f"still running after {seconds} s: a manifest that is no regular file was waited on"
+    return done[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "nested"])
+def test_a_manifest_of_an_odd_file_type_is_an_artifact_error_before_anything_is_read(saved, tmp_path, kind):
+    """A FIFO used to hang load and save, a directory was an IsADirectoryError, a character device a
+    MemoryError and deep nesting a RecursionError: each is a short ArtifactError, and save leaves it alone."""
+    path = tmp_path / "odd"
+    _odd_manifest(path, saved, kind)
+    cm = compilers.load(saved)
+    for call in (lambda: compilers.load(path), lambda: artifact.verify(path), lambda: cm.save(path),
+                 lambda: artifact.read_manifest(path)):
+        error = _within(10, call)
+        assert isinstance(error, compilers.ArtifactError), repr(error)
+        assert len(str(error)) < 600, str(error)[:2000]
+    assert os.path.lexists(path / "manifest.json") and (path / "model.onnx").is_file()   # nothing deleted
+
+
+def test_an_artifact_error_about_many_files_stays_short(saved, tmp_path):
+    path = tmp_path / "many"
+    _write(path, saved, (saved / "manifest.json").read_bytes())
+    stray = path / "stray"
+    stray.mkdir()
+    for i in range(20_000):
+        (stray / f"file-{i:06d}-{'x' * 30}").write_bytes(b"")
+    with pytest.raises(compilers.ArtifactError, match="not listed") as caught:
+        compilers.load(path)
+    assert len(str(caught.value)) < 2000 and "more" in str(caught.value)

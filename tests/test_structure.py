@@ -22,6 +22,7 @@ LAYERS = [
     {"calibration", "reference", "lower"},
     {"validate", "cache", "quantize"},
     {"report"},
+    {"artifact"},
     {"backends"},
     {"runtime"},
     {"bench"},
@@ -38,18 +39,37 @@ def _layer(module: str) -> int:
     return next(i for i, names in enumerate(LAYERS) if module.split(".")[0] in names)
 
 
+def _imports(path: Path, name: str) -> list[str]:
+    """The package modules `path` (module `name`) imports: relative imports and absolute `compilers.*` ones."""
+    package = name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1] if node.level > 1 else package
+            target = ".".join(base + ([node.module] if node.module else []))
+            found += [target] if node.module else [f"{target}.{a.name}".strip(".") for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "compilers":
+            inner = node.module.split(".")[1:]
+            found += [".".join(inner)] if inner else [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [".".join(a.name.split(".")[1:]) for a in node.names
+                      if a.name.split(".")[0] == "compilers" and "." in a.name]
+    return found
+
+
 def test_modules_import_only_lower_layers():
     for path in PACKAGE.rglob("*.py"):
         name = path.relative_to(PACKAGE).with_suffix("").as_posix().replace("/", ".")
         own = _layer(name)
-        package = name.split(".")[:-1]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                base = package[:len(package) - node.level + 1] if node.level > 1 else package
-                target = ".".join(base + ([node.module] if node.module else []))
-                targets = [target] if node.module else [f"{target}.{a.name}".strip(".") for a in node.names]
-                for t in targets:
-                    assert _layer(t) <= own, f"{name} (layer {own}) imports {t} (layer {_layer(t)})"
+        for t in _imports(path, name):
+            assert _layer(t) <= own, f"{name} (layer {own}) imports {t} (layer {_layer(t)})"
+
+
+def test_the_layering_check_reads_absolute_imports_too(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from compilers.api import compile\nimport compilers.serve.app\nfrom compilers import cli\n"
+                      "from . import files\n")
+    assert _imports(module, "signature") == ["api", "serve.app", "cli", "files"]
 
 
 def test_import_and_targets_load_no_backend_library():

@@ -23,7 +23,8 @@ from .progress import track
 from .errors import CompilerError, InputError, ValidationError, brief
 from .files import write_text
 from .host import own_version
-from .runtime import check_destination, load, read_manifest
+from .artifact import check_destination, read_manifest
+from .runtime import load
 from .target import Target, builtin_dir, descriptor_files, load_descriptor
 
 

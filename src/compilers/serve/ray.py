@@ -34,7 +34,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from ..errors import ConfigError, InputError
-from ..runtime import manifest_records, read_manifest
+from ..artifact import manifest_records, read_manifest
 from .app import create_app
 from .batcher import BatchStats, Combiner
 from .repository import ModelEntry, Repository

@@ -13,20 +13,20 @@ A data layer only: reading the layout, `load_version` (one artifact), `publish` 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import os
 import random
 import shutil
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..artifact import MANIFEST, read_manifest, verify
 from ..backends import get_backend
 from ..errors import ArtifactError, BackendUnavailable, ConfigError, TargetError
-from ..runtime import MANIFEST, CompiledModel, load, read_manifest, verify
+from ..files import remove, staging_dir, swapped_in
+from ..runtime import CompiledModel, load
 from ..settings import option, parse
 from .batcher import Batching
 
@@ -278,21 +278,19 @@ def publish(artifact: str | os.PathLike, model_dir: str | os.PathLike) -> Path:
     source, model_dir = Path(artifact), Path(model_dir)
     check_artifact(source)
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".publish-", dir=model_dir))
+    staging = staging_dir(model_dir, ".publish-")
     try:
         staged = staging / "version"
         shutil.copytree(source, staged)
         number = _next_number(model_dir)
         while True:
             try:
-                os.rename(staged, model_dir / str(number))
-                return model_dir / str(number)
-            except OSError as e:           # another publisher took the number (or a stray entry holds it)
-                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                    raise
+                with swapped_in(staged, model_dir / str(number), replace=False):
+                    return model_dir / str(number)
+            except (FileExistsError, NotADirectoryError):   # another publisher took the number (or a stray file)
                 number = max(number + 1, _next_number(model_dir))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove(staging)
 
 
 def _next_number(model_dir: Path) -> int:

@@ -37,16 +37,16 @@ import dataclasses
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 from xml.sax.saxutils import escape
 
+from ..artifact import manifest_records, verify
 from ..backends import get_backend
 from ..errors import ArtifactError, BackendUnavailable, ConfigError, InputError, TargetError
-from ..runtime import manifest_records, verify
+from ..files import remove, staging_dir, swapped_in
 from ..settings import parse, runtime_options
 from ..signature import Signature, TensorSpec
 from ..target import Target
@@ -203,7 +203,7 @@ def export_triton(artifact: str | os.PathLike, version_dir: str | os.PathLike,
     if not force:
         _check_other_versions(model_dir, version, model)
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".triton-export-", dir=model_dir))
+    staging = staging_dir(model_dir, ".triton-export-")
     try:
         staged = staging / "version"
         staged.mkdir()
@@ -213,25 +213,10 @@ def export_triton(artifact: str | os.PathLike, version_dir: str | os.PathLike,
             else:
                 shutil.copyfile(source_file, staged / file)
         (staging / CONFIG_FILE).write_text(model.text)
-        old = None
-        if version_dir.exists() or version_dir.is_symlink():
-            old = staging / "old"
-            os.rename(version_dir, old)
-        try:
-            os.rename(staged, version_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old, version_dir)
-            raise
-        try:
+        with swapped_in(staged, version_dir):      # the old version comes back if the config cannot follow
             os.replace(staging / CONFIG_FILE, model_dir / CONFIG_FILE)
-        except BaseException:
-            os.rename(version_dir, staging / "failed")
-            if old is not None:
-                os.rename(old, version_dir)
-            raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove(staging)
     for caveat in model.caveats:
         warnings.warn(caveat, RuntimeWarning, stacklevel=2)
     return version_dir
