@@ -24,7 +24,8 @@ from .reference import Reference, compute_reference
 from .report import Report
 from .runtime import CompiledModel, load
 from .select import compile_auto, reusable
-from .signature import Captured, Signature, capture, restore_modes, train_mode_note, train_modes
+from .capture import Captured, capture, restore_modes, train_mode_note, train_modes
+from .signature import Signature
 from .target import Auto, Target, Tolerance, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 

@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import ArtifactError, CompilerError, TargetError
 from .files import remove, staging_dir, swapped_in, sync_tree
-from .records import from_json
 from .report import Report
 from .signature import Signature
 from .target import Target

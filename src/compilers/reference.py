@@ -22,7 +22,8 @@ import torch
 
 from .errors import InputError
 from .progress import track
-from .signature import EagerRun, FlatModule, Signature
+from .capture import EagerRun
+from .signature import FlatModule, Signature
 
 #: a float64 twin is made only for models whose float64 weights fit in this many bytes
 MAX_FLOAT64_BYTES = 4 << 30
