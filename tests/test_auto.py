@@ -169,10 +169,10 @@ def test_second_compile_reads_the_choice_from_the_cache(auto_cpu):
 
 
 def test_cache_key_follows_weights_example_and_descriptor(auto_cpu):
-    from compilers.cache import auto_choice_path
+    from compilers.cache import Cache, fingerprint
     from compilers.select import _example_key
     model, auto, cache, _ = auto_cpu
-    key = lambda m, a, x: auto_choice_path(cache, m, a, _example_key(x, None), {}, {})
+    key = lambda m, a, x: Cache(cache).choice_path(fingerprint(m), a, _example_key(x, None), {}, {})
     base = key(model, auto, example())
     other = MLP()
     with torch.no_grad():

@@ -542,15 +542,16 @@ def test_calibration_runs_in_eager_first_and_once_per_cache(tmp_path):
     assert again.report.cache == "hit" and again.report.validation.passed
 
 
-def test_calibration_digest_is_part_of_the_cache_key():
-    from compilers.cache import cache_key
+def test_calibration_digest_is_part_of_the_cache_key(tmp_path):
+    from compilers.cache import Cache, fingerprint
     from compilers.calibration import digest
     model = Affine()
     cm = compilers.compile(model, TARGET, (torch.randn(2, 8),))
-    args = (model, cm.signature, cm.target, {"torch": "x"})
+    args = (fingerprint(model), cm.signature, cm.target, {"torch": "x"})
     a, b = digest([[torch.zeros(2, 8)]]), digest([[torch.ones(2, 8)]])
     assert a != b and digest([[torch.zeros(2, 8)]]) == a
-    assert len({cache_key(*args), cache_key(*args, a), cache_key(*args, b)}) == 3
+    cache = Cache(tmp_path)
+    assert len({cache.build_path(*args), cache.build_path(*args, a), cache.build_path(*args, b)}) == 3
 
 
 def test_engine_failure_on_a_sample_is_a_failed_verdict():

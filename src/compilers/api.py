@@ -7,24 +7,24 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
-from .cache import cache_key, calibration_checked, load_reference, reference_path, save_reference
-from .calibration import calibration_set, flat_samples
-from .errors import (ArtifactError, BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
+from .calibration import Calibration, calibration_set, flat_samples
+from .capture import Captured, capture, restore_modes, train_mode_note, train_modes
+from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
 from .host import library_versions
 from .lower import FROZEN_NOTE, run_ladder
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
-from .runtime import CompiledModel, load
-from .select import compile_auto, reusable
-from .capture import Captured, capture, restore_modes, train_mode_note, train_modes
+from .request import Request
+from .runtime import CompiledModel
+from .select import compile_auto
 from .signature import Signature
 from .target import Auto, Target, Tolerance, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
@@ -109,77 +109,44 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     and returns the fastest; `cm.report.candidates` holds every candidate's verdict and timing. With
     `cache_dir` the choice is kept, and a second compile builds only the chosen target.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
-    if validate not in (True, False, "warn"):
-        raise InputError(f"validate must be True, False or 'warn', not {validate!r}")
-    if metric is not None and (not isinstance(metric, Metric) or not validate):
-        raise InputError("metric must be a compilers.Metric(fn, max_drop), and needs validate=True or 'warn'")
-    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
-        raise InputError(f"cache_dir {cache_dir} is a file; pass a directory (it is created if missing)")
+    request = Request.of(model, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
+                         samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
+                         accept_traced_branches=accept_traced_branches)
+    return _compile(request, target)
+
+
+def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledModel:
     descriptor = load_descriptor(target)
     if isinstance(descriptor, Auto):
-        return _compile_auto(model, descriptor, example_inputs, dynamic_shapes, calibration, samples, validate,
-                             metric, cache_dir, accept_traced_branches)
-    seconds: dict[str, float] = {}
+        return _compile_auto(request, descriptor)
     t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
     r = resolve(descriptor)
+    model = request.model
     check_supported(model, r.target)
     modes = train_modes(model)
     mode_note = train_mode_note(modes)
     model.eval()
     try:
-        captured = capture(model, example_inputs, dynamic_shapes, r.target.shapes)
+        captured = capture(model, request.example_inputs, request.dynamic_shapes, r.target.shapes)
         sig = captured.signature
-        calib = None if calibration is None else calibration_set(sig, calibration, example_inputs)
+        calib = None if request.calibration is None else \
+            calibration_set(sig, request.calibration, request.example_inputs)
         plan = plan_calibration(r.target, calib) if r.target.precision == "int8" else None
         if plan is not None:
-            _check_calibration(model, sig, plan, calib.digest, cache_dir)
-        extra = flat_samples(sig, samples, example_inputs, "validation") if samples is not None else \
-            list(calib.samples if calib else ())
+            _check_calibration(request, sig, plan, calib.digest)
+        extra = flat_samples(sig, request.samples, request.example_inputs, "validation") \
+            if request.samples is not None else list(calib.samples if calib else ())
         seconds["capture"] = time.perf_counter() - t0
-        versions = library_versions(r.backend.versions())
 
         reference = None
-        if validate:
+        if request.validate:
             t1 = time.perf_counter()
-            reference = _reference(model, captured, extra[:MAX_VALIDATION_SAMPLES - 1],
-                                   r.target.tolerance.noise is not None, cache_dir)
-            reference = _with_metric(reference, metric, model)
+            reference = _reference(request, captured, extra[:MAX_VALIDATION_SAMPLES - 1],
+                                   r.target.tolerance.noise is not None)
+            reference = _with_metric(reference, request.metric, model)
             seconds["reference"] = time.perf_counter() - t1
-
-        cm, entry = None, None
-        if cache_dir is not None:
-            digest = calib.digest if calib is not None and r.target.precision == "int8" else None
-            entry = Path(cache_dir) / f"{r.target.name}-{cache_key(model, sig, r.target, versions, digest)[:24]}"
-            cm = _cached(entry)
-            if cm is not None and not accept_traced_branches and any(FROZEN_NOTE in n for n in cm.report.notes):
-                cm = None   # built with a frozen branch accepted: lower again, which refuses it
-        judged = None     # the accuracy loop's verdict on the model it returns, where it ran
-        if cm is None:
-            judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
-            cm = _build(model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge,
-                        accept_traced_branches)
-            judged = cm.report.validation
-            cm.report.notes.extend(captured.notes)
-            if plan is not None and samples is None:
-                cm.report.notes.append("validated on the calibration data: pass samples= to validate on held-out inputs")
-        cm.report.cache = None if entry is None else ("hit" if cm.report.cache == "hit" else "miss")
-
-        if reference is not None:
-            t1 = time.perf_counter()
-            result = judged if judged is not None else check(cm, reference)
-            cm.report.validation = result
-            cm.report.seconds["validate"] = time.perf_counter() - t1
-            if not result.passed:
-                tried = "".join(f"; {route} failed: {why[:200]}" for route, why in cm.report.attempts)
-                msg = (f"{r.target.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
-                       f"beyond tolerance{_int8_advice(cm)}\n{result}\n{_refusal_advice(r.target)}")
-                if validate is True:
-                    raise ValidationError(msg, result)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        if entry is not None and cm.report.cache == "miss" and (not validate or cm.report.validation.passed):
-            cm.save(entry)
+        cm = _cached_or_built(request, r, captured, plan, calib, reference, seconds)
     finally:
         restore_modes(modes)
     if mode_note and mode_note not in cm.report.notes:
@@ -188,64 +155,122 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     return cm
 
 
-def _compile_auto(model: torch.nn.Module, auto: Auto, example_inputs: Any,
-                  dynamic_shapes: Mapping[str, Mapping[int, str]] | None, calibration: Iterable[Any] | None,
-                  samples: Iterable[Any] | None, validate: bool | str, metric: Metric | None,
-                  cache_dir: str | Path | None, accept_traced_branches: bool = False) -> CompiledModel:
+def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: CalibrationPlan | None,
+                     calib: Calibration | None, reference: Reference | None,
+                     seconds: dict[str, float]) -> CompiledModel:
+    """The build from the cache when there is one that passes validation (one that fails is removed and
+    rebuilt, and the rebuild's report says so), else a new build; validated, and cached when it passes."""
+    sig, cache = captured.signature, request.cache
+    versions = library_versions(r.backend.versions())
+    entry, cm, rebuilt = None, None, None
+    if cache is not None:
+        digest = calib.digest if calib is not None and r.target.precision == "int8" else None
+        entry = cache.build_path(request.fingerprint(), sig, r.target, versions, digest)
+        cm = cache.load_build(entry)
+        if cm is not None and not request.accept_traced_branches and any(FROZEN_NOTE in n for n in cm.report.notes):
+            cm = None   # built with a frozen branch accepted: lower again, which refuses it
+        if cm is not None and reference is not None:
+            t = time.perf_counter()
+            cm.report.validation = check(cm, reference)
+            cm.report.seconds["validate"] = time.perf_counter() - t
+            if cm.report.validation.passed:
+                return cm
+            rebuilt = (f"the cached build {entry.name} disagreed with eager ({_first_failure(cm.report.validation)}) "
+                       "and was removed; this build replaces it")
+            log.warning("%s: %s", r.target.name, rebuilt)
+            cache.drop_build(entry)
+            cm = None
+        elif cm is not None:
+            return cm
+    judged = None     # the accuracy loop's verdict on the model it returns, where it ran
+    judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
+    cm = _build(request.model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge,
+                request.accept_traced_branches)
+    judged = cm.report.validation
+    cm.report.notes.extend(captured.notes)
+    if rebuilt:
+        cm.report.notes.append(rebuilt)
+    if plan is not None and request.samples is None:
+        cm.report.notes.append("validated on the calibration data: pass samples= to validate on held-out inputs")
+    cm.report.cache = None if entry is None else "miss"
+    if reference is not None:
+        t = time.perf_counter()
+        result = judged if judged is not None else check(cm, reference)
+        cm.report.validation = result
+        cm.report.seconds["validate"] = time.perf_counter() - t
+        if not result.passed:
+            tried = "".join(f"; {route} failed: {why[:200]}" for route, why in cm.report.attempts)
+            msg = (f"{r.target.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
+                   f"beyond tolerance{_int8_advice(cm)}\n{result}\n{_refusal_advice(r.target)}"
+                   + (f"\nBefore this build, {rebuilt}." if rebuilt else ""))
+            if request.validate is True:
+                raise ValidationError(msg, result)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    if entry is not None and (reference is None or cm.report.validation.passed):
+        cache.save_build(entry, cm)
+    return cm
+
+
+def _first_failure(result: ValidationReport) -> str:
+    failed = next((f"{o.name}: {o.failure}" for o in result.outputs if not o.passed), None)
+    return (failed or (result.errors[0] if result.errors else str(result.metric) if result.metric else
+                       "NaN/Inf placed otherwise"))[:300]
+
+
+def _compile_auto(request: Request, auto: Auto) -> CompiledModel:
     """compile() for an auto target: `select.compile_auto` with a builder that compiles one candidate."""
-    if validate is not True:
+    if request.validate is not True:
         raise InputError(f"auto target {auto.name!r} validates every candidate and never returns one that fails: "
                          "leave validate=True, or pass a concrete target to compile it with validate=False or 'warn'")
-    calibration, samples = reusable(calibration), reusable(samples)
-
-    def build(candidate: Target) -> CompiledModel:
-        return compile(model, candidate, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
-                       samples=samples, metric=metric, cache_dir=cache_dir,
-                       accept_traced_branches=accept_traced_branches)
-    return compile_auto(model, auto, example_inputs, build, dynamic_shapes=dynamic_shapes, calibration=calibration,
-                        samples=samples, metric=metric, cache_dir=cache_dir)
+    request = request.reusable()
+    return compile_auto(request, auto, lambda candidate: _compile(request, candidate))
 
 
-def _reference(model: torch.nn.Module, captured: Captured, extra: list[list[Any]], float64: bool,
-               cache_dir: str | Path | None) -> Reference:
-    """Eager's outputs on the example, the grown example and the `extra` samples; read from `cache_dir`
-    when an earlier compile of the same model on the same samples made them."""
+def _reference(request: Request, captured: Captured, extra: list[list[Any]], float64: bool) -> Reference:
+    """Eager's outputs on the example, the grown example and the `extra` samples; read from the cache when an
+    earlier compile of the same model on the same samples made them, and its eager outputs on the example
+    are those this compile's capture just saw (else the cached ones are stale: made again)."""
+    model, cache = request.model, request.cache
     runs = list(zip(["example", GROWN], captured.runs))
     samples = [(f"sample {i + 1}", flat) for i, flat in enumerate(extra)]
-    path = None if cache_dir is None else reference_path(
-        Path(cache_dir), model, captured.signature, [label for label, _ in runs + samples],
+    path = None if cache is None else cache.reference_path(
+        request.fingerprint(), captured.signature, [label for label, _ in runs + samples],
         [run.inputs for _, run in runs] + extra, float64)
-    reference = None if path is None else load_reference(path)
+    reference = None if path is None else cache.load_reference(path)
+    if reference is not None and not _same_outputs(reference.outputs[:len(runs)], [r.outputs for _, r in runs]):
+        log.warning("cached reference %s disagrees with eager on the example: the model changed in a way its "
+                    "fingerprint cannot see; running eager again", path)
+        reference = None
     if reference is None:
         reference = compute_reference(model, captured.signature, runs, samples, float64=float64)
         if path is not None:
-            save_reference(path, reference)
+            cache.save_reference(path, reference)
     return reference
 
 
-def _check_calibration(model: torch.nn.Module, signature: Signature, plan: CalibrationPlan, digest: str,
-                       cache_dir: str | Path | None) -> None:
-    """Eager on every calibration sample (InputError for one it fails on), once per model and data in `cache_dir`."""
-    marker = None if cache_dir is None else calibration_checked(Path(cache_dir), model, signature, digest)
-    if marker is not None and marker.is_file():
+def _same_outputs(cached: Sequence[Sequence[torch.Tensor]], fresh: Sequence[Sequence[torch.Tensor]]) -> bool:
+    """Eager's outputs agree with themselves, up to the last bits that another thread count may change."""
+    for a, b in zip((t for run in cached for t in run), (t for run in fresh for t in run)):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.is_floating_point:
+            a, b = a.double(), b.double()
+            scale = float(b.nan_to_num(0, 0, 0).abs().max()) if b.numel() else 0.0
+            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale, equal_nan=True):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
+
+
+def _check_calibration(request: Request, signature: Signature, plan: CalibrationPlan, digest: str) -> None:
+    """Eager on every calibration sample (InputError for one it fails on), once per model and data in the cache."""
+    cache = request.cache
+    if cache is not None and cache.calibration_checked(request.fingerprint(), signature, digest):
         return
-    check_in_eager(model, signature, plan)
-    if marker is not None:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-
-
-def _cached(entry: Path) -> CompiledModel | None:
-    if not entry.is_dir():
-        return None
-    try:
-        cm = load(entry)
-    except ArtifactError as e:  # stale or damaged: rebuild over it
-        log.warning("cache entry %s is unusable (%s); rebuilding", entry, e)
-        return None
-    cm.report.cache = "hit"
-    cm.report.seconds = {}
-    return cm
+    check_in_eager(request.model, signature, plan)
+    if cache is not None:
+        cache.mark_calibration_checked(request.fingerprint(), signature, digest)
 
 
 def _int8_advice(cm: CompiledModel) -> str:
@@ -320,8 +345,7 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
             report.quantization = asdict(summary)
             report.notes.append(f"int8 accuracy loop: {summary}")
         seconds["build"] = time.perf_counter() - t
-    engine = cm.engine
-    info = engine.describe()
+    info = cm.engine.describe()
     report.nodes_after = info.get("nodes")
     report.fused = dict(info.get("fused") or optimized.fused)
     report.executed = dict(info.get("executed") or {})

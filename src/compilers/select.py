@@ -3,7 +3,7 @@ ones together (`bench.benchmark`, interleaved), and return the fastest by the au
 
 A candidate that cannot run here, fails to compile, fails validation, or crashes is recorded with why
 and never chosen; when none is valid, compile raises with every candidate's verdict. With a cache
-directory the choice is kept (`cache.auto_choice_path`), and a second compile of the same model builds
+directory the choice is kept (`Cache.choice_path`), and a second compile of the same model builds
 only the chosen target, without timing anything again.
 """
 from __future__ import annotations
@@ -12,8 +12,7 @@ import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -21,16 +20,16 @@ from torch.utils._pytree import tree_flatten
 
 from .backends import get_backend, unavailable_reason
 from .bench import NOISY, Benchmark, benchmark
-from .cache import auto_choice_path, load_choice, save_choice
 from .calibration import update_with_array
 from .errors import BackendUnavailable, CompilerError, ExportError, InputError, TargetError, ValidationError
 from .host import library_versions
 from .progress import track
 from .report import candidates_table
+from .request import Request
 from .runtime import CompiledModel
 from .signature import as_call
 from .target import Auto, Target
-from .validate import Metric, ValidationReport
+from .validate import ValidationReport
 
 log = logging.getLogger("compilers")
 
@@ -216,33 +215,22 @@ def _nothing_valid(auto: Auto, rows: list[Candidate], errors: list[BaseException
 
 
 # -- compile with an auto target, with its choice cached ---------------------------------------------------
-def reusable(items: Iterable[Any] | None) -> Any:
-    """Data read by every candidate's compile: a one-shot iterable (a generator, a DataLoader) as a list;
-    what compile would refuse anyway (a tensor, a dict, a non-iterable) as it is, to be refused there."""
-    if items is None or isinstance(items, (torch.Tensor, np.ndarray, dict, list, tuple)) or \
-            not isinstance(items, Iterable):
-        return items
-    return list(items)
-
-
-def compile_auto(model: torch.nn.Module, auto: Auto, example_inputs: Any, build: Build, *,
-                 dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None, calibration: Any = None,
-                 samples: Any = None, metric: Metric | None = None,
-                 cache_dir: str | Path | None = None) -> CompiledModel:
+def compile_auto(request: Request, auto: Auto, build: Build) -> CompiledModel:
     """The chosen candidate of `auto`, compiled by `build`, its report holding every candidate's row.
 
-    With `cache_dir`, a choice made before for the same model, inputs, data, descriptor, library versions
-    and CPU ISA is read back: only the chosen target is built (from compile's own cache) and nothing is
-    timed. `calibration` and `samples` are what `build` passes to compile (made `reusable`)."""
+    With a cache, a choice made before for the same model, inputs, data, descriptor, library versions and CPU
+    ISA is read back: only the chosen target is built (from compile's own cache) and nothing is timed.
+    `request` must be `reusable` (its data is read once per candidate)."""
     t0 = time.perf_counter()
-    path = None if cache_dir is None else auto_choice_path(
-        Path(cache_dir), model, auto, _example_key(example_inputs, dynamic_shapes), _versions(auto),
-        {"calibration": _digest(calibration), "samples": _digest(samples),
+    cache, metric = request.cache, request.metric
+    path = None if cache is None else cache.choice_path(
+        request.fingerprint(), auto, _example_key(request.example_inputs, request.dynamic_shapes), _versions(auto),
+        {"calibration": _digest(request.calibration), "samples": _digest(request.samples),
          "metric": None if metric is None else
          f"{metric.name}:{metric.max_drop}:{getattr(metric.fn, '__qualname__', '')}"})
-    cm = None if path is None else _from_choice(auto, build, load_choice(path))
+    cm = None if path is None else _from_choice(auto, build, cache.load_choice(path))
     if cm is None:
-        selection = choose(auto, build, example_inputs, calibration_given=calibration is not None)
+        selection = choose(auto, build, request.example_inputs, calibration_given=request.calibration is not None)
         cm = selection.chosen
         bench = selection.benchmark
         cm.report.candidates = [r.to_dict() for r in selection.candidates]
@@ -252,7 +240,8 @@ def compile_auto(model: torch.nn.Module, auto: Auto, example_inputs: Any, build:
             cm.report.notes.append(f"{auto.name}: timings spread more than ±{NOISY * 50:.0f}% between blocks; "
                                    "the choice may differ on an idle machine")
         if path is not None:
-            save_choice(path, {"chosen": cm.target.name, "candidates": cm.report.candidates, "auto": cm.report.auto})
+            cache.save_choice(path, {"chosen": cm.target.name, "candidates": cm.report.candidates,
+                                     "auto": cm.report.auto})
     cm.report.seconds["auto"] = time.perf_counter() - t0
     return cm
 
