@@ -5,6 +5,7 @@ import logging
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -14,7 +15,7 @@ import torch
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
-from .capture import Captured, capture, restore_modes, train_mode_note, train_modes
+from .capture import Captured, capture, restore_modes, train_mode_note, train_modes, unchanged_state
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
 from .host import library_versions
@@ -388,8 +389,10 @@ def _with_metric(reference: Reference, metric: Metric | None, model: torch.nn.Mo
 def _score(metric: Metric, model: Callable[..., Any], what: str) -> float:
     """`metric.fn(model)` as a float; InputError when the user's metric fails or gives no number."""
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), unchanged_state(model) if isinstance(model, torch.nn.Module) else nullcontext():
             score = float(metric.fn(model))
+    except CompilerError:
+        raise
     except Exception as e:
         raise InputError(f"metric {metric.name!r} failed on {what}: {type(e).__name__}: {e}") from e
     if score != score:

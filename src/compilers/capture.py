@@ -14,8 +14,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import ExportError, InputError, TargetError
+from .errors import CompilerError, ExportError, InputError, TargetError
 from .signature import JSON_SCALARS, Leaf, Signature, TensorSpec, Tree, as_call
 from .target import DimRange
 
@@ -112,7 +113,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     model.eval()
     try:
         versions = [_version(t) for t in tensors]
-        with torch.inference_mode(), _lookups(model) as lookups:
+        with torch.inference_mode(), _lookups(model) as lookups, unchanged_state(model):
             reference = model(*args, **kwargs)
         changed = [spec.name for spec, t, v in zip(inputs, tensors, versions) if v is not None and _version(t) != v]
         if changed:
@@ -146,12 +147,14 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
         grown_leaves = None
         if grown is not None:
             try:
-                with torch.inference_mode():
+                with torch.inference_mode(), unchanged_state(model):
                     g_args, g_kwargs = sig.call_args(grown)
                     grown_leaves, grown_spec = _flatten_with_path(model(*g_args, **g_kwargs))
                 runs.append((grown, [l for _, l in grown_leaves if isinstance(l, torch.Tensor)]))
                 if grown_spec != out_spec:
                     grown_leaves = None
+            except CompilerError:
+                raise
             except Exception as e:
                 notes.append(f"eager fails on the example grown along its dynamic dims ({type(e).__name__}: "
                              f"{str(e)[:200]}); output dims are taken from the example alone")
@@ -389,3 +392,75 @@ def _apply_dynamic(inputs: list[TensorSpec], tensors: list[torch.Tensor],
         out.append(TensorSpec(spec.name, spec.dtype, tuple(shape)))
     return out, dims
 
+
+
+class _StateWrite(CompilerError):
+    """Raised inside the model's forward by _StateGuard (not a TypeError, which `x += 1` would turn into an
+    out-of-place retry); `unchanged_state` gives it to the caller as an InputError."""
+
+
+_REFUSAL = ("a compiled engine keeps no state between calls, so it would compute with that state frozen as it is "
+            "now while eager's changes with every call. Keep such state outside the model (take it as an input and "
+            "return the new value) or compute it out of place. The model was not changed")
+
+
+class _StateGuard(TorchDispatchMode):
+    """Refuses any operation that would write into the model's parameters or buffers (an in-place update, a
+    copy into them, an `out=` into them), before it writes: compile runs the model, and must leave it as it
+    found it; and a compiled engine, which keeps no state between calls, cannot do what such a model does."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model_name = type(model).__name__
+        self.names: dict[int, str] = {}
+        for kind, named in (("parameter", model.named_parameters(remove_duplicate=False)),
+                            ("buffer", model.named_buffers(remove_duplicate=False))):
+            for name, t in named:
+                if t is not None and t.numel() and not t.is_meta:
+                    self.names.setdefault(t.untyped_storage().data_ptr(), f"{kind} {name!r}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        if schema.is_mutable:
+            for i, arg in enumerate(schema.arguments):
+                if arg.alias_info is None or not arg.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) else kwargs.get(arg.name)
+                for t in value if isinstance(value, (list, tuple)) else (value,):
+                    name = self._state(t)
+                    if name is not None:
+                        raise _StateWrite(f"{self.model_name}.forward changes its own {name} in place ({func}): "
+                                          f"{_REFUSAL}: this write was stopped before it happened")
+        return func(*args, **kwargs)
+
+    def _state(self, t: Any) -> str | None:
+        if not isinstance(t, torch.Tensor) or not self.names or t.is_meta:
+            return None
+        try:
+            return self.names.get(t.untyped_storage().data_ptr())
+        except RuntimeError:          # a tensor without storage (a functional or fake tensor)
+            return None
+
+
+@contextlib.contextmanager
+def unchanged_state(model: torch.nn.Module) -> Iterator[None]:
+    """Run eager inside, leaving `model`'s parameters and buffers as they are: a write into one is stopped
+    before it happens, one replaced by another tensor (`self.step = self.step + 1`) is put back; either is an
+    InputError saying why such a model cannot be compiled."""
+    held = [(m, kind, name, t) for m in model.modules() for kind in ("_parameters", "_buffers")
+            for name, t in getattr(m, kind).items()]
+    try:
+        with _StateGuard(model):
+            yield
+    except _StateWrite as e:
+        raise InputError(str(e)) from None
+    finally:
+        replaced = [(m, kind, name, t) for m, kind, name, t in held if getattr(m, kind).get(name) is not t]
+        for m, kind, name, t in replaced:
+            getattr(m, kind)[name] = t
+    if replaced:
+        m, kind, name, _ = replaced[0]
+        where = next((f"{prefix}.{name}" if prefix else name for prefix, sub in model.named_modules() if sub is m), name)
+        raise InputError(f"{type(model).__name__}.forward replaces its own {kind.strip('_')[:-1]} {where!r} "
+                         f"(self.{name} = ...): {_REFUSAL}: it was put back")

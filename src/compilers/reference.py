@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import InputError
+from .errors import CompilerError, InputError
 from .progress import track
-from .capture import EagerRun
+from .capture import EagerRun, unchanged_state
 from .signature import FlatModule, Signature
 
 #: a float64 twin is made only for models whose float64 weights fit in this many bytes
@@ -89,8 +89,10 @@ def nonfinite_probes(model: torch.nn.Module, signature: Signature, flat: Sequenc
         inputs = list(flat)
         inputs[i] = probed
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), unchanged_state(model):
                 out = list(eager(*inputs))
+        except CompilerError:
+            raise
         except Exception as e:   # eager itself refuses non-finite inputs: nothing to compare with
             notes.append(f"{probe_label(name)}: eager fails on it ({type(e).__name__}: {str(e)[:160]})")
             continue
@@ -104,10 +106,12 @@ def eager_outputs(model: torch.nn.Module, signature: Signature, samples: Sequenc
     InputError naming the first sample eager fails on."""
     eager = FlatModule(model, signature).eval()
     outputs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), unchanged_state(model):
         for label, flat in track(samples, len(samples), progress):
             try:
                 outputs.append(list(eager(*flat)))
+            except CompilerError:
+                raise
             except Exception as e:
                 raise InputError(f"{what} {label} makes the eager model fail ({type(e).__name__}: "
                                  f"{str(e)[:300]}); give samples the model accepts") from None

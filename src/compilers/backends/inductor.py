@@ -189,14 +189,14 @@ class InductorEngine(Engine):
                                  "the sizes this AOTInductor build supports (torch.export narrowed the range to what "
                                  "the model's code handles)")
         # The kernels assume contiguous inputs and do not check: a transposed view would be read wrongly.
-        with torch.inference_mode():
+        with torch.no_grad():   # not inference_mode: outputs must take in-place ops and autograd as eager's do
             return list(self.runner(*[x.contiguous() for x in inputs]))
 
     def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
         runner, inputs = self.runner, [x.contiguous() for x in inputs]
 
         def raw() -> Any:
-            with torch.inference_mode():
+            with torch.no_grad():
                 return runner(*inputs)
         return raw
 

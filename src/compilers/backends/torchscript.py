@@ -142,14 +142,14 @@ class TorchScriptEngine(Engine):
         self.info = {"nodes": sum(kinds.values()), "fused": fused_kinds(portable_kinds, kinds), "ops": dict(kinds)}
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
-        with torch.inference_mode():
+        with torch.no_grad():   # not inference_mode: outputs must take in-place ops and autograd as eager's do
             return list(self.call(*inputs))
 
     def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
         call = self.call
 
         def raw() -> Any:
-            with torch.inference_mode():
+            with torch.no_grad():
                 return call(*inputs)
         return raw
 

@@ -439,7 +439,8 @@ def _openvino(pb: Any, config: Any, target: Target, settings: Any, signature: Si
 
 
 def _pytorch(pb: Any, config: Any) -> None:
-    # pytorch_backend README "Parameters": INFERENCE_MODE (torch.inference_mode, as the engine runs)
+    # pytorch_backend README "Parameters": INFERENCE_MODE (torch.inference_mode: Triton serializes the outputs,
+    # so unlike a CompiledModel's, nobody can update them in place)
     _param(pb, config, "INFERENCE_MODE", "true")
 
 
