@@ -53,3 +53,60 @@ def test_ort_bert_with_a_tanh_gelu_layer_compiles_and_keeps_each_gelu():
                            dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}})
     assert cm.report.validation.passed
     assert cm.report.fused.get("BiasGelu") == 1 and cm.report.fused.get("FastGelu") == 1   # erf layer, tanh layer
+
+
+class RoundsThrough(nn.Module):
+    """Linear -> a round trip through a narrower float type the model asks for (`x.half().float()`) -> Linear."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        torch.manual_seed(0)
+        self.dtype, self.up, self.down = dtype, nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.up(x).to(self.dtype).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_openvino_keeps_the_rounding_the_model_asks_for(dtype, tmp_path):
+    pytest.importorskip("openvino")
+    model, x = RoundsThrough(dtype).eval(), 3 * torch.randn(4, 16)
+    with torch.no_grad():   # the round trip matters: without it the outputs differ beyond the fp32 tolerance
+        assert (model.down(model.up(x)) - model(x)).abs().max() > 1e-4
+    cm = compilers.compile(model, "openvino-cpu", (x,))
+    assert cm.report.validation.passed
+    y = 3 * torch.randn(5, 16)
+    assert_same_output(cm(y), model(y), atol=1e-6, rtol=1e-6)
+    cm.save(tmp_path / "m")
+    assert_same_output(compilers.load(tmp_path / "m")(y), model(y), atol=1e-6, rtol=1e-6)
+
+
+def _f32_values() -> torch.Tensor:
+    """float32 values across the whole range, each sign: ties of f16 and bf16 rounding and their neighbours in
+    every binade, subnormals, the edges of f16's range, infinities and NaN."""
+    bits = torch.arange(0, 255, dtype=torch.int32) << 23     # each binade's start, subnormals' first
+    offsets = torch.tensor([0, 1, 2, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0x8001, 0x18000,
+                            0x7FFFFF], dtype=torch.int32)     # the f16 and bf16 ties are at 0x1000 and 0x8000 ulps
+    x = (bits[:, None] + offsets).flatten().view(torch.float32)
+    edges = torch.tensor([65504.0, 65519.996, 65520.0, 2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -149,
+                          float("inf"), float("nan")])
+    draw = torch.Generator().manual_seed(0)
+    spread = torch.randn(4096, generator=draw) * 10.0 ** torch.randint(-30, 30, (4096,), generator=draw).float()
+    x = torch.cat([x, spread, edges])
+    return torch.cat([x, -x])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_openvino_rounding_is_exactly_the_conversion(dtype):
+    ov = pytest.importorskip("openvino")
+    from compilers.backends.openvino.rounding import keep_roundings
+    narrow = {torch.float16: ov.Type.f16, torch.bfloat16: ov.Type.bf16}[dtype]
+    x = ov.opset13.parameter([-1], ov.Type.f32)
+    round_trip = ov.Model([ov.opset13.convert(ov.opset13.convert(x, narrow), ov.Type.f32)], [x])
+    kept, covered = keep_roundings(round_trip)
+    assert dict(covered) == {narrow.get_type_name(): 1}
+    compiled = ov.Core().compile_model(kept, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    values = _f32_values()
+    got, want = torch.from_numpy(compiled(values.numpy())[0]), values.to(dtype).float()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
