@@ -206,7 +206,7 @@ def fuse_transformer(model, model_type: str):
     return optimize_by_fusion(tanh_gelu_as_fast_gelu(model), model_type=model_type, num_heads=0, hidden_size=0).model
 
 
-def tanh_gelu_as_fast_gelu(model):
+def tanh_gelu_as_fast_gelu(model: Any) -> Any:
     """`model` with every ONNX Gelu(approximate="tanh") replaced by ONNX Runtime's FastGelu, the same function.
 
     onnxruntime.transformers fuses the bias Add in front of any op named Gelu into BiasGelu, which computes the
