@@ -203,7 +203,23 @@ def fuse_onnxscript(model):
 def fuse_transformer(model, model_type: str):
     """onnxruntime.transformers fusions (SkipLayerNormalization, BiasGelu, BERT attention of older exports)."""
     from onnxruntime.transformers.optimizer import optimize_by_fusion
-    return optimize_by_fusion(model, model_type=model_type, num_heads=0, hidden_size=0).model
+    return optimize_by_fusion(tanh_gelu_as_fast_gelu(model), model_type=model_type, num_heads=0, hidden_size=0).model
+
+
+def tanh_gelu_as_fast_gelu(model: Any) -> Any:
+    """`model` with every ONNX Gelu(approximate="tanh") replaced by ONNX Runtime's FastGelu, the same function.
+
+    onnxruntime.transformers fuses the bias Add in front of any op named Gelu into BiasGelu, which computes the
+    exact (erf) GELU whatever the Gelu's `approximate` said; in front of a FastGelu it fuses it into FastGelu,
+    which keeps the tanh form (ONNX Runtime's own session optimizer makes the same choice)."""
+    tanh = [n for n in model.graph.node if n.op_type == "Gelu" and n.domain in ("", "ai.onnx")
+            and any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute)]
+    for node in tanh:
+        node.op_type, node.domain = "FastGelu", "com.microsoft"
+        del node.attribute[:]
+    if tanh and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.add(domain="com.microsoft", version=1)
+    return model
 
 
 class OrtEngine(Engine):

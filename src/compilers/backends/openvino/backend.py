@@ -61,13 +61,28 @@ class OpenVinoBackend(Backend):
 
     def optimize(self, lowered: Lowered, spec: Spec, calibration: CalibrationPlan | None) -> Optimized:
         if calibration is None:
-            return Optimized(lowered)
+            return self._keep_roundings(lowered, spec.target)
         from .quantize import quantize
         model = self._model(lowered)
         name_inputs(model, spec.signature)
         quantized, notes = quantize(model, calibration, spec.target.quantization)
         return Optimized(dataclasses.replace(lowered, model=quantized), notes=notes,
                          quantization=_Int8(model, calibration, spec.target.quantization))
+
+    def _keep_roundings(self, lowered: Lowered, target: Target) -> Optimized:
+        """The lowered model with each rounding to f16 / bf16 it asks for (`x.half().float()`) done in f32 first,
+        which the plugin would otherwise drop (rounding.py). On fp32 targets: f32 arithmetic does it exactly,
+        and their contract is exact; a lossy target's arithmetic and contract are not."""
+        if target.precision != "fp32":
+            return Optimized(lowered)
+        from .rounding import keep_roundings
+        model, covered = keep_roundings(self._model(lowered))
+        optimized = Optimized(dataclasses.replace(lowered, model=model))   # read once: build uses it as it is
+        if covered:
+            which = ", ".join(f"{n} to {to}" for to, n in sorted(covered.items()))
+            optimized.notes.append(f"roundings the model asks for ({which}) computed in f32: OpenVINO's CPU plugin "
+                                   "computes f16 (and bf16 on CPUs without it) in f32 and would drop them")
+        return optimized
 
     def quantized_layers(self, optimized: Optimized) -> list[str]:
         from .quantize import quantized_layers
