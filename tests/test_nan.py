@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import compilers
-from compilers.errors import ExportError, TargetError, ValidationError
+from compilers.errors import ExportError, InputError, TargetError, ValidationError
 from compilers.target import load_target
 from compilers.validate import ValidationReport
 
@@ -131,3 +131,68 @@ def test_openvino_fp32_still_refuses_bf16_the_plugin_chose():
     engine.check_precision(load_target("openvino-cpu-bf16"))
     with pytest.raises(ExportError, match="the model computes them in f32.*ignores INFERENCE_PRECISION_HINT"):
         engine.check_precision(load_target("openvino-cpu"))
+
+
+def _with_nan(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0, 0] = float("nan")
+    return x
+
+
+def test_a_call_with_nan_where_openvino_computes_it_otherwise_is_an_input_error(saturating, tmp_path):
+    """Issue 18, item 3: the deviation the NaN probe recorded at compile no longer turns a call's NaN into
+    ordinary numbers silently. Refused by default (direct call, after save/load, numpy), allowed on request."""
+    pytest.importorskip("openvino")
+    model, x = saturating
+    cm = compilers.compile(model, "openvino-cpu", (x,))
+    cm(x)                                           # finite inputs: as before
+    for call in (lambda: cm(_with_nan(x)), lambda: cm(_with_nan(x).numpy()),
+                 lambda: cm(torch.full_like(x, float("inf")))):
+        with pytest.raises(InputError, match="input 'x' holds NaN or Inf.*eager NaN -> finite.*nonfinite_inputs"):
+            call()
+    path = cm.save(tmp_path / "m")
+    with pytest.raises(InputError, match="holds NaN or Inf"):
+        compilers.load(path)(_with_nan(x))
+    allowed = compilers.load(path, options={"nonfinite_inputs": "allow"})
+    got = allowed(_with_nan(x))
+    assert torch.isfinite(got[0]).all() and torch.isnan(model(_with_nan(x))[0]).any()   # what the engine computes
+    described = compilers.compile(model, load_target("openvino-cpu").with_(nonfinite_inputs="allow"), (x,))
+    described(_with_nan(x))
+    with pytest.raises(TargetError, match="nonfinite_inputs"):
+        compilers.load(path, options={"nonfinite_inputs": "maybe"})
+
+
+def test_nan_inputs_stay_allowed_where_they_propagate_as_in_eager(saturating):
+    model, x = saturating
+    cm = compilers.compile(model, "ort-cpu", (x,))
+    torch.testing.assert_close(cm(_with_nan(x)), model(_with_nan(x)), equal_nan=True)
+
+
+def test_without_validation_a_target_known_to_deviate_refuses_nan(saturating):
+    pytest.importorskip("openvino")
+    model, x = saturating
+    cm = compilers.compile(model, "openvino-cpu", (x,), validate=False)
+    with pytest.raises(InputError, match="known deviation of this target, not checked"):
+        cm(_with_nan(x))
+
+
+def test_the_server_answers_400_to_a_request_with_nan_where_openvino_deviates(saturating, tmp_path):
+    pytest.importorskip("openvino")
+    import numpy as np
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+    from compilers.serve.repository import publish
+    from compilers.serve.server import running
+    model, x = saturating
+    compilers.compile(model, "openvino-cpu", (x,)).save(tmp_path / "art")
+    publish(tmp_path / "art", tmp_path / "repo" / "sat")
+    with running(tmp_path / "repo") as server:
+        c = triton.InferenceServerClient(f"{server.host}:{server.port}")
+        good = triton.InferInput("x", [1, 6], "FP32")
+        good.set_data_from_numpy(x[:1].numpy())
+        c.infer("sat", [good])
+        bad = triton.InferInput("x", [1, 6], "FP32")
+        bad.set_data_from_numpy(_with_nan(x)[:1].numpy())
+        with pytest.raises(InferenceServerException, match="holds NaN or Inf") as e:
+            c.infer("sat", [bad])
+        assert e.value.status() == "400"

@@ -15,7 +15,8 @@ import torch
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
-from .capture import Captured, capture, restore_modes, train_mode_note, train_modes, unchanged_state
+from .capture import (Captured, batch_independence, capture, restore_modes, train_mode_note, train_modes,
+                      unchanged_state)
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
 from .host import library_versions
@@ -138,6 +139,12 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
             _check_calibration(request, sig, plan, calib.digest)
         extra = flat_samples(sig, request.samples, request.example_inputs, "validation") \
             if request.samples is not None else list(calib.samples if calib else ())
+        independent, why = batch_independence(model, sig, [captured.runs[0].inputs, *extra])
+        sig = replace(sig, batch_independent=independent)
+        captured = replace(captured, signature=sig)
+        if independent is False:
+            captured.notes.append(f"the rows of a batch depend on each other ({why}): a server runs each request "
+                                  "alone, never with other clients' rows")
         seconds["capture"] = time.perf_counter() - t0
 
         reference = None

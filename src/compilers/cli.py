@@ -20,7 +20,7 @@ from . import api
 from .bench import Benchmark, Timing, benchmark, synthetic_inputs
 from .plot import plot, plot_format
 from .progress import track
-from .errors import CompilerError, InputError, ValidationError, brief
+from .errors import CompilerError, ConfigError, InputError, ValidationError, brief
 from .files import write_text
 from .host import own_version
 from .artifact import check_destination, read_manifest
@@ -270,8 +270,14 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_publish(a: argparse.Namespace) -> int:
-    from .serve.repository import publish
+    from .serve.repository import alone_reason, publish
     version = publish(a.artifact, a.model_dir)
+    try:
+        reason = alone_reason(version)
+    except ConfigError as e:          # a serving.toml a server would refuse: it says so when it loads
+        reason = f"the model's serving.toml is not valid ({e})"
+    if reason:
+        print(f"note: {reason}", file=sys.stderr)
     print(f"published {a.artifact} as {version} (version {version.name} of model {version.parent.name}); a running "
           f"server serves it after POST /v2/repository/models/{version.parent.name}/load")
     return 0

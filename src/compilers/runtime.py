@@ -18,10 +18,16 @@ from .backends.base import Engine, Spec
 from .errors import ArtifactError, BackendUnavailable, CompilerError, EngineError, InputError, TargetError, brief
 from .host import library_versions
 from .records import from_json
+from .reference import probe_label
 from .report import Report
 from .settings import runtime_options
 from .signature import Signature, numpy_dtype
 from .target import Target
+from .validate import ValidationReport
+
+
+#: load options that change how calls are checked, not the engine: `[tolerance] nonfinite_inputs`
+CALL_OPTIONS = ("nonfinite_inputs",)
 
 
 class CompiledModel:
@@ -39,9 +45,32 @@ class CompiledModel:
         self._out_np_dtypes = [numpy_dtype(s.dtype) for s in signature.outputs]     # None: numpy has none (bf16)
         self._numpy_outputs = None not in self._out_np_dtypes
         self._run = engine.run if engine.thread_safe else _serialized(engine.run)
+        self._refusals: tuple[Any, Any, tuple] = (None, None, ())      # (validation, target, nonfinite_refused)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.signature.unflatten(self.run_flat(self.signature.flatten(args, kwargs)))
+        flat = self.signature.flatten(args, kwargs)
+        refused = self._refused()
+        if refused:
+            self._check_finite(flat, refused)
+        return self.signature.unflatten(self.run_flat(flat))
+
+    def check_inputs(self, flat: list[Any]) -> None:
+        """InputError unless `flat` are inputs this model takes: the Signature's checks, and no NaN/Inf where the
+        engine computes them otherwise than eager (`nonfinite_refused`). What a server checks per request."""
+        self.signature.check(flat)
+        refused = self._refused()
+        if refused:
+            self._check_finite(flat, refused)
+
+    def _refused(self) -> tuple[tuple[int, str], ...]:
+        """`nonfinite_refused(self)`, remade only when the validation or the target changed."""
+        if self.report.validation is not self._refusals[0] or self.target is not self._refusals[1]:
+            self._refusals = (self.report.validation, self.target,
+                              nonfinite_refused(self.signature, self.target, self.report.validation))
+        return self._refusals[2]
+
+    def _check_finite(self, flat: list[Any], refused: tuple[tuple[int, str], ...]) -> None:
+        check_finite(flat, refused, self.signature, self.target)
 
     def run_flat(self, flat: list[Any]) -> list[Any]:
         """Run on checked flat inputs; outputs come back as torch tensors on the inputs' device (numpy
@@ -108,6 +137,41 @@ class CompiledModel:
         return path
 
 
+def nonfinite_refused(signature: Signature, target: Target,
+                      validation: ValidationReport | None) -> tuple[tuple[int, str], ...]:
+    """The float inputs (flat index, what the engine does) in which a call may not hold NaN/Inf: those whose
+    NaN/Inf probe found the engine placing non-finite values otherwise than eager (OpenVINO's relu(NaN) = 0),
+    and, on a target known to deviate (`[tolerance] nonfinite = "report"`), those no probe judged. None when
+    the target allows them (`[tolerance] nonfinite_inputs = "allow"`)."""
+    tolerance = target.tolerance
+    if tolerance.nonfinite_inputs == "allow":
+        return ()
+    deviations = {c.probe: c.difference for c in validation.nonfinite} if validation is not None else {}
+    skipped = {note.split(":")[0] for note in validation.skipped} if validation is not None else set()
+    refused = []
+    for i, spec in enumerate(signature.inputs):
+        label = probe_label(spec.name)
+        if not spec.dtype.is_floating_point:
+            continue
+        if label in deviations:
+            refused.append((i, f"its validation found: {deviations[label]}"))
+        elif tolerance.nonfinite == "report" and (validation is None or label in skipped):
+            refused.append((i, "its NaN/Inf are a known deviation of this target, not checked for this model"))
+    return tuple(refused)
+
+
+def check_finite(flat: list[Any], refused: tuple[tuple[int, str], ...], signature: Signature, target: Target) -> None:
+    """InputError naming the first input of `refused` (from `nonfinite_refused`) that holds NaN or Inf."""
+    for i, deviation in refused:
+        x = flat[i]
+        if not (np.isfinite(x).all() if isinstance(x, np.ndarray) else bool(torch.isfinite(x).all())):
+            raise InputError(
+                f"input {signature.inputs[i].name!r} holds NaN or Inf, which {target.name} computes otherwise than "
+                f"eager ({deviation}): it would return ordinary numbers. Replace them (e.g. torch.nan_to_num), or "
+                "accept what the engine computes: load(path, options={'nonfinite_inputs': 'allow'}), serving.toml "
+                "[engine] nonfinite_inputs = \"allow\", or a descriptor's [tolerance] nonfinite_inputs = \"allow\"")
+
+
 def _as_numpy(x: torch.Tensor) -> np.ndarray:
     """A CPU tensor's memory as a numpy array (a copy for a tensor on another device)."""
     try:
@@ -151,12 +215,19 @@ def _load_verified(path: Path, manifest: dict[str, Any], check_versions: bool,
     target, signature, report = manifest_records(path, manifest)
     bound = malformed(path, lambda: from_json(dict[str, str], manifest.get("bound", {}), "bound"))
     backend = get_backend(target.backend)
+    options = dict(options or {})
+    calls = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
+    if calls:
+        try:
+            target = target.with_(**calls)
+        except TargetError as e:
+            raise TargetError(f"load options {calls}: {e}") from None
     if options:
         allowed = runtime_options(backend.Settings)
         fixed = sorted(set(options) - set(allowed))
         if fixed:
             raise TargetError(f"option(s) {fixed} cannot change at load: they shaped the compiled engine; recompile "
-                              f"with them. Runtime options of {target.backend}: {', '.join(allowed) or 'none'}")
+                              f"with them. Runtime options of {target.backend}: {', '.join(allowed + list(CALL_OPTIONS))}")
         target = target.with_(**options)
     known = {f.name for f in dataclasses.fields(backend.Settings)}
     dropped = sorted(set(target.options) - known)

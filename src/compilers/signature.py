@@ -175,6 +175,10 @@ class Signature:
     #: integer inputs that index a fixed-size table directly (an nn.Embedding, `weight[idx]`): input name ->
     #: (low, high, what the table is); a value outside [low, high) is an InputError, as eager raises IndexError
     index_bounds: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
+    #: whether each row of a batch is answered as if it came alone (`capture.batch_independence`: eager's
+    #: answer to rows run together equals its answer to each row run alone): only then may a server run several
+    #: requests in one call. None: not known (no batch dim, or an artifact from before the check)
+    batch_independent: bool | None = None
     _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -352,6 +356,7 @@ class Signature:
             "output": self.output.to_dict(),
             "batch": self.batch,
             "index_bounds": {k: list(v) for k, v in self.index_bounds.items()},
+            "batch_independent": self.batch_independent,
         }
 
     @classmethod
@@ -378,6 +383,7 @@ class Signature:
             index_bounds={k: v if len(v) == 3 else (0, v[0], f"{v[1]} (nn.Embedding with {v[0]} rows)")
                           for k, v in from_json(dict[str, tuple[int, int, str] | tuple[int, str]],
                                                 d.get("index_bounds") or {}, f"{w}.index_bounds").items()},
+            batch_independent=from_json(bool | None, d.get("batch_independent"), f"{w}.batch_independent"),
         )
         sig._check_consistent()
         return sig

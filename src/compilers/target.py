@@ -46,11 +46,17 @@ class Tolerance:
     min_int_agreement: float = 1.0
     nonfinite: str | None = None     # None/"strict": NaN/+-Inf must propagate as in eager on the NaN/Inf probes;
                                      # "report": differences are recorded as this target's known deviation
+    nonfinite_inputs: str = "refuse"  # where that deviation was recorded: a call with NaN/Inf in such an input is
+                                      # an InputError ("refuse"), or runs and gets what the backend computes ("allow")
 
     def __post_init__(self):
         if self.nonfinite not in (None, "strict", "report"):
             raise TargetError(f"tolerance nonfinite = {self.nonfinite!r} must be \"strict\" (NaN/Inf propagate as "
                               "in eager, else validation fails) or \"report\" (differences recorded as a known deviation)")
+        if self.nonfinite_inputs not in ("refuse", "allow"):
+            raise TargetError(f"tolerance nonfinite_inputs = {self.nonfinite_inputs!r} must be \"refuse\" (a call with "
+                              "NaN/Inf in an input whose NaN/Inf the engine computes otherwise than eager is an "
+                              "InputError) or \"allow\" (it runs, and returns what the engine computes)")
         for key in ("noise", "floor", "atol", "rtol", "min_int_agreement"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
@@ -59,7 +65,8 @@ class Tolerance:
             raise TargetError("a tolerance without the noise rule needs min_cosine, min_snr_db or atol/rtol")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == "noise"}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if (v is not None or k == "noise") and not (k == "nonfinite_inputs" and v == "refuse")}
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from starlette.routing import Route
 
 from ..errors import CompilerError, ConfigError, InputError
 from ..host import own_version
-from .batcher import QueueFull
+from .batcher import QueueFull, alone
 from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
 from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
@@ -127,7 +127,10 @@ class _Routes:
             "inputs": [tensor_metadata(s) for s in sig.inputs],
             "outputs": [tensor_metadata(s) for s in sig.outputs],
             "parameters": {"target": served.target.name, "batch_dim": sig.batch,
-                           "max_batch_size": served.batching.max_batch_size},
+                           "max_batch_size": served.batching.max_batch_size,
+                           "batch_independent": sig.batch_independent,
+                           "requests_share_calls": served.batching.max_batch_size > 1 and
+                           alone(sig, served.batching) is None},
         })
 
     async def model_ready(self, request: Request) -> Response:

@@ -71,9 +71,10 @@ class Combiner:
     of compatible requests (concatenated, padded where declared, outputs split and trimmed back). Shared by the
     asyncio Batcher here and by the Ray Serve replicas' `@serve.batch` (serve/ray.py)."""
 
-    def __init__(self, signature: Signature, config: Batching):
+    def __init__(self, signature: Signature, config: Batching, check: Callable[[list[np.ndarray]], None] | None = None):
         self.signature = signature
         self.config = config
+        self.check = check or signature.check     # a request's own checks (CompiledModel.check_inputs)
         self._in_axes = [signature.batch_axis(s) for s in signature.inputs]
         self._out_axes = [signature.batch_axis(s) for s in signature.outputs]
         self._padded = _paddable_dims(signature, config.pad)
@@ -85,12 +86,13 @@ class Combiner:
             if lacking:
                 raise ConfigError(f"output(s) {', '.join(lacking)} have no batch dim, so batched requests could not "
                                   "be told apart: set [batching] max_batch_size = 1")
+        self.alone = alone(signature, config)     # why requests never share a call; None: they may
 
     def admit(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int, tuple, dict[str, int]]:
         """A request checked against the signature: its flat arrays, rows, compatibility key and the sizes of its
         padded dims. InputError if it does not fit or holds more rows than max_batch_size."""
         flat = [np.asarray(x) for x in inputs]
-        self.signature.check(flat)
+        self.check(flat)
         sizes = self.signature.dim_sizes(flat)
         rows = 1 if self.signature.batch is None else sizes[self.signature.batch]
         if rows > self.config.max_batch_size:
@@ -108,6 +110,8 @@ class Combiner:
     def groups(self, keys_and_rows: Sequence[tuple[tuple, int]]) -> list[list[int]]:
         """Requests (key, rows) in arrival order split into engine calls: compatible requests together, in order,
         at most max_batch_size rows each. Returns the requests' indexes per call."""
+        if self.alone:
+            return [[i] for i in range(len(keys_and_rows))]
         calls: list[tuple[tuple, int, list[int]]] = []
         for i, (key, rows) in enumerate(keys_and_rows):
             for n, (k, total, members) in enumerate(calls):
@@ -146,12 +150,13 @@ class Batcher:
     `start()` in the event loop that calls `infer`; `stop()` drains what is queued, then ends the workers."""
 
     def __init__(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], signature: Signature, config: Batching,
-                 on_batch: Callable[[BatchStats], None] | None = None):
+                 on_batch: Callable[[BatchStats], None] | None = None,
+                 check: Callable[[list[np.ndarray]], None] | None = None):
         self.run = run
         self.signature = signature
         self.config = config
         self.on_batch = on_batch
-        self.combiner = Combiner(signature, config)
+        self.combiner = Combiner(signature, config, check)
         self._pending: deque[_Request] = deque()
         self._changed: asyncio.Event | None = None
         self._workers: list[asyncio.Task] = []
@@ -208,6 +213,8 @@ class Batcher:
         """The oldest request and the compatible ones behind it, up to max_batch_size rows; and whether the
         group is ready to go without waiting longer."""
         first = self._pending[0]
+        if self.combiner.alone:
+            return [first], True
         group, rows = [], 0
         for r in self._pending:
             if r.key == first.key and rows + r.rows <= self.config.max_batch_size:
@@ -254,6 +261,19 @@ class Batcher:
     # -- one engine call (in a worker thread) -----------------------------------------------------------
     def _call(self, group: list[_Request]) -> list[list[np.ndarray]]:
         return self.combiner.call(self.run, [(r.inputs, r.rows, r.sizes) for r in group])
+
+
+def alone(signature: Signature, config: Batching) -> str | None:
+    """Why this model's requests must each run alone, never in one call with other clients' rows (None: they may
+    share calls, up to max_batch_size rows): its rows depend on each other, or its artifact does not say."""
+    if config.max_batch_size <= 1 or signature.batch_independent:
+        return None
+    if signature.batch_independent is False:
+        return ("each request runs alone: compile found that the rows of a batch depend on each other (eager's "
+                "answer to a row changes with the rows beside it), so batching would answer a client with "
+                "something that depends on other clients' requests")
+    return ("each request runs alone: the artifact does not record whether the rows of a batch are independent "
+            "(it was compiled before compilers checked); recompile it to let requests share calls")
 
 
 def _paddable_dims(signature: Signature, pad: Mapping[str, float]) -> set[str]:

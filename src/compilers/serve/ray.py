@@ -33,8 +33,9 @@ import numpy as np
 from ray import serve
 from ray.exceptions import RayActorError
 
-from ..errors import ConfigError, InputError
 from ..artifact import manifest_records, read_manifest
+from ..errors import ConfigError, InputError
+from ..runtime import CALL_OPTIONS, check_finite, nonfinite_refused
 from .app import create_app
 from .batcher import BatchStats, Combiner
 from .repository import ModelEntry, Repository
@@ -65,7 +66,9 @@ class VersionReplica:
         repo = Repository(repository)
         entry = repo.model(model)
         self.model = repo.load_version(model, version, options=entry.config.engine)
-        self.combiner = Combiner(self.model.signature, entry.config.batching)
+        self.combiner = Combiner(self.model.signature, entry.config.batching, self.model.check_inputs)
+        if self.combiner.alone:
+            log.warning("model %s version %s: %s", model, version, self.combiner.alone)
         self.infer.set_max_batch_size(entry.config.batching.max_batch_size)
         self.infer.set_batch_wait_timeout_s(entry.config.batching.max_queue_delay_ms / 1e3)
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -118,8 +121,14 @@ class RayEngines:
             raise ConfigError(f"model {entry.name!r} version {number} has no deployment in this Ray Serve "
                               f"application (deployed: {', '.join(sorted(self.handles)) or 'none'}); redeploy it")
         where = repository.path / entry.name / str(number)
-        target, signature, _ = manifest_records(where, read_manifest(where))
-        combiner = Combiner(signature, entry.config.batching)
+        target, signature, report = manifest_records(where, read_manifest(where))
+        target = target.with_(**{k: v for k, v in entry.config.engine.items() if k in CALL_OPTIONS})
+        refused = nonfinite_refused(signature, target, report.validation)
+
+        def check(flat: list[np.ndarray]) -> None:
+            signature.check(flat)
+            check_finite(flat, refused, signature, target)
+        combiner = Combiner(signature, entry.config.batching, check)
 
         async def infer(flat: list[np.ndarray]) -> list[np.ndarray]:
             combiner.admit(flat)                      # a bad request is refused here (400), not in a replica

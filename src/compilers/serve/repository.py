@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..artifact import MANIFEST, read_manifest, verify
+from ..artifact import MANIFEST, manifest_records, read_manifest, verify
 from ..backends import get_backend
 from ..errors import ArtifactError, BackendUnavailable, ConfigError, TargetError
 from ..files import remove, staging_dir, swapped_in
 from ..runtime import CompiledModel, load
 from ..settings import option, parse
-from .batcher import Batching
+from .batcher import Batching, alone
 
 CONFIG = "serving.toml"
 
@@ -263,10 +263,19 @@ def _scan(model_dir: Path) -> tuple[tuple[int, ...], list[str]]:
     return tuple(sorted(versions)), problems
 
 
-def check_artifact(path: Path) -> None:
-    """ArtifactError unless `path` is a complete compilers artifact (format and every file's sha256; no backend
-    library needed)."""
-    verify(path)
+def check_artifact(path: Path) -> dict[str, Any]:
+    """The manifest; ArtifactError unless `path` is a complete compilers artifact (format and every file's
+    sha256; no backend library needed)."""
+    return verify(path)
+
+
+def alone_reason(version_dir: str | os.PathLike) -> str | None:
+    """Why a server runs each request of this published version alone (its rows depend on each other, or its
+    artifact does not say), given its model's serving.toml; None when requests may share calls."""
+    version_dir = Path(version_dir)
+    _, signature, _ = manifest_records(version_dir, read_manifest(version_dir))
+    batching = read_config(version_dir.parent).batching
+    return alone(signature, batching) if signature.batch is not None else None
 
 
 def publish(artifact: str | os.PathLike, model_dir: str | os.PathLike) -> Path:

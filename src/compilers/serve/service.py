@@ -71,7 +71,9 @@ class LocalEngines:
                    observe: Callable[[BatchStats], None]) -> Version:
         cm = await asyncio.to_thread(repository.load_version, entry.name, number, check_versions=self.check_versions,
                                      options=entry.config.engine)
-        batcher = Batcher(cm.run_flat, cm.signature, entry.config.batching, on_batch=observe)
+        batcher = Batcher(cm.run_flat, cm.signature, entry.config.batching, on_batch=observe, check=cm.check_inputs)
+        if batcher.combiner.alone:
+            log.warning("model %s version %s: %s", entry.name, number, batcher.combiner.alone)
         await batcher.start()
         return Version(number, cm.signature, cm.target, entry.config.batching, batcher.infer, batcher.stop)
 
