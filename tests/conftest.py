@@ -70,6 +70,16 @@ def assert_same_output(got: Any, ref: Any, *, atol: float = FP32_ATOL, rtol: flo
             np.testing.assert_array_equal(g_np, r_np, err_msg=f"{where} (integer/bool leaves must be exact)")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 here (AVX512_BF16 or AMX); without it, it computes a bf16
+    target in f32."""
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+NO_BF16 = "this CPU has no bf16 arithmetic (AVX512_BF16 / AMX): OpenVINO computes bf16 targets in f32 here"
+
+
 def with_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with non-trivial running statistics in every BatchNorm, so that eval mode matters."""
     with torch.no_grad():

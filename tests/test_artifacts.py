@@ -43,6 +43,15 @@ def compiled():
     return get
 
 
+X = torch.randn(3, 6, generator=torch.Generator().manual_seed(7))
+
+
+def _answers_like(loaded: compilers.CompiledModel, cm: compilers.CompiledModel) -> None:
+    """`loaded` is a working model that gives `cm`'s answers."""
+    assert isinstance(loaded, compilers.CompiledModel) and loaded.target.name == cm.target.name
+    torch.testing.assert_close(loaded(X), cm(X), rtol=0, atol=0)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -130,7 +139,7 @@ def test_every_file_must_be_listed_and_match(compiled, tmp_path, target):
     with pytest.raises(compilers.ArtifactError, match=f"{victim} is not listed"):
         compilers.load(path)
     (path / MANIFEST).write_text(json.dumps(manifest))
-    assert compilers.load(path) is not None
+    _answers_like(compilers.load(path), compiled(target))
     (path / "extra.py").write_text("print('hi')\n")
     with pytest.raises(compilers.ArtifactError, match="extra.py is not listed"):
         compilers.load(path)
@@ -165,13 +174,14 @@ def test_the_content_digest_pins_an_artifact(mlp, tmp_path):
     assert pinned.startswith("sha256:") and len(pinned) == len("sha256:") + 64
     assert json.loads((path / MANIFEST).read_text())["digest"] == pinned
     assert artifact.digest(path) == pinned == artifact.verify(path)["digest"]
-    assert mlp.save(tmp_path / "again") and mlp.digest == pinned          # the digest is of content, not place
+    assert mlp.save(tmp_path / "again") == tmp_path / "again" and mlp.digest == pinned   # of content, not place
+    _answers_like(compilers.load(tmp_path / "again"), mlp)
     assert compilers.load(path, digest=pinned).digest == pinned
 
     other = compilers.compile(_mlp(seed=1), "ort-cpu", (torch.randn(4, 6),))
     shutil.copyfile(other.save(tmp_path / "other") / "model.onnx", path / "model.onnx")
     _forge(path)       # the manifest rewritten together with the model: consistent, so only a pin sees it
-    assert compilers.load(path) is not None
+    _answers_like(compilers.load(path), other)
     with pytest.raises(compilers.ArtifactError, match="not the artifact you pinned"):
         compilers.load(path, digest=pinned)
     with pytest.raises(compilers.ArtifactError, match="sha256:"):
@@ -262,10 +272,10 @@ def test_save_never_deletes_a_directory_that_is_not_an_artifact(mlp, tmp_path):
     assert (art / "notes.txt").read_text() == "mine"
     (art / "notes.txt").unlink()
     _tamper(art / "model.onnx")                       # a damaged artifact is still an artifact: replaced
-    assert compilers.load(mlp.save(art)) is not None
+    _answers_like(compilers.load(mlp.save(art)), mlp)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert compilers.load(mlp.save(empty)) is not None
+    _answers_like(compilers.load(mlp.save(empty)), mlp)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "empty", "mine"]
 
 

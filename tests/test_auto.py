@@ -46,11 +46,12 @@ def write_auto(path, candidates, **keys) -> str:
 @pytest.fixture
 def impossible(tmp_path):
     """Two candidates whose contracts no compiled model meets: ort-cpu with no allowance over float64 (ort is
-    the fastest here, so a selection that timed it would pick it), and bf16 with a cosine bound of 0.9999999."""
+    the fastest here, so a selection that timed it would pick it), and bf16 with a cosine bound of 1 (which
+    rounding never meets, whether the CPU computes bf16 or, without bf16, f32)."""
     (tmp_path / "ort-exact.toml").write_text(
         'extends = "ort-cpu"\nname = "ort-exact"\n[tolerance]\nnoise = 0\nfloor = 0\n')
     (tmp_path / "bf16-strict.toml").write_text(
-        'extends = "openvino-cpu-bf16"\nname = "bf16-strict"\n[tolerance]\nmin_cosine = 0.9999999\n')
+        'extends = "openvino-cpu-bf16"\nname = "bf16-strict"\n[tolerance]\nmin_cosine = 1.0\n')
     return tmp_path
 
 

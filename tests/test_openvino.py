@@ -9,6 +9,7 @@ from torch import nn
 
 import compilers
 from compilers.target import load_target
+from conftest import NO_BF16, cpu_has_bf16
 
 ov = pytest.importorskip("openvino")
 
@@ -39,6 +40,8 @@ def test_fp32_target_runs_fp32_only(convnet):
 
 
 def test_bf16_target_runs_bf16_and_is_judged_by_cosine(convnet):
+    if not cpu_has_bf16():
+        pytest.skip(NO_BF16)
     model, x = convnet
     t = load_target("openvino-cpu-bf16")
     assert (t.tolerance.noise, t.tolerance.atol, t.tolerance.min_cosine) == (None, None, 0.99)
@@ -49,6 +52,8 @@ def test_bf16_target_runs_bf16_and_is_judged_by_cosine(convnet):
 
 
 def test_tight_cosine_bound_refuses_bf16(convnet):
+    if not cpu_has_bf16():
+        pytest.skip(NO_BF16)
     model, x = convnet
     with pytest.raises(compilers.ValidationError, match="cosine"):
         compilers.compile(model, load_target("openvino-cpu-bf16").with_(min_cosine=0.9999999999), (x,))

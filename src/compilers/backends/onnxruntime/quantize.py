@@ -28,6 +28,7 @@ import collections
 from pathlib import Path
 from typing import Any, Sequence
 
+from ...host import cpu_isa
 from ...progress import track
 from ...quantize import CalibrationPlan
 from ...target import Quantization
@@ -73,10 +74,12 @@ def quantize(source: Path, output: Path, plan: CalibrationPlan, scheme: Quantiza
     ops = [op for op in (WEIGHTED if transformer else _CNN_OPS) if op not in scheme.keep_float]
     exclude = [n.name for n in graph.node if n.op_type in scheme.keep_float]
     symmetric = scheme.activations != "asymmetric"
+    narrow = saturates()
     quantize_static(
         str(source), str(output), CalibrationReader(plan, input_names), quant_format=QuantFormat.QDQ, op_types_to_quantize=ops,
         per_channel=scheme.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, _METHODS[scheme.method]), nodes_to_exclude=exclude or None,
+        reduce_range=narrow,
         extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "DedicatedQDQPair": True,
                        "OpTypesToExcludeOutputQuantization": list(WEIGHTED) if transformer else []})
     model = unshare(onnx.load(str(output)))
@@ -89,7 +92,16 @@ def quantize(source: Path, output: Path, plan: CalibrationPlan, scheme: Quantiza
             f"DequantizeLinear, {where}; {scheme.method} ranges, activations "
             f"{'symmetric' if symmetric else 'asymmetric'}, weights symmetric "
             f"{'per channel' if scheme.per_channel else 'per tensor'}"
-            + (f", kept in float: {', '.join(scheme.keep_float)}" if scheme.keep_float else ""), *plan.notes]
+            + (f", kept in float: {', '.join(scheme.keep_float)}" if scheme.keep_float else "")
+            + (", weights in 7 bits (reduce_range): this CPU has no VNNI, and ONNX Runtime's u8s8 kernels without it "
+               "saturate int16 sums of full-range products" if narrow else ""), *plan.notes]
+
+
+def saturates() -> bool:
+    """An x86 CPU without VNNI, where ONNX Runtime's int8 kernels (VPMADDUBSW) add pairs of u8 x s8 products in
+    int16 and saturate unless the weights keep to 7 bits (onnxruntime.quantization's `reduce_range`)."""
+    arch, _, flags = cpu_isa().partition(":")
+    return arch in ("x86_64", "AMD64") and not {"avx512_vnni", "avx_vnni"} & set(flags.split(","))
 
 
 class CalibrationReader:
