@@ -241,22 +241,30 @@ def _suggested_ranges(violation: str, signature: Signature) -> dict[str, DimRang
         if m is None or m.group(1) not in names:
             return None
         name = names[m.group(1)]
-        old = signature.dims[name]
-        lo = max(old.min, int(m.group(2) or 0))
-        highs = [h for h in (old.max, m.group(3)) if h not in (None, "oo")]
-        hi = min(int(h) for h in highs) if highs else None
-        if hi is not None and hi < lo:
+        hi = m.group(3)
+        rng = _within(signature.dims[name], int(m.group(2) or 0), None if hi in (None, "oo") else int(hi))
+        if rng is None:
             return None
-        opt = old.opt if old.opt is not None and lo <= old.opt <= (hi if hi is not None else old.opt) else None
-        dims[name] = DimRange(lo, opt, hi)
+        dims[name] = rng
     return dims if fixes else None
 
 
-def narrowed_note(signature: Signature, dims: dict[str, DimRange], said: str) -> str:
-    """Report note: which dynamic dims the lowered model holds for on part of their range, in torch.export's words."""
+def _within(old: DimRange, lo: int, hi: int | None) -> DimRange | None:
+    """`old` narrowed to lo..hi (None: unbounded), keeping its `opt` where that still lies inside; None if empty."""
+    lo = max(lo, old.min)
+    hi = old.max if hi is None else hi if old.max is None else min(hi, old.max)
+    if hi is not None and hi < lo:
+        return None
+    return DimRange(lo, old.opt if old.opt is not None and lo <= old.opt and (hi is None or old.opt <= hi) else None, hi)
+
+
+def narrowed_note(signature: Signature, dims: dict[str, DimRange], said: str = "") -> str:
+    """Report note: which dynamic dims the lowered model holds for on part of their range, in torch.export's
+    words where it gave them."""
     ranges = ", ".join(f"{name} {signature.dims[name]} -> {rng}" for name, rng in dims.items())
-    return (f"torch.export keeps dynamic dims to part of their range for this model's code ({ranges}); the traced "
-            f"model is compiled for those sizes only, others raise InputError. torch.export: \"{_quoted(said)}\"")
+    return (f"torch.export keeps dynamic dims to part of their range for this model's code ({ranges}); the "
+            "compiled model takes those sizes only, others raise InputError"
+            + (f". torch.export: \"{_quoted(said)}\"" if said else ""))
 
 
 def frozen_branch_message(route: str, conversions: Sequence[tuple[str, int, str]], refused: str) -> str:
@@ -333,7 +341,31 @@ def _onnx_dynamo(flat: FlatModule, signature: Signature, examples: tuple, path: 
     program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
                                 input_names=signature.input_names, output_names=signature.output_names)
     program.save(str(path))
-    return _described("onnx-dynamo", path, signature)
+    lowered = _described("onnx-dynamo", path, signature)
+    # torch.onnx relaxes the Dims it is given where the model's code keeps them to part of their range
+    # (`if x.shape[0] > 4:`), and the ONNX graph does not check sizes: the signature must
+    lowered.dims = exported_ranges(program.exported_program, signature)
+    if lowered.dims:
+        lowered.notes.append(narrowed_note(signature, lowered.dims))
+    return lowered
+
+
+def exported_ranges(program: Any, signature: Signature) -> dict[str, DimRange]:
+    """The signature's dynamic dims whose range in an ExportedProgram is narrower than declared, with that range."""
+    from torch.utils._sympy.numbers import int_oo
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    dims: dict[str, DimRange] = {}
+    for node, spec in zip(placeholders, signature.inputs):
+        for size, dim in zip(node.meta["val"].shape, spec.shape):
+            vr = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if vr is None or not isinstance(dim, str):
+                continue
+            old = dims.get(dim, signature.dims[dim])
+            rng = _within(old, int(vr.lower), None if vr.upper == int_oo else int(vr.upper))
+            if rng is not None and (rng.min, rng.max) != (old.min, old.max):
+                dims[dim] = rng
+    return dims
 
 
 def _onnx_torchscript(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
