@@ -66,7 +66,7 @@ class SwinLike(nn.Module):
         self.lin = nn.Linear(8, 8)
 
     def forward(self, x):
-        _, _, height, width = x.shape
+        width = x.shape[-1]
         if width % self.patch != 0:
             x = F.pad(x, (0, self.patch - width % self.patch))
         y = self.embed(x)

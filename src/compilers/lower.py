@@ -89,9 +89,10 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
         if route not in EXPORT_ROUTES:
             conversions = tracer_conversions(caught)
             if conversions and refused is None and not exported:
-                refused, lowered.dims, said = _export_probe(flat, signature, tuple(examples))
-                if lowered.dims:
-                    lowered.notes.append(narrowed_note(signature, lowered.dims, said))
+                probe = _export_probe(flat, signature, tuple(examples))
+                refused, lowered.dims = probe.refused, probe.dims
+                if probe.dims:
+                    lowered.notes.append(narrowed_note(signature, probe.dims, probe.said))
             if refused is not None:
                 message = frozen_branch_message(route, conversions, refused)
                 if not accept_traced_branches:
@@ -204,9 +205,17 @@ def constraint_violation(e: BaseException) -> str | None:
     return None
 
 
-def _export_probe(flat: FlatModule, signature: Signature, examples: tuple) -> tuple[str | None, dict[str, DimRange], str]:
-    """What torch.export says of the path a trace took through the model's Python code, as (refusal, narrowed
-    dims, its words on them):
+@dataclass
+class Probe:
+    """What torch.export says of the path a trace took through the model's Python code."""
+
+    refused: str | None = None     # its message refusing the path
+    dims: dict[str, DimRange] = field(default_factory=dict)   # the ranges it keeps dynamic dims to
+    said: str = ""                 # its message on those ranges
+
+
+def _export_probe(flat: FlatModule, signature: Signature, examples: tuple) -> Probe:
+    """What torch.export says of the path a trace took through the model's Python code:
     - its refusal when the path depends on tensor values, or holds only for some residue of a dynamic dim's
       size (`if x.shape[0] % 2 == 0:`), which no range keeps and the grown example may not leave;
     - the ranges its guards keep dynamic dims to (`if x.shape[0] > 4:`: batch >= 5; BERT: seq <= its
@@ -221,10 +230,10 @@ def _export_probe(flat: FlatModule, signature: Signature, examples: tuple) -> tu
     except Exception as e:
         violation = constraint_violation(e)
         if violation is None:
-            return data_dependent(e), {}, ""
+            return Probe(refused=data_dependent(e))
         dims = _suggested_ranges(violation, signature)
-        return (violation, {}, "") if dims is None else (None, dims, violation)
-    return None, {}, ""
+        return Probe(refused=violation) if dims is None else Probe(dims=dims, said=violation)
+    return Probe()
 
 
 def _suggested_ranges(violation: str, signature: Signature) -> dict[str, DimRange] | None:
@@ -255,7 +264,8 @@ def _within(old: DimRange, lo: int, hi: int | None) -> DimRange | None:
     hi = old.max if hi is None else hi if old.max is None else min(hi, old.max)
     if hi is not None and hi < lo:
         return None
-    return DimRange(lo, old.opt if old.opt is not None and lo <= old.opt and (hi is None or old.opt <= hi) else None, hi)
+    keeps_opt = old.opt is not None and lo <= old.opt and (hi is None or old.opt <= hi)
+    return DimRange(lo, old.opt if keeps_opt else None, hi)
 
 
 def narrowed_note(signature: Signature, dims: dict[str, DimRange], said: str = "") -> str:
