@@ -2,7 +2,8 @@
 
 - data-dependent control flow: a tracing route (TorchScript tracing, OpenVINO's direct import, the
   TorchScript-based ONNX exporter) records the example's branch; compile refuses it with ExportError naming
-  the line unless `accept_traced_branches=True`;
+  the line and quoting torch.export unless `accept_traced_branches=True`; branches on static sizes (Swin) are
+  not refused, and a branch on a dynamic dim keeps that dim to the range torch.export finds it holds for;
 - non-tensor outputs that depend on the inputs (`x.shape[0]`): read from an output's size at call time, or
   refused when they follow no output dim;
 - out-of-range embedding indices: InputError, as eager raises IndexError (engines return zeros or a wrong row);
@@ -17,6 +18,7 @@ import inspect
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import compilers
@@ -49,6 +51,43 @@ class ShapeBranch(nn.Module):
 
     def forward(self, x):
         return self.lin(x) * 2 if x.shape[0] >= 1 else self.lin(x)
+
+
+class SwinLike(nn.Module):
+    """transformers' Swin patterns: branches on static sizes only (`if width % patch != 0:` pads,
+    `if min(resolution) <= window:` clamps the window), and a window size the model stores as a tensor while
+    torch.jit traces it (`torch.min(torch.tensor(resolution)) if torch.jit.is_tracing() else min(...)`)."""
+
+    def __init__(self, patch: int = 4, window: int = 7):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch, self.window = patch, window
+        self.embed = nn.Conv2d(3, 8, patch, stride=patch)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        width = x.shape[-1]
+        if width % self.patch != 0:
+            x = F.pad(x, (0, self.patch - width % self.patch))
+        y = self.embed(x)
+        resolution = y.shape[2:]
+        if min(resolution) <= self.window:
+            self.window = torch.min(torch.tensor(resolution)) if torch.jit.is_tracing() else min(resolution)
+        return self.lin(y.flatten(2).transpose(1, 2)) * self.window
+
+
+class DimBranch(nn.Module):
+    """Python control flow on a dynamic dim's size: tracing freezes the example's branch (batch > 4)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            return self.lin(x)
+        return -self.lin(x)
 
 
 class WithSize(nn.Module):
@@ -99,6 +138,8 @@ def test_data_dependent_branch_is_refused_naming_the_line(target):
     assert BRANCH_LINE in text and "x.sum() > 0" in text and "torch.where" in text
     if target != "inductor-cpu":   # torch.export refuses outright there: nothing traced, nothing to accept
         assert "accept_traced_branches=True" in text and "Python boolean" in text
+        # torch.export's own words, not a paraphrase
+        assert "Could not guard on data-dependent expression" in text, text
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -120,6 +161,75 @@ def test_shape_only_branch_is_not_refused(target):
     x = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["torchscript-cpu", "openvino-cpu"])
+def test_branches_on_static_sizes_are_not_refused(target):
+    """Swin's `if width % patch != 0:` and `if min(resolution) <= window:` depend on static sizes only: torch.export
+    takes the model, so the tracer's conversions there froze nothing. The model's own tracing-time state (a
+    tensor window size) reaches neither the export probe nor the caller's model."""
+    model = SwinLike().eval()
+    cm = compilers.compile(model, target, (torch.randn(2, 3, 26, 26),))
+    assert not any(FROZEN_NOTE in n for n in cm.report.notes), cm.report.notes
+    assert type(model.window) is int            # as eager left it, not the tensor set while tracing
+    x = torch.randn(5, 3, 26, 26)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_transformers_swin_compiles_on_torchscript():
+    from transformers import SwinConfig, SwinModel
+    # 28x28 / patch 4 -> 7x7 patches: the `min(input_resolution) <= window_size` branch is taken
+    config = SwinConfig(image_size=28, embed_dim=8, depths=[1], num_heads=[1], window_size=7)
+    torch.manual_seed(0)
+    model = SwinModel(config).eval()
+    cm = compilers.compile(model, "torchscript-cpu", (torch.randn(2, 3, 28, 28),))
+    assert not any(FROZEN_NOTE in n for n in cm.report.notes), cm.report.notes
+    x = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x).last_hidden_state, model(x).last_hidden_state, atol=1e-4, rtol=1e-4)
+
+
+def test_value_branch_beside_static_size_branches_is_refused_at_its_own_line():
+    class SwinWithValueBranch(SwinLike):
+        def forward(self, x):
+            y = super().forward(x)
+            return y if y.sum() > 0 else -y
+
+    with pytest.raises(compilers.ExportError) as info:
+        compilers.compile(SwinWithValueBranch().eval(), "torchscript-cpu", (torch.randn(2, 3, 26, 26),))
+    text = str(info.value)
+    value_line = inspect.getsourcelines(SwinWithValueBranch.forward)[1] + 2
+    # the value branch is named first, and torch.export's own words say where it refused
+    assert text.index(f":{value_line} (`return y if y.sum() > 0") < text.index("if width % self.patch"), text
+    assert f'The following call raised this error: File "{__file__}", line {value_line}' in text, text
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_branch_on_a_dynamic_dim_narrows_its_range(target):
+    """Tracing keeps the example's `batch > 4` branch (and torch.onnx relaxes the Dim it was given); torch.export
+    says the code's path holds for batch >= 5 only: the compiled model takes those sizes, refuses the others with
+    InputError, and the report says so, quoting torch.export where it refused."""
+    model = DimBranch().eval()
+    cm = compilers.compile(model, target, (torch.randn(8, 4),))
+    assert cm.signature.dims["batch"].min == 5
+    assert any("batch 1..inf -> 5..inf" in n and "InputError" in n for n in cm.report.notes), cm.report.notes
+    if target != "ort-cpu":     # the onnx-dynamo route: torch.onnx does not pass torch.export's words on
+        assert any("5 <= " in n and "Suggested fixes" in n for n in cm.report.notes), cm.report.notes
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), model(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(compilers.InputError, match=r"dim 0 \('batch'\) is 2, allowed 5\.\.inf"):
+        cm(torch.randn(2, 4))
+
+
+def test_branch_on_a_dynamic_dim_that_no_range_keeps_is_refused():
+    class Even(DimBranch):
+        def forward(self, x):
+            return self.lin(x) if x.shape[0] % 2 == 0 else -self.lin(x)
+
+    with pytest.raises(compilers.ExportError, match=r"torchscript-trace.*dynamic dim.*% 2\) == 0.*Suggested fixes"):
+        compilers.compile(Even().eval(), "torchscript-cpu", (torch.randn(8, 4),))
 
 
 def test_cached_build_with_an_accepted_branch_is_not_reused_without_acceptance(tmp_path):

@@ -324,6 +324,9 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
                              lambda route, flat, examples: r.backend.lower(route, flat, examples, spec),
                              model, signature, example, spec.workdir, accept_traced_branches)
         seconds["lower"] = time.perf_counter() - t
+        if lowered.dims:   # the lowered model holds for part of these dims' ranges: calls outside are InputErrors
+            signature = replace(signature, dims={**signature.dims, **lowered.dims})
+            spec = replace(spec, signature=signature)
         report.notes.extend(lowered.notes)
         report.route, report.attempts, report.opset, report.nodes_before = \
             lowered.route, lowered.attempts, lowered.opset, lowered.nodes

@@ -6,6 +6,7 @@ Every attempt is recorded, so the report says which route worked and why the oth
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
 import logging
 import re
@@ -13,13 +14,14 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .errors import ExportError
 from .quiet import quiet
 from .signature import FlatModule, Signature
+from .target import DimRange
 
 ONNX_OPSET = 18  # for the TorchScript-based route; the dynamo route picks its own
 
@@ -37,6 +39,8 @@ class Lowered:
     seconds: float = 0.0
     examples: tuple = ()             # the flat inputs it was lowered with (to check rewrites of it on)
     notes: list[str] = field(default_factory=list)   # what the report should say about the lowering
+    #: dynamic dims the lowered model holds for on part of their range only (the compiled model takes only those sizes)
+    dims: dict[str, DimRange] = field(default_factory=dict)
 
 
 OwnRoute = Callable[[str, FlatModule, tuple], "Lowered"]
@@ -55,17 +59,19 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
     flat_module, examples)`.
 
     A route that traces (TorchScript tracing, OpenVINO's direct import) records one path through Python
-    control flow. When torch.export refused the model for data-dependent control flow (an earlier route, or
-    a probe run when the tracer converted a tensor to a Python value), a tracing route that succeeds has
-    frozen the branch the example took: ExportError naming the line, unless `accept_traced_branches`."""
+    control flow. When the tracer converted a tensor to a Python value, torch.export (an earlier route, or a
+    probe) says whether that path holds for other inputs: when it refuses the model for data-dependent control
+    flow, the traced branch is frozen: ExportError quoting it, unless `accept_traced_branches`; when its guards
+    keep a dynamic dim to part of its range, the lowered model's `dims` narrow it; when they fit no range, as
+    for a frozen branch. Attributes a route sets on the model while tracing are undone after it."""
     attempts: list[tuple[str, str]] = []
-    refused: str | None = None    # torch.export's reason for refusing data-dependent control flow
+    refused: str | None = None    # torch.export's refusal of the path a trace takes (data-dependent control flow)
     exported = False              # whether a torch.export route ran (its verdict on the control flow is known)
     flat = FlatModule(model, signature).eval()
     for route in routes:
         t0 = time.perf_counter()
         try:
-            with quiet(), warnings.catch_warnings(record=True) as caught:
+            with quiet(), warnings.catch_warnings(record=True) as caught, attributes_kept(flat):
                 warnings.simplefilter("always", torch.jit.TracerWarning)
                 if route in ONNX_ROUTES:
                     lowered = ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
@@ -83,7 +89,10 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
         if route not in EXPORT_ROUTES:
             conversions = tracer_conversions(caught)
             if conversions and refused is None and not exported:
-                refused = _export_probe(flat, signature, tuple(examples))
+                probe = _export_probe(flat, signature, tuple(examples))
+                refused, lowered.dims = probe.refused, probe.dims
+                if probe.dims:
+                    lowered.notes.append(narrowed_note(signature, probe.dims, probe.said))
             if refused is not None:
                 message = frozen_branch_message(route, conversions, refused)
                 if not accept_traced_branches:
@@ -97,15 +106,36 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
     detail = "; ".join(f"{r}: {why}" for r, why in attempts)
     hint = f"unsupported operator(s): {', '.join(ops)}. " if ops else ""
     if refused is not None:
-        hint += (f"torch.export refused data-dependent control flow at {_call_site(refused) or 'an unknown line'}: "
-                 "express it with torch.where or torch.cond. ")
+        hint += (f"torch.export refused data-dependent control flow at {_call_site(refused) or 'an unknown line'} "
+                 f"(\"{_quoted(refused, 300)}\"): express it with torch.where or torch.cond. ")
     raise ExportError(f"every lowering route failed for {type(model).__name__}. {hint}{detail}. "
                       "Rewrite the offending code with supported ops, or try another target (`compilers targets`).")
 
 
 # -- data-dependent control flow ---------------------------------------------------------------------
-_CONVERSION = re.compile(r"Converting a tensor to a Python (boolean|number|integer|float|index)")
+_CONVERSION = re.compile(r"Converting a tensor to a (Python \w+|NumPy array)")
 _RAISED_AT = re.compile(r'File "([^"]+)", line (\d+)')
+_RAISED_BY = "The following call raised this error:"
+#: torch.export's suggested range for a dim: `seq = Dim('seq', max=64)`, `batch = Dim('batch', min=5, max=64)`
+_RANGE_FIX = re.compile(r"(\w+) = Dim\('\1'(?:, min=(\d+))?(?:, max=(\d+|oo))?\)")
+_PINNED = re.compile(r"\w+ = \d+")   # torch.export's fix for a dynamic dim its guards pin to one size
+
+
+@contextlib.contextmanager
+def attributes_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Puts back, on exit, the plain attributes of `module` and its submodules that the block set, replaced
+    or added. Lowering runs the model's Python code, which may store what it computed (transformers' Swin
+    keeps its window size as a tensor while torch.jit traces it); that must not reach the next route, the
+    export probe, or the caller's model."""
+    saved = [(m, dict(vars(m))) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            now = vars(m)
+            if now.keys() != attrs.keys() or any(now[k] is not v for k, v in attrs.items()):
+                now.clear()
+                now.update(attrs)
 
 
 def interruption(e: BaseException) -> BaseException | None:
@@ -121,15 +151,17 @@ def interruption(e: BaseException) -> BaseException | None:
 
 
 def data_dependent(e: BaseException) -> str | None:
-    """torch.export's message when `e` (or its cause) is its refusal of data-dependent control flow."""
+    """torch.export's message when `e` (or its cause) is its refusal of data-dependent control flow: the
+    innermost such message (an exporter that wraps torch.export repeats it below its own words)."""
     seen: set[int] = set()
+    found = None
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         text = str(e)
         if type(e).__name__ == "GuardOnDataDependentSymNode" or "data-dependent" in text:
-            return _ANSI.sub("", text)
+            found = _ANSI.sub("", text)
         e = e.__cause__ or e.__context__
-    return None
+    return found
 
 
 def tracer_conversions(caught: Sequence[warnings.WarningMessage]) -> list[tuple[str, int, str]]:
@@ -138,16 +170,22 @@ def tracer_conversions(caught: Sequence[warnings.WarningMessage]) -> list[tuple[
     for w in caught:
         m = _CONVERSION.search(str(w.message)) if issubclass(w.category, torch.jit.TracerWarning) else None
         if m:
-            found.setdefault((w.filename, w.lineno), f"a tensor converted to a Python {m.group(1)}")
+            found.setdefault((w.filename, w.lineno), f"a tensor converted to a {m.group(1)}")
     return [(f, line, what) for (f, line), what in found.items()]
+
+
+def _raised_at(reason: str) -> tuple[str, int] | None:
+    """(file, line) where torch.export says the data-dependent guard was raised."""
+    after = reason.split("raised this error", 1)[-1]
+    sites = [(f, int(n)) for f, n in _RAISED_AT.findall(after)]
+    user = [s for s in sites if "/site-packages/" not in s[0] and "/torch/" not in s[0]] or sites
+    return user[-1] if user else None
 
 
 def _call_site(reason: str) -> str | None:
     """`file:line (code)` where torch.export says the data-dependent guard was raised."""
-    after = reason.split("raised this error", 1)[-1]
-    sites = [(f, int(n)) for f, n in _RAISED_AT.findall(after)]
-    user = [s for s in sites if "/site-packages/" not in s[0] and "/torch/" not in s[0]] or sites
-    return _where(*user[-1]) if user else None
+    site = _raised_at(reason)
+    return _where(*site) if site else None
 
 
 def _where(filename: str, lineno: int) -> str:
@@ -155,28 +193,124 @@ def _where(filename: str, lineno: int) -> str:
     return f"{filename}:{lineno}" + (f" (`{code[:120]}`)" if code else "")
 
 
-def _export_probe(flat: FlatModule, signature: Signature, examples: tuple) -> str | None:
-    """torch.export's reason if it refuses the model for data-dependent control flow; None if it accepts it
-    or fails for another reason (then the tracer's conversions are taken to follow shapes, which the grown
-    example validates)."""
-    _, per_input = export_dims(signature)
-    try:
-        with quiet():
-            torch.export.export(flat, examples, dynamic_shapes=(per_input,), strict=False)
-    except Exception as e:
-        return data_dependent(e)
+def constraint_violation(e: BaseException) -> str | None:
+    """torch.export's message when `e` (or its cause) says the model's code holds for part of a dynamic dim's
+    range only (its guards on the size are not true for every size of the declared range)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if "Constraints violated" in str(e):
+            return _ANSI.sub("", getattr(e, "msg", str(e)))
+        e = e.__cause__ or e.__context__
     return None
 
 
+@dataclass
+class Probe:
+    """What torch.export says of the path a trace took through the model's Python code."""
+
+    refused: str | None = None     # its message refusing the path
+    dims: dict[str, DimRange] = field(default_factory=dict)   # the ranges it keeps dynamic dims to
+    said: str = ""                 # its message on those ranges
+
+
+def _export_probe(flat: FlatModule, signature: Signature, examples: tuple) -> Probe:
+    """What torch.export says of the path a trace took through the model's Python code:
+    - its refusal when the path depends on tensor values, or holds only for some residue of a dynamic dim's
+      size (`if x.shape[0] % 2 == 0:`), which no range keeps and the grown example may not leave;
+    - the ranges its guards keep dynamic dims to (`if x.shape[0] > 4:`: batch >= 5; BERT: seq <= its
+      position table), where the traced path holds;
+    - nothing when it accepts the model, pins a dynamic dim to the example's size (nn.LSTM's sequence, which
+      its decomposition unrolls; the grown example, of another size, validates the trace there), or fails for
+      another reason (the tracer's conversions are then taken to follow sizes, which validation checks)."""
+    _, per_input = export_dims(signature)
+    try:
+        with quiet(), attributes_kept(flat):
+            torch.export.export(flat, examples, dynamic_shapes=(per_input,), strict=False)
+    except Exception as e:
+        violation = constraint_violation(e)
+        if violation is None:
+            return Probe(refused=data_dependent(e))
+        dims = _suggested_ranges(violation, signature)
+        return Probe(refused=violation) if dims is None else Probe(dims=dims, said=violation)
+    return Probe()
+
+
+def _suggested_ranges(violation: str, signature: Signature) -> dict[str, DimRange] | None:
+    """The signature's dims narrowed to the ranges torch.export suggests (a dim it pins to one size is left
+    out); None when a suggestion is neither (a dim that must be a multiple of another)."""
+    fixes = [l.strip() for l in violation.partition("Suggested fixes:")[2].strip().split("\n\n")[0].splitlines()
+             if l.strip()]
+    names = {re.sub(r"\W", "_", name): name for name in signature.dims}
+    dims = {}
+    for fix in fixes:
+        if _PINNED.fullmatch(fix):
+            continue
+        m = _RANGE_FIX.fullmatch(fix)
+        if m is None or m.group(1) not in names:
+            return None
+        name = names[m.group(1)]
+        hi = m.group(3)
+        rng = _within(signature.dims[name], int(m.group(2) or 0), None if hi in (None, "oo") else int(hi))
+        if rng is None:
+            return None
+        dims[name] = rng
+    return dims if fixes else None
+
+
+def _within(old: DimRange, lo: int, hi: int | None) -> DimRange | None:
+    """`old` narrowed to lo..hi (None: unbounded), keeping its `opt` where that still lies inside; None if empty."""
+    lo = max(lo, old.min)
+    hi = old.max if hi is None else hi if old.max is None else min(hi, old.max)
+    if hi is not None and hi < lo:
+        return None
+    keeps_opt = old.opt is not None and lo <= old.opt and (hi is None or old.opt <= hi)
+    return DimRange(lo, old.opt if keeps_opt else None, hi)
+
+
+def narrowed_note(signature: Signature, dims: dict[str, DimRange], said: str = "") -> str:
+    """Report note: which dynamic dims the lowered model holds for on part of their range, in torch.export's
+    words where it gave them."""
+    ranges = ", ".join(f"{name} {signature.dims[name]} -> {rng}" for name, rng in dims.items())
+    return (f"torch.export keeps dynamic dims to part of their range for this model's code ({ranges}); the "
+            "compiled model takes those sizes only, others raise InputError"
+            + (f". torch.export: \"{_quoted(said)}\"" if said else ""))
+
+
 def frozen_branch_message(route: str, conversions: Sequence[tuple[str, int, str]], refused: str) -> str:
-    """ExportError text: the lines where tracing froze a data-dependent value, and what to do."""
-    sites = [f"{_where(f, n)}: {what}" for f, n, what in conversions[:3]] or \
+    """ExportError text: the lines where tracing froze a branch or value, torch.export's own words, and what to do.
+    The conversions at the line torch.export refused come first."""
+    site = _raised_at(refused)
+    ordered = sorted(conversions, key=lambda c: (c[0], c[1]) != site)    # stable: the others keep their order
+    sites = [f"{_where(f, n)}: {what}" for f, n, what in ordered[:3]] or \
         [f"{_call_site(refused) or 'an unknown line'}: torch.export found a data-dependent branch"]
+    quote = f"torch.export refused the model: \"{_quoted(refused)}\""
+    if refused.lstrip().startswith("Constraints violated"):
+        return (f"the {route} route traced through Python control flow on the size of a dynamic dim at "
+                f"{'; '.join(sites)}; the compiled model would take the example's path at every size, and "
+                f"{quote}, with no range of sizes where that path holds. Declare the dim static (dynamic_shapes) or "
+                "give it a range that the path holds for (a target descriptor's [shapes] table), express the "
+                f"branch with torch.where or torch.cond, or accept the example's path with compile(..., {ACCEPT}=True)")
     return (f"the {route} route traced through data-dependent control flow at {'; '.join(sites)}; the compiled "
             "model would always take the branch (or keep the value) of the example, whatever the inputs. "
-            "torch.export refused it for that reason. Express it with torch.where or torch.cond, use "
+            f"{quote}. Express it with torch.where or torch.cond, use "
             "torchscript-cpu with mode = \"script\", or, if the branch never changes for your inputs, accept it "
             f"with compile(..., {ACCEPT}=True)")
+
+
+def _quoted(message: str, limit: int = 600) -> str:
+    """The first lines of torch.export's message that say what it refused and where: its first line, the
+    guards it could not keep, its suggested fixes, and the call that raised it."""
+    lines = [l.strip() for l in message.splitlines()]
+    keep = lines[:1]
+    for i, line in enumerate(lines[1:], 1):
+        if line.startswith("- "):
+            keep.append(line)
+        elif line.startswith(("Suggested fixes:", _RAISED_BY)):   # with the block under it
+            block = lines[i:i + 5]
+            keep.extend(block[:block.index("")] if "" in block else block)
+    text = " ".join(keep)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 _ATEN_OP = re.compile(r"\baten(?:::|\.)[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?")
@@ -217,7 +351,31 @@ def _onnx_dynamo(flat: FlatModule, signature: Signature, examples: tuple, path: 
     program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
                                 input_names=signature.input_names, output_names=signature.output_names)
     program.save(str(path))
-    return _described("onnx-dynamo", path, signature)
+    lowered = _described("onnx-dynamo", path, signature)
+    # torch.onnx relaxes the Dims it is given where the model's code keeps them to part of their range
+    # (`if x.shape[0] > 4:`), and the ONNX graph does not check sizes: the signature must
+    lowered.dims = exported_ranges(program.exported_program, signature)
+    if lowered.dims:
+        lowered.notes.append(narrowed_note(signature, lowered.dims))
+    return lowered
+
+
+def exported_ranges(program: Any, signature: Signature) -> dict[str, DimRange]:
+    """The signature's dynamic dims whose range in an ExportedProgram is narrower than declared, with that range."""
+    from torch.utils._sympy.numbers import int_oo
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    dims: dict[str, DimRange] = {}
+    for node, spec in zip(placeholders, signature.inputs):
+        for size, dim in zip(node.meta["val"].shape, spec.shape):
+            vr = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if vr is None or not isinstance(dim, str):
+                continue
+            old = dims.get(dim, signature.dims[dim])
+            rng = _within(old, int(vr.lower), None if vr.upper == int_oo else int(vr.upper))
+            if rng is not None and (rng.min, rng.max) != (old.min, old.max):
+                dims[dim] = rng
+    return dims
 
 
 def _onnx_torchscript(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
