@@ -19,6 +19,7 @@ LAYERS = [
     {"errors", "quiet", "host", "progress", "records", "files"},
     {"target", "settings", "treespec"},
     {"signature"},
+    {"state"},
     {"capture"},
     {"calibration", "reference", "lower"},
     {"validate", "quantize"},

@@ -15,8 +15,7 @@ import torch
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
-from .capture import (Captured, batch_independence, capture, restore_modes, train_mode_note, train_modes,
-                      unchanged_state)
+from .capture import Captured, batch_independence, capture
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
 from .host import library_versions
@@ -28,6 +27,7 @@ from .request import Request
 from .runtime import CompiledModel
 from .select import compile_auto
 from .signature import Signature
+from .state import restore_modes, train_mode_note, train_modes, unchanged_state
 from .target import Auto, Target, Tolerance, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
 

@@ -22,8 +22,9 @@ import torch
 
 from .errors import CompilerError, InputError
 from .progress import track
-from .capture import EagerRun, unchanged_state
+from .capture import EagerRun
 from .signature import FlatModule, Signature
+from .state import unchanged_state
 
 #: a float64 twin is made only for models whose float64 weights fit in this many bytes
 MAX_FLOAT64_BYTES = 4 << 30
