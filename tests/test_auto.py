@@ -49,7 +49,7 @@ def impossible(tmp_path):
     the fastest here, so a selection that timed it would pick it), and bf16 with a cosine bound of 1 (which
     rounding never meets, whether the CPU computes bf16 or, without bf16, f32)."""
     (tmp_path / "ort-exact.toml").write_text(
-        'extends = "ort-cpu"\nname = "ort-exact"\n[tolerance]\nnoise = 0\nfloor = 0\n')
+        'extends = "ort-cpu"\nname = "ort-exact"\n[tolerance]\nnoise = 0\nperturbed = 0\nfloor = 0\n')
     (tmp_path / "bf16-strict.toml").write_text(
         'extends = "openvino-cpu-bf16"\nname = "bf16-strict"\n[tolerance]\nmin_cosine = 1.0\n')
     return tmp_path

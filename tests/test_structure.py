@@ -16,7 +16,7 @@ import compilers
 PACKAGE = Path(compilers.__file__).parent
 # lowest first: a module may import only modules of its own or a lower layer
 LAYERS = [
-    {"errors", "quiet", "host", "progress", "records", "files"},
+    {"errors", "quiet", "host", "progress", "records", "files", "roundoff"},
     {"target", "settings", "treespec"},
     {"signature"},
     {"state"},
@@ -115,12 +115,13 @@ class Counted(nn.Module):
 
 def test_eager_runs_once_per_sample():
     """Capture's eager runs (the example, and the example grown along its dynamic dims) are reused by
-    validation: each sample costs one fp32 eager run (and one of the float64 twin), plus one NaN/Inf probe
-    per float input, plus the batch-independence check (4 rows alone, then together)."""
+    validation: each sample costs one fp32 eager run (and one of the float64 twin), one with perturbed rounding
+    (`compilers.roundoff`), plus one NaN/Inf probe per float input, plus the batch-independence check (4 rows
+    alone, then together)."""
     model = Counted().eval()
     samples = [(torch.randn(3, 6),), (torch.randn(5, 6),)]
     cm = compilers.compile(model, "ort-cpu", (torch.randn(2, 6),), samples=samples)
-    assert model.fp32_calls == 4 + 1 + (4 + 1) and cm.report.validation.samples == 4
+    assert model.fp32_calls == 4 + 4 + 1 + (4 + 1) and cm.report.validation.samples == 4
     assert cm.report.validation.reference == "float64 eager"
 
 

@@ -26,7 +26,7 @@ from .report import Report
 from .request import Request
 from .runtime import CompiledModel
 from .select import compile_auto
-from .signature import Signature
+from .signature import Signature, mask_problem
 from .state import restore_modes, train_mode_note, train_modes, unchanged_state
 from .target import Auto, Target, Tolerance, builtin_targets, load_descriptor, load_target
 from .validate import Metric, MetricCheck, ValidationReport, compare
@@ -87,7 +87,8 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
             validate: bool | str = True, metric: Metric | None = None,
-            cache_dir: str | Path | None = None, accept_traced_branches: bool = False) -> CompiledModel:
+            cache_dir: str | Path | None = None, accept_traced_branches: bool = False,
+            masks: Mapping[str, str] | None = None) -> CompiledModel:
     """Compile `model` for `target`, validate it against eager, and return a CompiledModel.
 
     example_inputs: a tuple (positional args), a dict (keyword args) or a lone tensor.
@@ -103,6 +104,11 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
         records only the branch the example takes through data-dependent control flow (`if x.sum() > 0:`);
         compile refuses such a build with ExportError naming the line, unless this is True (the branch is
         then frozen, and the report notes it).
+    masks: padding masks among the inputs, {input name: "keep" | "pad"}: "keep" where nonzero marks a real
+        position (Hugging Face's attention_mask), "pad" where nonzero/True marks padding (PyTorch's
+        key_padding_mask). Outputs with the mask's (batch, sequence) dims are validated at the real positions
+        only. Default: integer/bool inputs of shape (batch, sequence) named like attention_mask ("keep") or
+        key_padding_mask ("pad"); {} judges every position.
 
     The model compiles and validates in eval mode; its own train/eval modes, each submodule's included,
     are restored when compile returns.
@@ -113,7 +119,7 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     """
     request = Request.of(model, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
                          samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
-                         accept_traced_branches=accept_traced_branches)
+                         accept_traced_branches=accept_traced_branches, masks=masks)
     return _compile(request, target)
 
 
@@ -131,6 +137,11 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
     model.eval()
     try:
         captured = capture(model, request.example_inputs, request.dynamic_shapes, r.target.shapes)
+        if request.masks is not None:
+            problem = mask_problem(captured.signature.inputs, request.masks)
+            if problem:
+                raise InputError(f"masks: {problem}")
+            captured = replace(captured, signature=replace(captured.signature, masks=dict(request.masks)))
         sig = captured.signature
         calib = None if request.calibration is None else \
             calibration_set(sig, request.calibration, request.example_inputs)
@@ -384,8 +395,7 @@ def check(cm: CompiledModel, reference: Reference, tolerance: Tolerance | None =
                           f"{type(e).__name__}: {str(e)[:300]}.{hint}")
         results.append(None)
     sig = cm.signature
-    result = compare(sig.output_names, reference, results, tolerance or cm.target.tolerance, errors, skipped,
-                     [sig.batch_axis(spec) for spec in sig.outputs])
+    result = compare(sig, reference, results, tolerance or cm.target.tolerance, errors, skipped)
     if reference.metric is None:
         return result
     metric, eager = reference.metric

@@ -39,6 +39,8 @@ log = logging.getLogger("compilers")
 
 #: Python objects a fingerprint walks at most (a model holding a whole dataset is not hashed object by object)
 MAX_OBJECTS = 200_000
+#: the layout of a cached Reference: references of another layout are remade (2: the perturbed-rounding outputs)
+REFERENCE_FORMAT = 2
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -89,7 +91,7 @@ class Cache:
             for x in flat:
                 update_with_array(h, x) if isinstance(x, torch.Tensor) else h.update(repr(x).encode())
         key = _key(fingerprint, {"signature": signature.to_dict(), "labels": list(labels), "samples": h.hexdigest(),
-                                 "float64": float64, "torch": torch.__version__})
+                                 "float64": float64, "torch": torch.__version__, "format": REFERENCE_FORMAT})
         return self.directory / "references" / f"{key[:32]}.pt"
 
     def load_reference(self, path: Path) -> Reference | None:

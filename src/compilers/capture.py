@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CompilerError, ExportError, InputError, TargetError
 from .state import restore_modes, train_modes, unchanged_state
-from .signature import JSON_SCALARS, FlatModule, Leaf, Signature, TensorSpec, Tree, as_call
+from .signature import JSON_SCALARS, FlatModule, Leaf, Signature, TensorSpec, Tree, as_call, detect_masks
 from .target import DimRange
 
 
@@ -112,7 +112,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
             raise InputError("the model returns no tensor; there is nothing to compile")
         sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
                         Tree(out_spec, tuple(leaves)), batch=_batch_name(inputs, dims),
-                        index_bounds=_index_bounds(inputs, tensors, lookups))
+                        index_bounds=_index_bounds(inputs, tensors, lookups), masks=detect_masks(inputs))
         example = sig.flatten(args, kwargs)
         runs = [(example, [l for _, l in out_leaves if isinstance(l, torch.Tensor)])]
         notes = []

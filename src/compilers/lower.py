@@ -64,10 +64,17 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
     flow, the traced branch is frozen: ExportError quoting it, unless `accept_traced_branches`; when its guards
     keep a dynamic dim to part of its range, the lowered model's `dims` narrow it; when they fit no range, as
     for a frozen branch. Attributes a route sets on the model while tracing are undone after it."""
+    flat = FlatModule(model, signature).eval()
+    with fast_paths_off():
+        return _ladder(routes, own_route, flat, model, signature, examples, workdir, accept_traced_branches)
+
+
+def _ladder(routes: Sequence[str], own_route: OwnRoute, flat: FlatModule, model: torch.nn.Module,
+            signature: Signature, examples: Sequence[torch.Tensor], workdir: Path, accept_traced_branches: bool
+            ) -> Lowered:
     attempts: list[tuple[str, str]] = []
     refused: str | None = None    # torch.export's refusal of the path a trace takes (data-dependent control flow)
     exported = False              # whether a torch.export route ran (its verdict on the control flow is known)
-    flat = FlatModule(model, signature).eval()
     for route in routes:
         t0 = time.perf_counter()
         try:
@@ -119,6 +126,24 @@ _RAISED_BY = "The following call raised this error:"
 #: torch.export's suggested range for a dim: `seq = Dim('seq', max=64)`, `batch = Dim('batch', min=5, max=64)`
 _RANGE_FIX = re.compile(r"(\w+) = Dim\('\1'(?:, min=(\d+))?(?:, max=(\d+|oo))?\)")
 _PINNED = re.compile(r"\w+ = \d+")   # torch.export's fix for a dynamic dim its guards pin to one size
+
+
+@contextlib.contextmanager
+def fast_paths_off() -> Iterator[None]:
+    """PyTorch's native multi-head-attention fast path off while lowering: in eval mode nn.TransformerEncoder
+    (and nn.MultiheadAttention) given a key_padding_mask runs on nested tensors built from the example's mask,
+    which a trace records with that mask's pattern baked in; the regular path is the same function of the
+    inputs at every real position."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None:
+        yield
+        return
+    was = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(was)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,9 @@
 run in float64, the outputs of a float64 twin of it. The float64 outputs are the closest thing to the
 exact answer: eager fp32's own distance from them measures how much rounding noise fp32 arithmetic
 produces on each output, and a compiled model is judged against that noise (see `validate.py`).
+Beside them, per sample, eager fp32 once more with every operation's rounding perturbed as another correct
+implementation may round it (`roundoff.perturbed`): how far fp32 arithmetic in any summation order may land,
+which the validator allows beside eager's own noise. Padding masks (`Signature.masks`) are honoured here too.
 Compile builds one Reference and reuses it for every validation (and an accuracy loop may rebuild the
 engine many times against it).
 
@@ -18,10 +21,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .errors import CompilerError, InputError
 from .progress import track
+from .roundoff import perturbed
 from .capture import EagerRun
 from .signature import FlatModule, Signature
 from .state import unchanged_state
@@ -39,6 +44,9 @@ class Reference:
     outputs: tuple[list[torch.Tensor], ...]
     exact: tuple[list[torch.Tensor] | None, ...]
     note: str                        # how the exact outputs were made, or why there are none
+    #: per sample, eager fp32 with each operation's rounding varied as another correct implementation may round
+    #: (`roundoff.perturbed`); None where it could not run
+    perturbed: tuple[list[torch.Tensor] | None, ...] = ()
     metric: tuple[Any, float] | None = None   # a task metric (validate.Metric) and eager's score on it
     probes: int = 0                  # the last `probes` samples are NaN/Inf probes (non-finite pattern only)
     probe_notes: tuple[str, ...] = ()   # probes left out, and why
@@ -55,13 +63,14 @@ def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequen
     outputs += eager_outputs(model, signature, samples, "validation", "eager reference")
     exact, note = _float64_outputs(model, signature, inputs) if float64 else (None, "no float64 reference asked for")
     exact = list(exact) if exact is not None else [None] * len(inputs)
+    varied = _perturbed_outputs(model, signature, inputs)
     probes, probe_notes = nonfinite_probes(model, signature, inputs[0]) if inputs else ([], [])
     for label, flat, out in probes:
         labels.append(label)
         inputs.append(flat)
         outputs.append(out)
         exact.append(None)
-    return Reference(tuple(labels), tuple(inputs), tuple(outputs), tuple(exact), note,
+    return Reference(tuple(labels), tuple(inputs), tuple(outputs), tuple(exact), note, tuple(varied),
                      probes=len(probes), probe_notes=tuple(probe_notes))
 
 
@@ -85,8 +94,16 @@ def nonfinite_probes(model: torch.nn.Module, signature: Signature, flat: Sequenc
         name = signature.inputs[i].name if i < len(signature.inputs) else f"input {i}"
         probed = x.detach().clone()
         view = probed.view(-1)
+        # at real positions only where a padding mask covers the input (what sits at padding is not the input)
+        judged = signature.judged(signature.inputs[i], flat, x) if i < len(signature.inputs) else None
+        places = np.flatnonzero(judged) if judged is not None else None
+        if places is not None and not places.size:
+            continue
         for where, value in PROBE_VALUES:
-            view[round(where * (view.numel() - 1))] = value
+            if places is None:
+                view[round(where * (view.numel() - 1))] = value
+            else:
+                view[int(places[round(where * (places.size - 1))])] = value
         inputs = list(flat)
         inputs[i] = probed
         try:
@@ -117,6 +134,22 @@ def eager_outputs(model: torch.nn.Module, signature: Signature, samples: Sequenc
                 raise InputError(f"{what} {label} makes the eager model fail ({type(e).__name__}: "
                                  f"{str(e)[:300]}); give samples the model accepts") from None
     return outputs
+
+
+def _perturbed_outputs(model: torch.nn.Module, signature: Signature,
+                       samples: Sequence[Sequence[Any]]) -> list[list[torch.Tensor] | None]:
+    """Per sample, eager's outputs under `roundoff.perturbed` (None for a sample it fails on)."""
+    eager = FlatModule(model, signature).eval()
+    varied: list[list[torch.Tensor] | None] = []
+    with torch.inference_mode(), unchanged_state(model):
+        for flat in track(samples, len(samples), "rounding noise"):
+            try:
+                varied.append(list(perturbed(lambda: eager(*flat))))
+            except CompilerError:
+                raise
+            except Exception:   # an operation the mode cannot run: that sample keeps eager's noise alone
+                varied.append(None)
+    return varied
 
 
 def _float64_outputs(model: torch.nn.Module, signature: Signature,

@@ -27,6 +27,7 @@ class Request:
     metric: Metric | None = None
     cache: Cache | None = None
     accept_traced_branches: bool = False
+    masks: Mapping[str, str] | None = None
     _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -40,6 +41,9 @@ class Request:
             raise InputError(f"validate must be True, False or 'warn', not {validate!r}")
         if metric is not None and (not isinstance(metric, Metric) or not validate):
             raise InputError("metric must be a compilers.Metric(fn, max_drop), and needs validate=True or 'warn'")
+        masks = options.get("masks")
+        if masks is not None and not (isinstance(masks, Mapping) and all(isinstance(k, str) for k in masks)):
+            raise InputError("masks must map input names to \"keep\" or \"pad\", e.g. {'attention_mask': 'keep'}")
         if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
             raise InputError(f"cache_dir {cache_dir} is a file; pass a directory (it is created if missing)")
         return cls(model, example_inputs, cache=None if cache_dir is None else Cache(cache_dir), **options)

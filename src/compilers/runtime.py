@@ -163,13 +163,23 @@ def nonfinite_refused(signature: Signature, target: Target,
 def check_finite(flat: list[Any], refused: tuple[tuple[int, str], ...], signature: Signature, target: Target) -> None:
     """InputError naming the first input of `refused` (from `nonfinite_refused`) that holds NaN or Inf."""
     for i, deviation in refused:
-        x = flat[i]
-        if not (np.isfinite(x).all() if isinstance(x, np.ndarray) else bool(torch.isfinite(x).all())):
+        if not _finite(flat[i]):
             raise InputError(
                 f"input {signature.inputs[i].name!r} holds NaN or Inf, which {target.name} computes otherwise than "
                 f"eager ({deviation}): it would return ordinary numbers. Replace them (e.g. torch.nan_to_num), or "
                 "accept what the engine computes: load(path, options={'nonfinite_inputs': 'allow'}), serving.toml "
                 "[engine] nonfinite_inputs = \"allow\", or a descriptor's [tolerance] nonfinite_inputs = \"allow\"")
+
+
+def _finite(x: Any) -> bool:
+    """Whether every element of an array or tensor is finite (numpy's check on CPU memory: a few microseconds
+    where torch's takes three times as long at batch 1)."""
+    if isinstance(x, torch.Tensor):
+        try:
+            x = x.numpy()    # CPU memory without grad, conjugate or negative bits, in a dtype numpy has
+        except (RuntimeError, TypeError):
+            return bool(torch.isfinite(x).all())
+    return bool(np.isfinite(x).all())
 
 
 def _as_numpy(x: torch.Tensor) -> np.ndarray:

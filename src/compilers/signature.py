@@ -179,6 +179,10 @@ class Signature:
     #: answer to rows run together equals its answer to each row run alone): only then may a server run several
     #: requests in one call. None: not known (no batch dim, or an artifact from before the check)
     batch_independent: bool | None = None
+    #: padding masks: input name -> "keep" (nonzero marks a real position: Hugging Face's attention_mask) or
+    #: "pad" (nonzero/True marks padding: PyTorch's key_padding_mask). An output that has the mask's (batch,
+    #: sequence) dims is judged at the real positions only (`judged`): nobody reads what a model leaves at padding
+    masks: Mapping[str, str] = field(default_factory=dict)
     _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -197,6 +201,44 @@ class Signature:
     def batch_axis(self, spec: TensorSpec) -> int | None:
         """Where the batch dim lies in an input's or output's shape; None if it has none."""
         return spec.shape.index(self.batch) if self.batch is not None and self.batch in spec.shape else None
+
+    def mask_axes(self, spec: TensorSpec) -> tuple[str, int, int] | None:
+        """(mask input, axis of its batch dim, axis of its sequence dim) in output `spec`, for the first mask
+        whose two dims the output has: dynamic dims by name, anywhere; a static sequence length only as the
+        output's leading (batch, sequence) dims of a rank-3-or-more output (per-token features), so that an
+        output that happens to have as many classes as the sequence has tokens is judged whole. None if no mask
+        covers the output."""
+        for name in self.masks:
+            mask = next((i for i in self.inputs if i.name == name), None)
+            if mask is None or len(mask.shape) != 2:
+                continue
+            batch, seq = mask.shape
+            if isinstance(batch, str) and isinstance(seq, str):
+                if batch != seq and batch in spec.shape and seq in spec.shape:
+                    return name, spec.shape.index(batch), spec.shape.index(seq)
+            elif len(spec.shape) >= 3 and tuple(spec.shape[:2]) == (batch, seq):
+                return name, 0, 1
+        return None
+
+    def judged(self, spec: TensorSpec, flat: Sequence[Any], value: Any) -> np.ndarray | None:
+        """Where output `spec` (whose value on inputs `flat` is `value`) is judged: a bool array of its shape,
+        True at the positions its padding mask marks real; None to judge it everywhere (no mask covers it, or
+        the sizes on this sample do not line up)."""
+        found = self.mask_axes(spec)
+        if found is None:
+            return None
+        name, batch_axis, seq_axis = found
+        mask = np.asarray(flat[self.input_names.index(name)])
+        shape = tuple(value.shape)
+        if mask.ndim != 2 or len(shape) <= max(batch_axis, seq_axis) or \
+                (shape[batch_axis], shape[seq_axis]) != mask.shape:
+            return None
+        real = mask != 0 if self.masks[name] == "keep" else mask == 0
+        if batch_axis > seq_axis:
+            real = real.T
+        view = [1] * len(shape)
+        view[batch_axis], view[seq_axis] = shape[batch_axis], shape[seq_axis]
+        return np.broadcast_to(real.reshape(view), shape)
 
     def describe_inputs(self) -> str:
         return ", ".join(f"{s.name}: {str(s.dtype).removeprefix('torch.')}{_fmt_shape(s.shape)}" for s in self.inputs)
@@ -357,6 +399,7 @@ class Signature:
             "batch": self.batch,
             "index_bounds": {k: list(v) for k, v in self.index_bounds.items()},
             "batch_independent": self.batch_independent,
+            "masks": dict(self.masks),
         }
 
     @classmethod
@@ -384,6 +427,7 @@ class Signature:
                           for k, v in from_json(dict[str, tuple[int, int, str] | tuple[int, str]],
                                                 d.get("index_bounds") or {}, f"{w}.index_bounds").items()},
             batch_independent=from_json(bool | None, d.get("batch_independent"), f"{w}.batch_independent"),
+            masks=from_json(dict[str, str], d.get("masks") or {}, f"{w}.masks"),
         )
         sig._check_consistent()
         return sig
@@ -412,6 +456,45 @@ class Signature:
         unknown = set(self.index_bounds) - {s.name for s in self.inputs}
         if unknown:
             raise ValueError(f"signature.index_bounds names no input {sorted(unknown)}")
+        problem = mask_problem(self.inputs, self.masks)
+        if problem:
+            raise ValueError(f"signature.masks: {problem}")
+
+
+#: input names taken for padding masks when compile is not told (`detect_masks`): (name part, meaning)
+MASK_NAMES = (("padding_mask", "pad"), ("attention_mask", "keep"), ("input_mask", "keep"))
+MASK_MEANINGS = ("keep", "pad")
+
+
+def detect_masks(inputs: Sequence[TensorSpec]) -> dict[str, str]:
+    """The padding masks among `inputs`: integer or bool inputs of rank 2 named like `attention_mask`
+    ("keep": nonzero marks a real token) or `key_padding_mask` ("pad": True marks padding)."""
+    found = {}
+    for spec in inputs:
+        if len(spec.shape) != 2 or spec.dtype.is_floating_point or spec.dtype.is_complex:
+            continue
+        leaf = spec.name.rsplit(".", 1)[-1].lower()
+        meaning = next((m for part, m in MASK_NAMES if part in leaf), None)
+        if meaning is not None:
+            found[spec.name] = meaning
+    return found
+
+
+def mask_problem(inputs: Sequence[TensorSpec], masks: Mapping[str, str]) -> str | None:
+    """What is wrong with `masks` for these inputs (None: nothing): each must name an integer or bool input of
+    rank 2 (batch, sequence) and say "keep" or "pad"."""
+    specs = {s.name: s for s in inputs}
+    for name, meaning in masks.items():
+        spec = specs.get(name)
+        if spec is None:
+            return f"{name!r} is no input (inputs: {', '.join(map(repr, specs))})"
+        if meaning not in MASK_MEANINGS:
+            return f"{name!r}: {meaning!r} is neither \"keep\" (nonzero marks a real position) nor \"pad\" " \
+                   "(nonzero marks padding)"
+        if len(spec.shape) != 2 or spec.dtype.is_floating_point or spec.dtype.is_complex:
+            return f"{name!r} is {str(spec.dtype).removeprefix('torch.')}{_fmt_shape(spec.shape)}; a padding mask " \
+                   "is an integer or bool input of shape (batch, sequence)"
+    return None
 
 
 def _fmt_shape(shape: Sequence[int | str]) -> str:

@@ -32,12 +32,14 @@ class Tolerance:
     """When a compiled output counts as equal to eager (see `validate.py` and the README's "Validation").
 
     fp32: `noise` (the default rule) lets the compiled output's error against a float64 eager run be at most
-    `noise` times eager fp32's own error, plus `floor` (relative to the output's size). Lossy precisions
+    `noise` times eager fp32's own error, or `perturbed` times that of eager with every operation's rounding
+    perturbed (`roundoff.py`), plus `floor` (relative to the output's size). Lossy precisions
     set `min_cosine` / `min_snr_db` per output instead (`noise` then defaults to off). `atol`/`rtol` add
     an element-wise check against eager (an element fails only if it exceeds both). Integer and bool
     outputs must agree on at least `min_int_agreement` of their elements."""
 
     noise: float | None = 5.0
+    perturbed: float = 2.0
     floor: float = 2e-7
     atol: float | None = None
     rtol: float | None = None
@@ -57,7 +59,7 @@ class Tolerance:
             raise TargetError(f"tolerance nonfinite_inputs = {self.nonfinite_inputs!r} must be \"refuse\" (a call with "
                               "NaN/Inf in an input whose NaN/Inf the engine computes otherwise than eager is an "
                               "InputError) or \"allow\" (it runs, and returns what the engine computes)")
-        for key in ("noise", "floor", "atol", "rtol", "min_int_agreement"):
+        for key in ("noise", "perturbed", "floor", "atol", "rtol", "min_int_agreement"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise TargetError(f"tolerance {key} = {value!r} must be a number >= 0")
