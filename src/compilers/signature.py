@@ -471,13 +471,18 @@ def detect_masks(inputs: Sequence[TensorSpec]) -> dict[str, str]:
     ("keep": nonzero marks a real token) or `key_padding_mask` ("pad": True marks padding)."""
     found = {}
     for spec in inputs:
-        if len(spec.shape) != 2 or spec.dtype.is_floating_point or spec.dtype.is_complex:
+        if not _maskable(spec):
             continue
         leaf = spec.name.rsplit(".", 1)[-1].lower()
         meaning = next((m for part, m in MASK_NAMES if part in leaf), None)
         if meaning is not None:
             found[spec.name] = meaning
     return found
+
+
+def _maskable(spec: TensorSpec) -> bool:
+    """Whether an input can be a padding mask: integer or bool, of shape (batch, sequence)."""
+    return len(spec.shape) == 2 and not (spec.dtype.is_floating_point or spec.dtype.is_complex)
 
 
 def mask_problem(inputs: Sequence[TensorSpec], masks: Mapping[str, str]) -> str | None:
@@ -491,7 +496,7 @@ def mask_problem(inputs: Sequence[TensorSpec], masks: Mapping[str, str]) -> str 
         if meaning not in MASK_MEANINGS:
             return f"{name!r}: {meaning!r} is neither \"keep\" (nonzero marks a real position) nor \"pad\" " \
                    "(nonzero marks padding)"
-        if len(spec.shape) != 2 or spec.dtype.is_floating_point or spec.dtype.is_complex:
+        if not _maskable(spec):
             return f"{name!r} is {str(spec.dtype).removeprefix('torch.')}{_fmt_shape(spec.shape)}; a padding mask " \
                    "is an integer or bool input of shape (batch, sequence)"
     return None
