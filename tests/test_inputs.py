@@ -47,6 +47,19 @@ def test_two_inputs_that_need_converting_keep_their_own_values(target):
         np.testing.assert_allclose(cm(a.T.copy().T, b.T.copy().T), a * 2 - b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_array_on_the_same_memory_in_another_layout_is_read_in_its_own(target):
+    # x and x.T start at the same address with the same shape and dtype: an engine that reuses an input binding
+    # by address must also compare the layout (OpenVINO binds memory once and reads it at every call)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    cm = compilers.compile(model, target, (torch.randn(2, 4),))
+    x = np.random.default_rng(2).standard_normal((4, 4), dtype=np.float32)
+    for arr in (x, x.T, x, x.T):
+        want = model(torch.from_numpy(arr.copy())).detach().numpy()
+        np.testing.assert_allclose(cm(arr), want, rtol=1e-5, atol=1e-6)
+
+
 def test_tensors_without_dense_data_are_input_errors(mlp):
     x = torch.randn(2, 6)
     for bad, match in ((x.to("meta"), "meta device"), (x.to_sparse(), "sparse_coo")):

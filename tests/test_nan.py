@@ -166,6 +166,32 @@ def test_a_call_with_nan_where_openvino_computes_it_otherwise_is_an_input_error(
         compilers.load(path, options={"nonfinite_inputs": "maybe"})
 
 
+def test_the_finite_check_is_exact_at_the_edges():
+    """`_finite` takes x.x as its fast answer: NaN/Inf anywhere make it non-finite, and an x.x that overflows
+    from finite values (1e30 squared in float32, 300 squared in float16) falls to the exact check, not a refusal."""
+    import numpy as np
+    from compilers.runtime import _finite
+    for dtype in (np.float16, np.float32, np.float64):
+        big = np.finfo(dtype).max
+        assert _finite(np.full((3, 5), big / 2, dtype)) and _finite(np.zeros((0, 4), dtype))
+        for bad in (np.nan, np.inf, -np.inf):
+            x = np.full((3, 5), big / 2, dtype)
+            x[2, 4] = bad
+            assert not _finite(x) and not _finite(x[:, ::2].T)   # also on a strided view
+            assert not _finite(torch.from_numpy(x))
+    assert _finite(torch.full((2, 3), 1e30, requires_grad=True)) and _finite(torch.ones(3, dtype=torch.bfloat16))
+    assert not _finite(torch.tensor([1.0, float("nan")], dtype=torch.bfloat16))
+
+
+def test_large_finite_inputs_are_not_refused_as_nonfinite(saturating):
+    pytest.importorskip("openvino")
+    model, x = saturating
+    cm = compilers.compile(model, "openvino-cpu", (x,))
+    big = torch.full_like(x, 1e30)                  # finite, but its squares overflow float32
+    for got, want in zip(cm(big), model(big)):
+        torch.testing.assert_close(got, want)
+
+
 def test_nan_inputs_stay_allowed_where_they_propagate_as_in_eager(saturating):
     model, x = saturating
     cm = compilers.compile(model, "ort-cpu", (x,))

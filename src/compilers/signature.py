@@ -119,15 +119,19 @@ class Tree:
     spec: pytree.TreeSpec
     leaves: tuple[Leaf, ...]
     _sized: bool = field(default=False, init=False, compare=False, repr=False)   # holds a torch.Size node
+    _single: int | None = field(default=None, init=False, compare=False, repr=False)  # the slot of a lone tensor
 
     def __post_init__(self):
         object.__setattr__(self, "_sized", _holds_size(self.spec))
+        object.__setattr__(self, "_single", self.leaves[0].index if self.is_single_tensor else None)
 
     @property
     def is_single_tensor(self) -> bool:
         return self.spec.is_leaf() and self.leaves[0].index is not None
 
     def build(self, values: Sequence[Any]) -> Any:
+        if self._single is not None:   # the common case, without pytree's walk (several microseconds a call)
+            return values[self._single]
         leaves = [l.get(values) for l in self.leaves]
         if self._sized:       # pytree rebuilds a torch.Size as a plain tuple; eager returns a Size
             return _unflatten(iter(leaves), self.spec)

@@ -196,15 +196,20 @@ class OpenVinoEngine(Engine):
                                  "that need 64 bits")
         bound, converted = local.bound, []
         for i, x in enumerate(inputs):   # shares the arrays' memory: no copy of the inputs
-            if not (x.flags.c_contiguous and x.flags.writeable):   # OpenVINO shares only writable memory
+            # The request reads an input's memory when infer() runs: a tensor set on the same address with the
+            # same layout already reads this array, and setting a new one costs several microseconds. One
+            # __array_interface__ gives the address, the read-only flag, shape, strides (None: C order) and type.
+            where = _layout(x)
+            if bound[i] == where:
+                continue
+            if where[2] is not None or where[0][1]:   # OpenVINO shares only C-ordered writable memory
                 x = np.array(x, order="C")
                 converted.append(x)      # alive until infer() has read it: a freed copy's memory goes to the next
-            # The request reads an input's memory when infer() runs: a tensor set on the same address with the
-            # same shape and dtype already reads this array, and setting a new one costs several microseconds.
-            where = (x.ctypes.data, x.shape, x.dtype)
-            if bound[i] != where:
-                request.set_input_tensor(i, self._tensor(x, shared_memory=True))
-                bound[i] = where
+                where = _layout(x)
+                if bound[i] == where:
+                    continue
+            request.set_input_tensor(i, self._tensor(x, shared_memory=True))
+            bound[i] = where
         request.infer()
         del converted
         # the request reuses its output buffers on the next call: hand out copies
@@ -276,6 +281,12 @@ class OpenVinoEngine(Engine):
             "config": {k: _text(self.compiled.get_property(k)) for k in
                        ("INFERENCE_PRECISION_HINT", "PERFORMANCE_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS")},
         }
+
+
+def _layout(x: np.ndarray) -> tuple:
+    """((address, read-only), shape, strides or None for C order, type string) of an array's memory."""
+    face = x.__array_interface__
+    return face["data"], face["shape"], face["strides"], face["typestr"]
 
 
 def _canonical(precision: str) -> str:
