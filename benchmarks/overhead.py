@@ -8,13 +8,21 @@
    deviation (OpenVINO: relu(NaN) = 0), `cm(x)` with the check (the default) against the same engine with it
    off (`nonfinite_inputs = "allow"`), interleaved. Reported, with the overhead of 1. still held to 25 us.
 
-    .venv/bin/python benchmarks/overhead.py [--json out.json]
+4. `--against REV`: only 1., for this tree and for git revision REV (a temporary worktree), in alternating
+   processes, three rounds each: on a host whose timings drift between runs, a change's cost shows as the
+   difference between the two columns of one run, not against a figure recorded on another day or machine.
+
+    .venv/bin/python benchmarks/overhead.py [--json out.json] [--against REV]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -24,7 +32,7 @@ OVERHEAD_LIMIT_US = 25.0
 TARGETS = ("ort-cpu", "openvino-cpu", "torchscript-cpu", "inductor-cpu")
 
 
-def call_overhead() -> tuple[bool, compilers.Benchmark]:
+def call_overhead() -> tuple[bool, compilers.Benchmark, dict[str, compilers.CompiledModel], object]:
     import mlp as tiny
     parts = tiny.factory()
     mlp, (x,) = parts["model"], parts["example_inputs"]
@@ -56,10 +64,43 @@ def minilm_speed() -> tuple[bool, compilers.Benchmark]:
     return timed.speedup("ort-cpu") >= 1.0, timed
 
 
+def against(rev: str, rounds: int = 3) -> int:
+    """Print the call overhead per target of this tree's package and of `rev`'s, measured in alternating
+    processes (this script with PYTHONPATH on each tree's src/); medians over the rounds."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        other = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(other), rev], check=True,
+                       capture_output=True)
+        try:
+            trees = {"this tree": root / "src", rev: other / "src"}
+            got: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
+            for _ in range(rounds):
+                for name, src in trees.items():
+                    run = subprocess.run([sys.executable, __file__, "--overhead-only"], capture_output=True, text=True,
+                                         env={**os.environ, "PYTHONPATH": str(src)}, check=True)
+                    got[name].append(json.loads(run.stdout.splitlines()[-1]))
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(other)], capture_output=True)
+    print(f"call overhead, 64-wide MLP, batch 1, median of {rounds} alternating processes per tree (us):")
+    print(f"{'target':18s}" + "".join(f"{name:>14s}" for name in trees))
+    for target in got["this tree"][0]:
+        print(f"{target:18s}" + "".join(f"{statistics.median(r[target] for r in got[name]):14.1f}" for name in trees))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--against", metavar="REV", help="only the call overhead, of this tree and of git revision REV")
+    ap.add_argument("--overhead-only", action="store_true", help=argparse.SUPPRESS)   # one process of --against
     a = ap.parse_args()
+    if a.against:
+        return against(a.against)
+    if a.overhead_only:
+        _, over, cms, _ = call_overhead()
+        print(json.dumps({t: over.overhead_us(t, 1) for t in cms}))
+        return 0
     ok_o, over, cms, x = call_overhead()
     print(f"call overhead, 64-wide MLP, batch 1 (limit {OVERHEAD_LIMIT_US:.0f} us per target):\n{over}")
     for name in over.names:

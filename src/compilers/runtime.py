@@ -50,10 +50,7 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)
-        refused = self._refused()
-        if refused:
-            self._check_finite(flat, refused)
-        return self.signature.unflatten(self.run_flat(flat))
+        return self.signature.unflatten(self.run_flat(flat, refuse_nonfinite=self._refused()))
 
     def check_inputs(self, flat: list[Any]) -> None:
         """InputError unless `flat` are inputs this model takes: the Signature's checks, and no NaN/Inf where the
@@ -73,20 +70,24 @@ class CompiledModel:
     def _check_finite(self, flat: list[Any], refused: tuple[tuple[int, str], ...]) -> None:
         check_finite(flat, refused, self.signature, self.target)
 
-    def run_flat(self, flat: list[Any]) -> list[Any]:
+    def run_flat(self, flat: list[Any], refuse_nonfinite: tuple[tuple[int, str], ...] = ()) -> list[Any]:
         """Run on checked flat inputs; outputs come back as torch tensors on the inputs' device (numpy
         arrays for numpy inputs), in the eager model's dtypes. CPU tensors and numpy arrays are handed
-        over without copies; a torch engine gets tensors on its own device."""
+        over without copies; a torch engine gets tensors on its own device. `refuse_nonfinite`
+        (`nonfinite_refused`): inputs checked for NaN/Inf on the arrays the engine gets (one conversion)."""
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None)
         if device is None and not self._numpy_outputs:
             raise InputError(f"the model gives {', '.join(str(s.dtype) for s in self.signature.outputs)} outputs; "
                              "numpy has no bfloat16, so call it with torch tensors, not numpy arrays")
         try:
             if self._numpy_engine:
-                outs = self._run([_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat])
+                arrays = [_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat]
             else:
-                outs = self._run([torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
-                                  else x.to(self._engine_device) for x in flat])
+                arrays = [torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
+                          else x.to(self._engine_device) for x in flat]
+            if refuse_nonfinite:
+                self._check_finite(arrays, refuse_nonfinite)
+            outs = self._run(arrays)
         except CompilerError:
             raise
         except Exception as e:

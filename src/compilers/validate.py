@@ -275,35 +275,10 @@ def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = Non
 
     failures = []
     if tol.noise is not None:
-        # half-precision outputs (a model computing in fp16/bf16 itself) carry their own dtype's rounding noise
-        scale = _EPS_RATIO.get(dtype, 1.0)
-        noise, max_noise = _relative(r64 - x64, x64) if x64 is not None else (math.inf, math.inf)
-        if noise <= min(MAX_FP32_NOISE * scale, 0.05):   # the noise rule: vs float64, against eager's own distance
-            error, max_error = _relative(g64 - x64, x64)
-            rule = "noise"
-        else:                 # the scaled rule: compiled vs eager, against an assumed rounding noise of the dtype
-            error, max_error = _relative(diff, r64)
-            noise, max_noise = SCALED_NOISE[0] * scale, SCALED_NOISE[1] * scale
-            rule = "scaled"
-        allowed, max_allowed = tol.noise * noise, 2 * tol.noise * max_noise
-        order_noise = None
-        if varied is not None and _as_numpy(varied).shape == r.shape:
-            v64 = _as_numpy(varied).astype(np.float64)[finite]
-            base = x64 if rule == "noise" else r64
-            if np.isfinite(v64).all():
-                order_noise, order_max = _relative(v64 - base, base)
-                allowed = max(allowed, tol.perturbed * order_noise)
-                max_allowed = max(max_allowed, 2 * tol.perturbed * order_max)
-        allowed, max_allowed = allowed + tol.floor, max_allowed + tol.floor
-        if error > allowed:
-            kind = "fp32" if scale == 1.0 else dtype
-            order = "" if order_noise is None else f", or {tol.perturbed:g}x perturbed-rounding noise {order_noise:.1e},"
-            failures.append(f"error {error:.2e} > {allowed:.2e} allowed ({tol.noise:g}x {kind} noise {noise:.1e}"
-                            f"{order} + {tol.floor:g})")
-        elif max_error > max_allowed:
-            failures.append(f"worst element error {max_error:.2e} > {max_allowed:.2e} allowed")
-        row.update(rule=rule, error=error, noise=noise if rule == "noise" else None, order_noise=order_noise,
-                   allowed=allowed, max_error=max_error, max_allowed=max_allowed)
+        fields, failure = _noise_rule(tol, dtype, r.shape, r64, g64, x64, diff, varied, finite)
+        row.update(fields)
+        if failure:
+            failures.append(failure)
     else:
         error, max_error = _relative(diff, r64)
         row.update(rule="lossy", error=error, max_error=max_error)
@@ -318,6 +293,43 @@ def check_output(name: str, ref: Any, got: Any, tol: Tolerance, exact: Any = Non
     if tol.min_snr_db is not None and snr < tol.min_snr_db:
         failures.append(f"SNR {snr:.1f} dB < {tol.min_snr_db}")
     return OutputCheck(**row, failure="; ".join(failures) or None)
+
+
+def _noise_rule(tol: Tolerance, dtype: str, shape: tuple, r64: np.ndarray, g64: np.ndarray, x64: np.ndarray | None,
+                diff: np.ndarray, varied: Any, finite: np.ndarray) -> tuple[dict[str, Any], str | None]:
+    """The fp32 rule (README "Validation") on one output's finite elements: the compiled error against float64
+    within `noise`x eager's own (or `perturbed`x eager's under perturbed rounding) + `floor`; the scaled rule
+    where eager's own noise is too large to measure by. The OutputCheck fields it sets, and the failure or None."""
+    # half-precision outputs (a model computing in fp16/bf16 itself) carry their own dtype's rounding noise
+    scale = _EPS_RATIO.get(dtype, 1.0)
+    noise, max_noise = _relative(r64 - x64, x64) if x64 is not None else (math.inf, math.inf)
+    if noise <= min(MAX_FP32_NOISE * scale, 0.05):   # the noise rule: vs float64, against eager's own distance
+        error, max_error = _relative(g64 - x64, x64)
+        rule = "noise"
+    else:                 # the scaled rule: compiled vs eager, against an assumed rounding noise of the dtype
+        error, max_error = _relative(diff, r64)
+        noise, max_noise = SCALED_NOISE[0] * scale, SCALED_NOISE[1] * scale
+        rule = "scaled"
+    allowed, max_allowed = tol.noise * noise, 2 * tol.noise * max_noise
+    failure = None   # or what went over
+    order_noise = None
+    if varied is not None and _as_numpy(varied).shape == shape:
+        v64 = _as_numpy(varied).astype(np.float64)[finite]
+        base = x64 if rule == "noise" else r64
+        if np.isfinite(v64).all():
+            order_noise, order_max = _relative(v64 - base, base)
+            allowed = max(allowed, tol.perturbed * order_noise)
+            max_allowed = max(max_allowed, 2 * tol.perturbed * order_max)
+    allowed, max_allowed = allowed + tol.floor, max_allowed + tol.floor
+    if error > allowed:
+        kind = "fp32" if scale == 1.0 else dtype
+        order = "" if order_noise is None else f", or {tol.perturbed:g}x perturbed-rounding noise {order_noise:.1e},"
+        failure = (f"error {error:.2e} > {allowed:.2e} allowed ({tol.noise:g}x {kind} noise {noise:.1e}"
+                   f"{order} + {tol.floor:g})")
+    elif max_error > max_allowed:
+        failure = f"worst element error {max_error:.2e} > {max_allowed:.2e} allowed"
+    return dict(rule=rule, error=error, noise=noise if rule == "noise" else None, order_noise=order_noise,
+                allowed=allowed, max_error=max_error, max_allowed=max_allowed), failure
 
 
 def _worst(a: OutputCheck, b: OutputCheck) -> OutputCheck:
