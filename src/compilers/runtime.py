@@ -177,7 +177,7 @@ def _finite(x: Any) -> bool:
     """Whether every element of an array or tensor is finite. x.x (BLAS's dot) is finite only when every element
     is: NaN and Inf carry through, and a sum of squares is never NaN; so finite settles it, and only Inf (an
     overflow, or a real Inf) takes the exact check. One call with no temporary array: right after an engine's
-    call it costs a third of np.isfinite(x).all(), and a tenth of torch's check (benchmarks/overhead.py)."""
+    call it took a third of np.isfinite(x).all()'s time, a tenth of torch's, in a one-off loop (2026-12-04)."""
     if isinstance(x, torch.Tensor):
         try:
             x = x.numpy()    # CPU memory without grad, conjugate or negative bits, in a dtype numpy has
