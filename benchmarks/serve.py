@@ -47,11 +47,14 @@ ROOT = Path(tempfile.mkdtemp(prefix="compilers-serve-bench-"))
 class Server:
     """`compilers serve REPO` in a child process on a free loopback port; ready when /v2/health/ready is 200."""
 
-    def __init__(self, repo: Path):
+    def __init__(self, repo: Path, *flags: str, nofile: int | None = None):
+        """`flags`: more `compilers serve` flags; `nofile`: the server's open-file limit (ulimit -n)."""
+        import resource
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
+        limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.process = subprocess.Popen([sys.executable, "-m", "compilers.cli", "serve", str(repo), "--port",
-                                         str(self.port), "--log-level", "warning"])
+                                         str(self.port), "--log-level", "warning", *flags], preexec_fn=limit)
         deadline = time.monotonic() + 300
         while True:
             try:

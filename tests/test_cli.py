@@ -174,3 +174,14 @@ def test_the_installed_command_exits_2_without_a_traceback(workdir):
     r = subprocess.run([sys.executable, "-m", "compilers.cli", "compile", "factory.py:raises", "-t", "ort-cpu",
                         "-o", "art"], capture_output=True, text=True, cwd=workdir)
     assert r.returncode == 2 and one_paragraph(r.stderr) and "raised ValueError" in r.stderr
+
+
+def test_serve_limits_are_checked_and_not_silently_dropped_on_ray(tmp_path, capsys):
+    """The connection and body limits of `compilers serve`: a bad value names its flag; with --ray, where Ray
+    Serve's proxy holds the connections, a limit given is an error rather than ignored."""
+    for flags, words in ((["--body-timeout", "0"], "--body-timeout: must be positive"),
+                         (["--max-connections", "0"], "--max-connections: must be at least 1"),
+                         (["--max-body-mb", "-1"], "--max-body-mb must be positive"),
+                         (["--ray", "--max-body-mb", "8"], "--max-body-mb sets a limit of compilers serve's own")):
+        code, _, err = run(capsys, "serve", str(tmp_path), *flags)
+        assert code == 2 and words in err and one_paragraph(err), err

@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 DIGEST_PREFIX = "sha256:"
 #: a manifest larger than this is not one (the largest real ones, with big reports, are a few hundred KiB)
 MAX_MANIFEST_BYTES = 16 << 20
+#: a manifest nests no deeper than this (a real one nests under 20; a model's outputs nested 90 deep reach it)
+MAX_MANIFEST_DEPTH = 200
 #: names quoted at most in one message (a directory of 100,000 stray files gives a short error)
 _QUOTED = 5
 _ATTEMPTS = 40      # reads of an artifact that a concurrent save keeps replacing, before giving up
@@ -192,6 +194,17 @@ def _read_manifest(path: Path) -> bytes | None:
     return data
 
 
+def _nests_deeper(value: Any, depth: int) -> bool:
+    """Whether parsed JSON nests more than `depth` lists / objects deep (walked level by level, no recursion)."""
+    level = [value]
+    for _ in range(depth + 1):
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            return False
+        level = [child for v in containers for child in (v.values() if isinstance(v, dict) else v)]
+    return True
+
+
 def _kind(mode: int) -> str:
     kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
@@ -199,13 +212,20 @@ def _kind(mode: int) -> str:
 
 
 def _parse_manifest(path: Path, raw: bytes) -> dict[str, Any]:
+    deeper = f"{path / MANIFEST} is corrupt: its JSON nests deeper than any manifest does; re-save or fetch the " \
+             "artifact again"
     try:
         manifest = json.loads(raw.decode())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path / MANIFEST} is corrupt: {str(e)[:200]}") from None
+        raise ArtifactError(f"{path / MANIFEST} is corrupt: {str(e)[:200]}; re-save or fetch the artifact "
+                            "again") from None
     except RecursionError:
-        raise ArtifactError(f"{path / MANIFEST} is corrupt: its JSON nests deeper than any manifest does; "
+        raise ArtifactError(deeper) from None
+    except ValueError:            # a number of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ArtifactError(f"{path / MANIFEST} is corrupt: it holds a number longer than any manifest's; "
                             "re-save or fetch the artifact again") from None
+    if _nests_deeper(manifest, MAX_MANIFEST_DEPTH):   # what reads it later (signature, treespec) recurses
+        raise ArtifactError(deeper)
     version = manifest.get("format_version", 0) if isinstance(manifest, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(version, int) \
             or version > FORMAT_VERSION:

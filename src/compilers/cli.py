@@ -303,12 +303,24 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise InputError(f"compilers serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'compilers[serve]'") from None
+    from .serve.limits import Limits
     from .serve.repository import Repository
     if a.max_body_mb <= 0:
         raise InputError(f"--max-body-mb must be positive, not {a.max_body_mb}")
+    try:
+        limits = Limits(max_body_bytes=int(a.max_body_mb * (1 << 20)), max_connections=a.max_connections,
+                        header_timeout=a.header_timeout, body_timeout=a.body_timeout, idle_timeout=a.idle_timeout)
+    except ValueError as e:
+        flag = "--" + str(e).split()[0].removeprefix("Limits.").replace("_", "-")
+        raise InputError(f"{flag}: {str(e).split(' ', 1)[1]}") from None
     if a.address and not a.ray:
         raise InputError("--address is the Ray cluster to join; it needs --ray")
     if a.ray:
+        given = [f for f in ("max_body_mb", "max_connections", "header_timeout", "body_timeout", "idle_timeout")
+                 if getattr(a, f) != parser().parse_args(["serve", "REPO"]).__dict__[f]]
+        if given:
+            raise InputError(f"--{given[0].replace('_', '-')} sets a limit of compilers serve's own HTTP server; on "
+                             "Ray Serve, connections are its HTTP proxy's (http_options) and bodies the defaults")
         try:
             from .serve.ray import serve_on_ray
         except ImportError as e:
@@ -317,8 +329,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         Repository(a.repository)                      # a missing directory is an error before Ray starts
         serve_on_ray(a.repository, a.host, a.port, address=a.address)
         return 0
-    serve(Repository(a.repository), a.host, a.port, max_body_bytes=int(a.max_body_mb * (1 << 20)),
-          log_level=a.log_level)
+    serve(Repository(a.repository), a.host, a.port, limits=limits, log_level=a.log_level)
     return 0
 
 
@@ -386,7 +397,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("repository", metavar="REPO", help="directory of REPO/<model>/<version>/ artifacts")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--max-body-mb", type=float, default=64, help="largest request body accepted (default 64 MiB)")
+    s.add_argument("--max-body-mb", type=float, default=64, help="largest request body accepted (default 64 MiB); "
+                                                                 "a model's own limit (max_batch_size rows) is lower")
+    s.add_argument("--max-connections", type=int, help="open connections at most; beyond, the longest idle one is "
+                                                        "closed (default: 7/8 of the open-file limit)")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers (default 10)")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="longest pause in a request body, seconds "
+                                                                    "(default 30)")
+    s.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may idle "
+                                                                   "(default 5)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--ray", action="store_true", help="serve on Ray Serve: a deployment per model version, "
                                                       "replicas and autoscaling from serving.toml [replicas]")

@@ -22,7 +22,7 @@ from .records import from_json
 from .reference import probe_label
 from .report import Report
 from .settings import runtime_options
-from .signature import Signature, numpy_dtype
+from .signature import Signature, numpy_dtype, to_numpy, to_torch
 from .target import Target
 from .validate import ValidationReport
 
@@ -43,7 +43,7 @@ class CompiledModel:
         self._numpy_engine = engine.array_kind == "numpy"
         self._engine_device = torch.device(engine.device)
         self._out_dtypes = [s.dtype for s in signature.outputs]
-        self._out_np_dtypes = [numpy_dtype(s.dtype) for s in signature.outputs]     # None: numpy has none (bf16)
+        self._out_np_dtypes = [numpy_dtype(s.dtype) for s in signature.outputs]     # None: numpy has none
         self._numpy_outputs = None not in self._out_np_dtypes
         self._run = engine.run if engine.thread_safe else _serialized(engine.run)
         self._refusals: tuple[Any, Any, tuple] = (None, None, ())      # (validation, target, nonfinite_refused)
@@ -77,13 +77,14 @@ class CompiledModel:
         (`nonfinite_refused`): inputs checked for NaN/Inf on the arrays the engine gets (one conversion)."""
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None)
         if device is None and not self._numpy_outputs:
-            raise InputError(f"the model gives {', '.join(str(s.dtype) for s in self.signature.outputs)} outputs; "
-                             "numpy has no bfloat16, so call it with torch tensors, not numpy arrays")
+            lacking = sorted({str(s.dtype) for s, d in zip(self.signature.outputs, self._out_np_dtypes) if d is None})
+            raise InputError(f"the model gives {', '.join(lacking)} outputs, which numpy has no dtype for; call it "
+                             "with torch tensors, not numpy arrays")
         try:
             if self._numpy_engine:
                 arrays = [_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat]
             else:
-                arrays = [torch.from_numpy(x).to(self._engine_device) if isinstance(x, np.ndarray)
+                arrays = [to_torch(x).to(self._engine_device) if isinstance(x, np.ndarray)
                           else x.to(self._engine_device) for x in flat]
             if refuse_nonfinite:
                 self._check_finite(arrays, refuse_nonfinite)
@@ -94,9 +95,9 @@ class CompiledModel:
             raise self._engine_error(flat, e) from e
         if self._numpy_engine:
             if device is not None:
-                outs = [torch.from_numpy(o) for o in outs]
+                outs = [to_torch(o) for o in outs]
         elif device is None:
-            outs = [o.detach().cpu().numpy() for o in outs]
+            outs = [to_numpy(o.detach().cpu()) for o in outs]
         if device is not None:
             return [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
                     for o, dt in zip(outs, self._out_dtypes)]
@@ -118,7 +119,7 @@ class CompiledModel:
         if self._numpy_engine:
             flat = [_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat]
         else:
-            flat = [torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in flat]
+            flat = [to_torch(x) if isinstance(x, np.ndarray) else x for x in flat]
             flat = [x.to(self._engine_device) for x in flat]
         return self.engine.raw_call(flat)
 
@@ -189,9 +190,9 @@ def _finite(x: Any) -> bool:
 def _as_numpy(x: torch.Tensor) -> np.ndarray:
     """A CPU tensor's memory as a numpy array (a copy for a tensor on another device)."""
     try:
-        return x.numpy()
+        return to_numpy(x)
     except (RuntimeError, TypeError):   # a tensor that requires grad, or lives on another device
-        return x.detach().cpu().numpy()
+        return to_numpy(x.detach().cpu())
 
 
 def _serialized(run: Any) -> Any:

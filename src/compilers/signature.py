@@ -13,6 +13,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 import torch
 from torch.utils import _pytree as pytree
@@ -25,13 +26,42 @@ from .target import DimRange
 JSON_SCALARS = (type(None), bool, int, float, str)
 
 
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)     # numpy's bfloat16 (ml_dtypes, a dependency of onnx)
+
+
 @functools.lru_cache(maxsize=64)
 def numpy_dtype(dtype: torch.dtype) -> np.dtype | None:
-    """The numpy dtype of a torch dtype; None for one numpy lacks (bfloat16)."""
+    """The numpy dtype of a torch dtype (bfloat16: ml_dtypes'); None for one numpy lacks."""
+    if dtype == torch.bfloat16:
+        return BFLOAT16
     try:
         return torch.empty((), dtype=dtype).numpy().dtype
     except TypeError:
         return None
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype | None:
+    """The torch dtype of a numpy dtype (ml_dtypes' bfloat16 included); None for one torch lacks."""
+    if dtype == BFLOAT16:
+        return torch.bfloat16
+    try:
+        return torch.from_numpy(np.empty(0, dtype)).dtype
+    except (TypeError, ValueError):       # object, string, non-native byte order
+        return None
+
+
+def to_torch(x: np.ndarray) -> torch.Tensor:
+    """A numpy array as a CPU tensor sharing its memory (bfloat16 included)."""
+    if x.dtype == BFLOAT16:
+        return torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(x)
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor (no grad) as a numpy array sharing its memory (bfloat16 included)."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(BFLOAT16)
+    return x.numpy()
 
 
 @dataclass(frozen=True)
@@ -355,8 +385,10 @@ class Signature:
                                      f"(e.g. x.to_dense())")
                 dtype = value.dtype
             elif isinstance(value, np.ndarray):
-                dtype = spec.dtype if value.dtype == numpy_dtype(spec.dtype) else \
-                    torch.from_numpy(value[:0] if value.ndim else value.reshape(1)[:0]).dtype
+                dtype = spec.dtype if value.dtype == numpy_dtype(spec.dtype) else torch_dtype(value.dtype)
+                if dtype is None:
+                    raise InputError(f"input {spec.name!r}: numpy dtype {value.dtype} has no torch dtype, expected "
+                                     f"{str(spec.dtype).removeprefix('torch.')}")
             else:
                 raise InputError(f"input {spec.name!r}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
             if dtype != spec.dtype:

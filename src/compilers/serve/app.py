@@ -10,48 +10,61 @@
     GET  /metrics                                            Prometheus metrics
 
 Errors are `{"error": message}`: 400 for a bad request (the InputError a Python caller would get), or a
-failed load; 404 for an unknown model or version; 503 when the model is not loaded or its queue is full
-(retry); 500 for an engine failure. No request can stop the server.
+failed load; 404 for an unknown model or version; 503 when the model is not loaded, its queue is full or the
+server holds as many request bodies as it may (retry); 500 for an engine failure. No request can stop the server.
+
+The event loop only routes: a body is refused from its headers when it is larger than any valid request for its
+model could be (`limits.request_bytes`) before a byte of it is read, large bodies are decoded and large answers
+encoded on worker threads, and the bodies held at once are bounded (`limits.BodyBudget`).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import weakref
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import CompilerError, ConfigError, InputError
 from ..host import own_version
 from .batcher import QueueFull, alone
+from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits, request_bytes
 from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
-from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
+from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel, Version
 
 log = logging.getLogger("compilers")
 
-MAX_BODY_BYTES = 64 << 20
-DECODE_IN_LOOP = 64 << 10       # bodies this large or larger are decoded on a worker thread
+DECODE_IN_LOOP = 64 << 10       # bodies this large or larger are decoded on the codec thread
+ENCODE_IN_LOOP = 1 << 14        # answers of this many elements or more are encoded on the codec thread
 _VERSION = own_version()
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _STATUS = ((InputError, 400), (LoadFailed, 400), (ConfigError, 400), (UnknownModel, 404), (NotReady, 503),
-           (QueueFull, 503), (Unavailable, 503))
+           (QueueFull, 503), (Unavailable, 503), (Busy, 503))
 
 
-def create_app(repository: str | Repository | ModelService, *, max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+class Disconnected(CompilerError):
+    """The client closed its connection before its request body had arrived (nobody reads the answer)."""
+
+
+def create_app(repository: str | Repository | ModelService, *, limits: Limits = Limits()) -> Starlette:
     """The server app for a model repository (a path, a Repository, or a ModelService to share). Models load
-    when the app starts (its lifespan) and drain when it stops."""
+    when the app starts (its lifespan) and drain when it stops. `limits`: the bodies it takes (the connection
+    limits are the HTTP protocol's, set by `server.serve` / `server.running`)."""
     if isinstance(repository, ModelService):
         service = repository
     else:
         service = ModelService(repository if isinstance(repository, Repository) else Repository(repository))
-    api = _Routes(service, max_body_bytes)
+    api = _Routes(service, limits)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -60,6 +73,7 @@ def create_app(repository: str | Repository | ModelService, *, max_body_bytes: i
             yield
         finally:
             await service.stop()
+            api.codec_thread.shutdown(wait=False)
 
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
@@ -83,6 +97,9 @@ def create_app(repository: str | Repository | ModelService, *, max_body_bytes: i
 def _error(request: Request, exc: Exception) -> Response:
     """The answer to a request that raised: 4xx/503 with the message, where the repository's place on this
     machine reads REPO (clients name models, not paths); 500 with no detail, which goes to the log."""
+    if isinstance(exc, Disconnected):
+        log.info("%s", exc)
+        return Response(status_code=400)
     for kind, status in _STATUS:
         if isinstance(exc, kind):
             headers = {"retry-after": "1"} if status == 503 else None
@@ -94,16 +111,19 @@ def _error(request: Request, exc: Exception) -> Response:
 
 
 def _public(request: Request, message: str) -> str:
-    root = request.app.state.service.repository.path
-    for form in {str(root.resolve()), str(root.absolute()), str(root)} - {"", "."}:
-        message = message.replace(form, "REPO")
-    return message
+    return request.app.state.service.public(message)
 
 
 class _Routes:
-    def __init__(self, service: ModelService, max_body_bytes: int):
+    def __init__(self, service: ModelService, limits: Limits):
         self.service = service
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.bodies = BodyBudget(limits.bodies_bytes, limits.body_wait)
+        # JSON parsing and writing hold the GIL: one thread for them, so that the event loop is the only other
+        # thread waiting for it between the pieces they work in (with a thread per request, three large JSON
+        # answers at once stalled the loop 74-90 ms; with one, 46 ms: benchmarks/flood.py answers)
+        self.codec_thread = ThreadPoolExecutor(1, thread_name_prefix="compilers-codec")
+        self._request_bytes: weakref.WeakKeyDictionary[Version, int | None] = weakref.WeakKeyDictionary()
 
     # -- health and metadata ----------------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -148,11 +168,13 @@ class _Routes:
         name = request.path_params["name"]
         try:
             number = _version(request)
-            body = await self._body(request)
-            started = time.perf_counter()
-            header = request.headers.get(HEADER_LENGTH)
-            decoded = decode_request(body, header) if len(body) < DECODE_IN_LOOP else \
-                await asyncio.to_thread(decode_request, body, header)   # a big body must not stall other requests
+            limit, takes = self._infer_limit(name, number)
+            async with self._received(request, limit, takes) as body:
+                started = time.perf_counter()
+                header = request.headers.get(HEADER_LENGTH)
+                decoded = decode_request(body, header) if len(body) < DECODE_IN_LOOP else \
+                    await self._codec(decode_request, body, header)   # a big body must not stall other requests
+                del body
         except InputError:                 # counted for a model served here (no series for made-up names)
             model = self.service.models.get(name)
             if model is not None:
@@ -162,35 +184,64 @@ class _Routes:
             raise
         served, outputs = await self.service.infer(name, number, decoded.inputs, decoded.outputs)
         specs = served.signature.outputs
-        content, headers = encode_response(name, served.number, decoded, dict(zip((s.name for s in specs), outputs)),
-                                           specs)
+        encode = functools.partial(encode_response, name, served.number, decoded,
+                                   dict(zip((s.name for s in specs), outputs)), specs)
+        content, headers = encode() if sum(x.size for x in outputs) < ENCODE_IN_LOOP else await self._codec(encode)
         self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)
         return Response(content, headers=headers)
 
-    async def _body(self, request: Request) -> bytes:
-        """The request body, decompressed (gzip / deflate), refused beyond the size limit."""
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise InputError(f"the request body is {int(declared)} bytes, more than this server takes "
-                             f"({self.max_body_bytes}); send fewer samples per request or raise --max-body-mb")
+    def _infer_limit(self, name: str, number: int | None) -> tuple[int, str]:
+        """The largest body an infer request for this model (version) may have, and who takes that much: the
+        largest valid request of any version that could serve it, or the server's limit when that is smaller
+        or unbounded. UnknownModel / NotReady before a byte of the body is read."""
+        versions = [self.service.version(name, number)] if number is not None else \
+            list(self.service.model(name).versions.values()) or [self.service.version(name)]
+        sizes = []
+        for v in versions:
+            if v not in self._request_bytes:
+                self._request_bytes[v] = request_bytes(v.signature, v.batching.max_batch_size)
+            sizes.append(self._request_bytes[v])
+        if None in sizes or max(sizes) >= self.limits.max_body_bytes:
+            return self.limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
+                                               "server's --max-body-mb)"
+        return max(sizes), (f"a request for model {name!r} can take (max_batch_size samples, as JSON); send fewer "
+                            "samples per request")
+
+    @asynccontextmanager
+    async def _received(self, request: Request, limit: int, takes: str) -> AsyncIterator[bytes]:
+        """The request body, held within the server's room for bodies while the block runs (see `_body`)."""
+        declared = _content_length(request, limit, takes)
+        identity = request.headers.get("content-encoding", "identity").lower() == "identity"
+        async with self.bodies.hold(declared if declared is not None and identity else limit):
+            yield await self._body(request, limit, takes)
+
+    async def _codec(self, work, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.codec_thread, work, *args)
+
+    async def _body(self, request: Request, limit: int, takes: str) -> bytes:
+        """The request body, decompressed (gzip / deflate), refused beyond `limit` bytes (what `takes` so much)
+        from its Content-Length before reading, or as soon as it runs past."""
+        _content_length(request, limit, takes)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise InputError(f"the request body exceeds {self.max_body_bytes} bytes, the most this server "
-                                 f"takes; send fewer samples per request or raise --max-body-mb")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InputError(f"the request body exceeds {limit} bytes, the most {takes}")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise Disconnected(f"client {_peer(request)} disconnected during its request body ({request.method} "
+                               f"{request.url.path}, {size} bytes received)") from None
         body = b"".join(chunks)
         encoding = request.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):
             inflate = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
             try:
-                body = inflate.decompress(body, self.max_body_bytes + 1)
+                body = inflate.decompress(body, limit + 1)
             except zlib.error as e:
                 raise InputError(f"the request body is not valid {encoding} data ({e})") from None
-            if len(body) > self.max_body_bytes or inflate.unconsumed_tail:
-                raise InputError(f"the request body inflates past {self.max_body_bytes} bytes, the most this "
-                                 f"server takes")
+            if len(body) > limit or inflate.unconsumed_tail:
+                raise InputError(f"the request body inflates past {limit} bytes, the most {takes}")
             if not inflate.eof or inflate.unused_data:
                 raise InputError(f"the request body is not one complete {encoding} stream (cut off, or followed "
                                  f"by other bytes)")
@@ -222,7 +273,7 @@ class _Routes:
         return JSONResponse({})
 
     async def _json(self, request: Request) -> dict[str, Any]:
-        body = await self._body(request)
+        body = await self._body(request, CONTROL_BYTES, "the repository API takes; send a small JSON object")
         if not body.strip():
             return {}
         value = parse_json(body, "send a JSON object")
@@ -232,6 +283,20 @@ class _Routes:
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.service.metrics.render(), media_type=self.service.metrics.content_type)
+
+
+def _content_length(request: Request, limit: int, takes: str) -> int | None:
+    """The body's declared length; InputError when it is over `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is None or not declared.isdigit():
+        return None
+    if int(declared) > limit:
+        raise InputError(f"the request body is {int(declared)} bytes, more than {limit}, the most {takes}")
+    return int(declared)
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "(unknown)"
 
 
 def _version(request: Request) -> int | None:

@@ -9,7 +9,14 @@ as JSON, or binary when the request asks for it per output (`outputs[i].paramete
 
 JSON data are read strictly (numbers for FP types, integers in range for INT types, true/false for BOOL).
 Non-finite floats in JSON outputs are written NaN / Infinity / -Infinity, as Python's json and tritonclient's
-rapidjson read them (strict JSON cannot write them); binary outputs carry them exactly.
+rapidjson read them (strict JSON cannot write them); binary outputs carry them exactly. BF16 travels as Triton
+sends it: binary as the 2-byte bfloat16 bit pattern, JSON as numbers; in numpy it is `ml_dtypes.bfloat16`.
+
+JSON is read and written by orjson (the serve extra), several times faster than Python's json; Python's parser
+reads what orjson refuses (NaN / Infinity literals, which Python's json and rapidjson write; UTF-16; lone
+surrogates) and words every parse error, and Python's writer writes the float data that hold NaN or Inf.
+Floats are written as the float64 of their value (what `json.dumps(array.tolist())` writes), so a client that
+reads doubles and casts them back (tritonclient) gets every FP16 / BF16 / FP32 value exactly.
 
 Bytes in, numpy out and back: no HTTP framework here. Every malformed request is an InputError whose message
 says what to fix (the server answers it with 400), found before the request can cost much: a shape has at most
@@ -25,21 +32,31 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
 from ..signature import TensorSpec
 
+try:
+    import orjson
+except ImportError:        # pragma: no cover - the serve extra brings it; without it Python's json serves, slower
+    orjson = None
+
 HEADER_LENGTH = "inference-header-content-length"
 MAX_RANK = 32
 LIST_BYTES = 16
 
-# Open Inference Protocol datatype <-> numpy. BYTES (strings) and BF16 (no numpy dtype) are not served.
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+# Open Inference Protocol datatype <-> numpy. BYTES (strings) is not served.
 DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in (
     ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
     ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
-    ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64))}
+    ("FP16", np.float16), ("BF16", BF16), ("FP32", np.float32), ("FP64", np.float64))}
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+# what each datatype holds: b bool, i signed / u unsigned integers, f floats (numpy calls bfloat16's kind V)
+_KINDS = {name: "f" if dtype == BF16 else dtype.kind for name, dtype in DATATYPES.items()}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -86,8 +103,17 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         raise InputError(f"the request's JSON holds {containers} lists and objects in {len(head)} bytes: send each "
                          "input's data as one flat list in row-major order (the protocol allows it), not nested "
                          "lists of single elements")
-    request = parse_json(head, 'send an Open Inference Protocol infer request object: {"inputs": [{"name", '
-                               '"shape", "datatype", "data"}]}')
+    try:
+        return _request(parse_json(head, _REQUEST), binary, len(body))
+    except _Inexact:       # integer data holding floats orjson may have made of integers beyond 64 bits
+        return _request(_parse_exactly(head, _REQUEST), binary, len(body))
+
+
+_REQUEST = 'send an Open Inference Protocol infer request object: {"inputs": [{"name", "shape", "datatype", "data"}]}'
+
+
+def _request(request: Any, binary: memoryview, body_size: int) -> InferRequest:
+    """The InferRequest of a parsed request head and its binary tail."""
     if not isinstance(request, dict):
         raise InputError("the request must be a JSON object with an \"inputs\" list")
     parameters = _object(request.get("parameters", {}), "parameters")
@@ -97,7 +123,7 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
     inputs: dict[str, np.ndarray] = {}
     offset = 0
     for i, tensor in enumerate(raw_inputs):
-        name, array, offset = _decode_input(tensor, i, binary, offset, len(body))
+        name, array, offset = _decode_input(tensor, i, binary, offset, body_size)
         if name in inputs:
             raise InputError(f"input {name!r} is given twice")
         inputs[name] = array
@@ -130,13 +156,29 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
 
 def parse_json(data: bytes, what: str) -> Any:
     """A request body's JSON; InputError (saying `what` to send) for bytes that are not UTF-8 JSON, nesting too
-    deep for the parser, or integers too long to convert."""
+    deep for the parser, or integers too long to convert. orjson parses; what it refuses, Python's json parses
+    or words the error of (orjson reads integers beyond 64 bits as floats: `_parse_exactly` keeps them)."""
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass          # NaN / Infinity literals, nesting over 1024, UTF-16/32, lone surrogates, or not JSON
+    return _parse_exactly(data, what)
+
+
+def _parse_exactly(data: bytes, what: str) -> Any:
+    """`data` parsed by Python's json: integers of any length stay exact, NaN / Infinity literals are read."""
     try:
         return json.loads(data)
     except RecursionError:
         raise InputError("the request's JSON is nested too deeply; send flat lists") from None
     except (UnicodeDecodeError, ValueError) as e:      # JSONDecodeError, and ints over Python's 4300 digits
         raise InputError(f"the request is not valid JSON ({str(e)[:200]}); {what}") from None
+
+
+class _Inexact(InputError):
+    """Integer data holding integral floats beyond 64 bits: numbers written with an exponent (1e19), or integers
+    beyond 64 bits that orjson read as floats. `decode_request` parses again with Python's json to tell which."""
 
 
 def _flag(value: Any, where: str) -> bool:
@@ -179,8 +221,7 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_siz
                              f"{count * dtype.itemsize} bytes")
         if offset + size > len(binary):
             raise InputError(f"input {name!r}: binary_data_size {size} runs past the end of the body")
-        array = np.frombuffer(binary[offset:offset + size], dtype=dtype.newbyteorder("<")).reshape(shape)
-        return name, array.astype(dtype), offset + size          # a writable, native-order copy
+        return name, _from_wire(binary[offset:offset + size], dtype).reshape(shape), offset + size
     if "data" not in tensor:
         raise InputError(f'input {name!r} has no "data" and no binary_data_size parameter')
     array = _json_array(tensor["data"], dtype, f"input {name!r}", kind)
@@ -189,47 +230,112 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_siz
     return name, array.reshape(shape), offset
 
 
-# which JSON values a datatype takes: numpy's kind of the parsed data (b bool, i/u integer, f float)
-_ACCEPTS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+def _from_wire(raw: memoryview, dtype: np.dtype) -> np.ndarray:
+    """Little-endian tensor bytes as a writable, native-order array of `dtype` (BF16: bfloat16 bit patterns)."""
+    if dtype == BF16:
+        return np.frombuffer(raw, "<u2").astype(np.uint16).view(BF16)
+    return np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype)
+
+
+def _to_wire(array: np.ndarray) -> bytes:
+    """An array's bytes as the binary extension carries them: little-endian, row-major (BF16: bit patterns)."""
+    if array.dtype == BF16:
+        array = array.view(np.uint16)
+    return np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+
+
+# the Python types (as JSON parses) each kind of datatype takes, and what it takes in words
+_TAKES = {"b": {bool}, "i": {int}, "u": {int}, "f": {int, float}}
 _WHAT = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
+_WRONG = ((bool, "true/false"), (str, "strings"), (float, "numbers with fractions"), (int, "integers"))
 
 
 def _json_array(data: Any, dtype: np.dtype, where: str, kind: str) -> np.ndarray:
     """JSON data as an array of `dtype`, strictly: no strings, nulls, bools for numbers, fractions for integers,
-    or values out of the datatype's range (numpy alone would convert each of them silently)."""
+    or values out of the datatype's range (numpy alone would convert each of them silently). A flat list (what
+    clients send) is checked by the set of its elements' types and converted in one numpy call, straight into
+    `dtype`; nested lists are walked."""
+    category = _KINDS[kind]
+    types = set(map(type, data)) if type(data) is list else {type(data)}
+    if list in types:
+        types = _leaf_types(data)
+    wrong = types - _TAKES[category]
+    if wrong:
+        if category in "iu" and wrong == {float}:
+            _check_integral(data, dtype, where, kind)
+        what = next((words for t, words in _WRONG if t in wrong), "nulls or objects")
+        raise InputError(f"{where}: {kind} data must be {_WHAT[category]}; got {what}")
     try:
-        parsed = np.array(data)
+        if category == "f":
+            return _float_array(data, dtype, where, kind)
+        if category == "b":
+            return np.array(data, dtype=np.bool_)
+        return _int_array(data, dtype, where, kind)
+    except InputError:
+        raise
     except (ValueError, TypeError) as e:                      # ragged nesting
         raise InputError(f"{where}: data is not a regular nested list ({e})") from None
-    if not parsed.size:
-        return parsed.astype(dtype)
-    got = parsed.dtype.kind
-    bools = got == "b" or (got in "iuf" and _holds_bool(data))
-    if got not in _ACCEPTS[dtype.kind] or (bools and dtype.kind != "b"):
-        what = ("true/false" if bools else {"U": "strings", "O": "nulls, objects, or integers beyond 64 bits",
-                                              "f": "numbers with fractions"}.get(got, "integers"))
-        raise InputError(f"{where}: {kind} data must be {_WHAT[dtype.kind]}; got {what}")
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if parsed.min() < info.min or parsed.max() > info.max:
-            raise InputError(f"{where}: data lie outside {kind}'s range [{info.min}, {info.max}]")
+
+
+def _int_array(data: Any, dtype: np.dtype, where: str, kind: str) -> np.ndarray:
+    """Integers as an array of integer `dtype`; InputError for values outside its range."""
+    info = np.iinfo(dtype)
+    try:
+        parsed = np.array(data, dtype=np.int64)
+    except OverflowError:                   # a value beyond int64: all of them must then fit uint64
+        values = np.array(data, dtype=object)
+        if values.min() < 0 or values.max() > np.iinfo(np.uint64).max:
+            parsed = None
+        else:
+            parsed = np.array(data, dtype=np.uint64)
+    if parsed is None or parsed.size and (int(parsed.min()) < info.min or int(parsed.max()) > info.max):
+        raise InputError(f"{where}: data lie outside {kind}'s range [{info.min}, {info.max}]")
+    return parsed.astype(dtype)
+
+
+def _float_array(data: Any, dtype: np.dtype, where: str, kind: str) -> np.ndarray:
+    """Numbers as an array of float `dtype`; InputError for finite numbers that would become infinite."""
+    direct = dtype != BF16          # numpy rounds Python floats to its own float types in one step
     with np.errstate(over="ignore", invalid="ignore"):
-        array = parsed.astype(dtype)
-        if dtype.kind == "f" and np.any(np.isfinite(parsed) & ~np.isfinite(array)):
-            raise InputError(f"{where}: data lie outside {kind}'s range (they would become infinite)")
+        try:
+            array = np.array(data, dtype=dtype if direct else np.float64)
+            if not direct:
+                array = array.astype(dtype)
+        except OverflowError:                                 # an integer beyond float64
+            array = None
+        if array is None or not np.isfinite(array).all():
+            try:
+                wide = np.array(data, dtype=np.float64)
+            except OverflowError:
+                wide = np.array([0.0])
+            if array is None or np.any(np.isfinite(wide) & ~np.isfinite(array)):
+                raise InputError(f"{where}: data lie outside {kind}'s range (they would become infinite)")
     return array
 
 
-def _holds_bool(data: Any) -> bool:
-    """Whether nested JSON data hold true/false anywhere (numpy turns them into 1 and 0 among numbers)."""
-    stack = [data]
+def _check_integral(data: Any, dtype: np.dtype, where: str, kind: str) -> None:
+    """Raise _Inexact if integer data hold floats that are whole numbers beyond 64 bits (1e19, or what orjson
+    made of 10000000000000000000); return for other floats (fractions), which are simply refused."""
+    try:
+        floats = np.array(data, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        return
+    big = np.isfinite(floats) & (np.abs(floats) >= 2.0 ** 63)
+    if np.any(big) and np.all(floats[big] == np.round(floats[big])):
+        info = np.iinfo(dtype)
+        raise _Inexact(f"{where}: data lie outside {kind}'s range [{info.min}, {info.max}], or are not integers")
+
+
+def _leaf_types(data: Any) -> set[type]:
+    """The types of the values in nested JSON lists."""
+    types, stack = set(), [data]
     while stack:
         x = stack.pop()
         if type(x) is list:
             stack.extend(x)
-        elif x is True or x is False:
-            return True
-    return False
+        else:
+            types.add(type(x))
+    return types
 
 
 def encode_response(model: str, version: int, request: InferRequest, outputs: Mapping[str, np.ndarray],
@@ -246,18 +352,81 @@ def encode_response(model: str, version: int, request: InferRequest, outputs: Ma
         array = outputs[name]
         entry: dict[str, Any] = {"name": name, "datatype": kinds[name], "shape": list(array.shape)}
         if request.binary.get(name, request.binary_default):
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            blob = _to_wire(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = _json_data(array)
         entries.append(entry)
     head["outputs"] = entries
-    text = json.dumps(head, separators=(",", ":")).encode()
+    text = _dumps(head)
     if not blobs:
         return text, {"content-type": "application/json"}
     return b"".join([text, *blobs]), {"content-type": "application/octet-stream",
                                       "inference-header-content-length": str(len(text))}
+
+
+PIECE = 1 << 14     # elements of an output written per call: between pieces the event loop can take the GIL
+
+
+class _Data:
+    """A large output's JSON data, or one holding NaN / Inf, written in pieces by `_write`."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+
+def _json_data(array: np.ndarray) -> np.ndarray | _Data:
+    """An output's JSON data: a flat, native, C-ordered array (floats as float64, the exact value of any FP16,
+    BF16 or FP32: the text `json.dumps(array.tolist())` writes); _Data when it is large or not all finite."""
+    flat = array.reshape(-1)
+    if flat.dtype.kind == "f" or flat.dtype == BF16:
+        with np.errstate(invalid="ignore"):          # signalling NaNs
+            flat = flat.astype(np.float64)
+    else:
+        flat = np.ascontiguousarray(flat, flat.dtype.newbyteorder("="))
+    small = flat.size <= PIECE and (flat.dtype.kind != "f" or np.isfinite(flat).all())
+    return flat if small and orjson is not None else _Data(flat)
+
+
+def _write(flat: np.ndarray) -> bytes:
+    """A flat array as a JSON list, PIECE elements per call (no call holds the GIL for long): by orjson, but
+    pieces holding NaN / Inf by Python's json (NaN, Infinity, -Infinity, where orjson would write null)."""
+    parts = []
+    for i in range(0, flat.size, PIECE):
+        piece = flat[i:i + PIECE]
+        if orjson is not None and (piece.dtype.kind != "f" or np.isfinite(piece).all()):
+            parts.append(orjson.dumps(piece, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1])
+        else:
+            parts.append(json.dumps(piece.tolist(), separators=(",", ":"))[1:-1].encode())
+    return b"[" + b",".join(parts) + b"]"
+
+
+def _dumps(head: dict[str, Any]) -> bytes:
+    """A response head (its data from `_json_data`) as compact JSON: by orjson, but for strings orjson cannot
+    write (lone surrogates from an id), which Python's json writes."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY, default=_fragment)
+        except TypeError:                    # orjson.JSONEncodeError
+            pass
+    return json.dumps(head, separators=(",", ":"), default=_plain).encode()
+
+
+def _fragment(value: Any) -> Any:
+    if isinstance(value, _Data):
+        return orjson.Fragment(_write(value.array))
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, _Data):
+        return value.array.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def check_outputs(names: Sequence[str] | None, specs: Sequence[TensorSpec]) -> None:
@@ -267,17 +436,29 @@ def check_outputs(names: Sequence[str] | None, specs: Sequence[TensorSpec]) -> N
     known = {s.name for s in specs}
     for name in names:
         if name not in known:
-            raise InputError(f"unknown output {name!r}; the model returns {', '.join(s.name for s in specs)}")
+            raise InputError(f"unknown output {name!r}; the model returns {_names(specs)}")
 
 
 def flat_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> list[np.ndarray]:
-    """The named inputs in the model's flat order; InputError for unknown or missing names (shapes and dtypes
-    are checked by the signature, with the message Python callers get)."""
+    """The named inputs in the model's flat order, checked in the protocol's words: InputError for unknown or
+    missing names, another datatype, rank or fixed size than the model's metadata shows. (Dynamic dims' ranges,
+    index ranges and NaN/Inf are checked by the model's own checks, after this.)"""
     names = [s.name for s in specs]
     unknown = [n for n in inputs if n not in names]
     if unknown:
-        raise InputError(f"unknown input {unknown[0]!r}; the model takes {', '.join(names)}")
+        raise InputError(f"unknown input {unknown[0]!r}; the model takes {_names(specs)}")
     missing = [n for n in names if n not in inputs]
     if missing:
-        raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; expected {', '.join(names)}")
+        raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; expected {_names(specs)}")
+    for spec in specs:
+        array, meta = inputs[spec.name], tensor_metadata(spec)
+        got = _NAMES.get(array.dtype, str(array.dtype).upper())
+        if got != meta["datatype"]:
+            raise InputError(f"input {spec.name!r}: datatype {got}, expected {meta['datatype']}")
+        if array.ndim != len(meta["shape"]) or any(want not in (-1, n) for want, n in zip(meta["shape"], array.shape)):
+            raise InputError(f"input {spec.name!r}: shape {list(array.shape)}, expected {meta['shape']}")
     return [inputs[n] for n in names]
+
+
+def _names(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(repr(s.name) for s in specs)

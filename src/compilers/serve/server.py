@@ -13,21 +13,23 @@ from typing import Iterator
 import uvicorn
 import uvicorn.logging
 
-from .app import MAX_BODY_BYTES, create_app
+from .app import create_app
+from .connections import protocol
+from .limits import Limits
 from .repository import Repository
 from .service import ModelService
 
 DRAIN_SECONDS = 30
 
 
-def _config(app, host: str, port: int, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app, host=host, port=port,
+def _config(app, host: str, port: int, log_level: str, limits: Limits) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, http=protocol(limits), timeout_keep_alive=limits.idle_timeout,
                           log_level=log_level, access_log=False, lifespan="on",
                           timeout_graceful_shutdown=DRAIN_SECONDS)
 
 
 def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 8000, *,
-          max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "info") -> None:
+          limits: Limits = Limits(), log_level: str = "info") -> None:
     """Serve the repository until interrupted (SIGINT / SIGTERM: in-flight requests finish, queues drain)."""
     log = logging.getLogger("compilers")
     if not log.handlers:                  # what loaded, what failed: in uvicorn's format, beside its lines
@@ -35,7 +37,7 @@ def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", 
         handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(log_level.upper())
-    uvicorn.Server(_config(create_app(repository, max_body_bytes=max_body_bytes), host, port, log_level)).run()
+    uvicorn.Server(_config(create_app(repository, limits=limits), host, port, log_level, limits)).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,12 +58,12 @@ class Running:
 
 @contextlib.contextmanager
 def running(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 0, *,
-            max_body_bytes: int = MAX_BODY_BYTES, log_level: str = "warning",
+            limits: Limits = Limits(), log_level: str = "warning",
             start_timeout: float = 120.0) -> Iterator[Running]:
     """A server in a background thread (port 0: a free one), up and with its models loaded inside the block,
     stopped and drained after it."""
-    app = create_app(repository, max_body_bytes=max_body_bytes)
-    server = uvicorn.Server(_config(app, host, port, log_level))
+    app = create_app(repository, limits=limits)
+    server = uvicorn.Server(_config(app, host, port, log_level, limits))
     thread = threading.Thread(target=server.run, name="compilers-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

@@ -3,9 +3,11 @@ dynamic batcher, requests routed to a version by the traffic split, and load / u
 
 A load (at start, or `load(name)` from the repository API) re-reads the model's directory and serving.toml
 and loads every live version afresh, verifying each artifact. It takes effect completely or not at all:
-if any version fails (a corrupt artifact, a bad serving.toml, a model that cannot be batched as configured)
-the versions already serving stay, untouched, and the error says why. Versions that are replaced or no longer
-live stop taking new requests at once and finish the ones they hold, so a reload under load fails none.
+if any version fails (a corrupt artifact, a bad serving.toml, a model that cannot be batched as configured,
+or any other exception, a bug included) the engines it opened are stopped and dropped, the versions already
+serving stay, untouched, and LoadFailed, the index and one WARNING line in the log say why. Versions that are
+replaced or no longer live stop taking new requests at once and finish the ones they hold, so a reload under
+load fails none. What clients read names the repository REPO (`ModelService.public`); the log keeps its path.
 
 Requests reach a version's batcher in the same event-loop step that looks the version up, so a swap can
 never hand a request to a batcher that has stopped. HTTP-free: the app (and tests) call it directly.
@@ -15,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, BackendUnavailable, CompilerError, ConfigError, InputError
+from ..errors import CompilerError, ConfigError, InputError
 from ..signature import Signature
 from ..target import Target
 from .batcher import Batcher, Batching, BatchStats, QueueFull
@@ -105,6 +109,15 @@ class ModelService:
         self.engines = engines or LocalEngines(check_versions)   # where versions run: here, or Ray Serve replicas
         self.models: dict[str, Model] = {}
         self.started = False
+        root = repository.path
+        forms = sorted({str(root.resolve()), str(root.absolute()), str(root)} - {"", "."}, key=len, reverse=True)
+        # a whole path only: not inside a longer one (/x/repo2, /y/x/repo), nor the word in "repository"
+        self._paths = re.compile(r"(?<![\w./-])(?:" + "|".join(map(re.escape, forms)) + r")(?![\w-]|\.[\w-])")
+
+    def public(self, message: str) -> str:
+        """`message` with the repository's place on this machine (as given, absolute or resolved) written REPO,
+        for clients: they name models, not paths. The server's own log keeps the paths."""
+        return self._paths.sub("REPO", message)
 
     # -- life cycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,8 +126,10 @@ class ModelService:
         for name in self.repository.models():
             try:
                 await self.load(name)
-            except (LoadFailed, UnknownModel) as e:
-                log.error("%s", e)
+            except LoadFailed:
+                pass                               # load logged why, and the index says it
+            except UnknownModel as e:              # its directory went away meanwhile
+                log.warning("%s", e)
         self.started = True
 
     async def stop(self) -> None:
@@ -134,7 +149,8 @@ class ModelService:
 
     # -- loading ----------------------------------------------------------------------------------------
     async def load(self, name: str) -> None:
-        """(Re)load the model's live versions from disk; all or nothing (see the module doc)."""
+        """(Re)load the model's live versions from disk; all or nothing (see the module doc). LoadFailed when
+        any of it fails, for whatever reason; UnknownModel when the repository has no such model."""
         if name not in await asyncio.to_thread(self.repository.models):
             gone = self.models.pop(name, None)
             if gone is not None:       # its directory was removed: stop serving it, as Triton does
@@ -148,17 +164,24 @@ class ModelService:
         model = self.models.setdefault(name, Model(name))
         async with model.lock:
             fresh: list[Version] = []
+            failure: str | None = None
             try:
                 entry = await asyncio.to_thread(self.repository.model, name)
                 if not entry.live:
                     raise ConfigError("; ".join(entry.problems) or f"model {name!r} has no version to serve")
                 for number in entry.live:
                     fresh.append(await self.engines.open(self.repository, entry, number, self._observer(name, number)))
-            except (ConfigError, ArtifactError, BackendUnavailable) as e:
+            except BaseException as e:             # cancelled too: what it opened must not outlive it
                 await self._retire(model, fresh)
+                fresh.clear()                      # a traceback holding this frame must not hold the engines
+                if not isinstance(e, Exception):
+                    raise
+                failure = self._failure(name, e)
+            if failure is not None:                # raised here, not in the except: it holds no traceback
                 serving = f"; still serving version(s) {sorted(model.versions)}" if model.versions else ""
-                model.reason = f"load failed: {e}{serving}"
-                raise LoadFailed(f"model {name!r}: {model.reason}") from e
+                log.warning("model %r: load failed: %s%s", name, failure, serving)
+                model.reason = self.public(f"load failed: {failure}{serving}")
+                raise LoadFailed(f"model {name!r}: {model.reason}")
             old = list(model.versions.values())
             model.versions = {v.number: v for v in fresh}
             model.weights = {v: w for v, w in entry.weights.items() if w > 0}
@@ -182,6 +205,18 @@ class ModelService:
             for v in old:
                 self.metrics.loaded.labels(name, str(v.number)).set(0)
             await self._retire(model, old)
+
+    @staticmethod
+    def _failure(name: str, e: Exception) -> str:
+        """Why a load failed, from its exception: the message of a CompilerError, the type too of anything else
+        (a bug: its traceback is logged at DEBUG). Drops the locals of the frames it went through."""
+        if isinstance(e, CompilerError):
+            failure = str(e)
+        else:
+            failure = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            log.debug("model %r: the load failed unexpectedly", name, exc_info=e)
+        traceback.clear_frames(e.__traceback__)
+        return failure
 
     async def _retire(self, model: Model, versions: list[Version]) -> None:
         await asyncio.gather(*(v.stop() for v in versions))
@@ -220,16 +255,16 @@ class ModelService:
 
     def index(self) -> list[dict[str, Any]]:
         """The repository index: every loaded version READY (with the last load's failure, if it failed), every
-        model without one UNAVAILABLE with why."""
+        model without one UNAVAILABLE with why; paths in the repository read REPO/..."""
         rows = []
         for name in sorted(set(self.models) | set(self.repository.models())):
             model = self.models.get(name)
+            reason = self.public(model.reason) if model is not None else "not loaded"
             if model is not None and model.versions:
-                rows += [{"name": name, "version": str(v), "state": "READY", "reason": model.reason}
+                rows += [{"name": name, "version": str(v), "state": "READY", "reason": reason}
                          for v in sorted(model.versions)]
             else:
-                rows.append({"name": name, "state": "UNAVAILABLE",
-                             "reason": model.reason if model is not None else "not loaded"})
+                rows.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
         return rows
 
     # -- inference --------------------------------------------------------------------------------------
