@@ -7,6 +7,7 @@ Exit status: 0 done, 1 validation failed, 2 bad input or a compiler error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -316,10 +317,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.address and not a.ray:
         raise InputError("--address is the Ray cluster to join; it needs --ray")
     if a.ray:
-        given = [f for f in ("max_body_mb", "max_connections", "header_timeout", "body_timeout", "idle_timeout")
-                 if getattr(a, f) != parser().parse_args(["serve", "REPO"]).__dict__[f]]
+        given = [f.name for f in dataclasses.fields(Limits) if getattr(limits, f.name) != getattr(Limits(), f.name)]
         if given:
-            raise InputError(f"--{given[0].replace('_', '-')} sets a limit of compilers serve's own HTTP server; on "
+            flag = "--max-body-mb" if given[0] == "max_body_bytes" else "--" + given[0].replace("_", "-")
+            raise InputError(f"{flag} sets a limit of compilers serve's own HTTP server; on "
                              "Ray Serve, connections are its HTTP proxy's (http_options) and bodies the defaults")
         try:
             from .serve.ray import serve_on_ray

@@ -45,6 +45,12 @@ class CompiledModel:
         self._out_dtypes = [s.dtype for s in signature.outputs]
         self._out_np_dtypes = [numpy_dtype(s.dtype) for s in signature.outputs]     # None: numpy has none
         self._numpy_outputs = None not in self._out_np_dtypes
+        # numpy <-> torch: through ml_dtypes' bfloat16 only where the signature holds bfloat16 (the call path's
+        # conversions, chosen once)
+        self._to_torch = to_torch if any(s.dtype == torch.bfloat16 for s in signature.inputs) else torch.from_numpy
+        bf16_out = any(s.dtype == torch.bfloat16 for s in signature.outputs)
+        self._out_to_torch = to_torch if bf16_out else torch.from_numpy
+        self._out_to_numpy = to_numpy if bf16_out else torch.Tensor.numpy
         self._run = engine.run if engine.thread_safe else _serialized(engine.run)
         self._refusals: tuple[Any, Any, tuple] = (None, None, ())      # (validation, target, nonfinite_refused)
 
@@ -84,7 +90,7 @@ class CompiledModel:
             if self._numpy_engine:
                 arrays = [_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat]
             else:
-                arrays = [to_torch(x).to(self._engine_device) if isinstance(x, np.ndarray)
+                arrays = [self._to_torch(x).to(self._engine_device) if isinstance(x, np.ndarray)
                           else x.to(self._engine_device) for x in flat]
             if refuse_nonfinite:
                 self._check_finite(arrays, refuse_nonfinite)
@@ -95,9 +101,9 @@ class CompiledModel:
             raise self._engine_error(flat, e) from e
         if self._numpy_engine:
             if device is not None:
-                outs = [to_torch(o) for o in outs]
+                outs = [self._out_to_torch(o) for o in outs]
         elif device is None:
-            outs = [to_numpy(o.detach().cpu()) for o in outs]
+            outs = [self._out_to_numpy(o.detach().cpu()) for o in outs]
         if device is not None:
             return [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
                     for o, dt in zip(outs, self._out_dtypes)]
@@ -119,7 +125,7 @@ class CompiledModel:
         if self._numpy_engine:
             flat = [_as_numpy(x) if isinstance(x, torch.Tensor) else x for x in flat]
         else:
-            flat = [to_torch(x) if isinstance(x, np.ndarray) else x for x in flat]
+            flat = [self._to_torch(x) if isinstance(x, np.ndarray) else x for x in flat]
             flat = [x.to(self._engine_device) for x in flat]
         return self.engine.raw_call(flat)
 
@@ -190,9 +196,9 @@ def _finite(x: Any) -> bool:
 def _as_numpy(x: torch.Tensor) -> np.ndarray:
     """A CPU tensor's memory as a numpy array (a copy for a tensor on another device)."""
     try:
-        return to_numpy(x)
+        return x.numpy()                # a numpy engine takes no bfloat16: its backends refuse such models
     except (RuntimeError, TypeError):   # a tensor that requires grad, or lives on another device
-        return to_numpy(x.detach().cpu())
+        return x.detach().cpu().numpy()
 
 
 def _serialized(run: Any) -> Any:

@@ -23,7 +23,6 @@ import asyncio
 import functools
 import logging
 import time
-import weakref
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -40,7 +39,7 @@ from .batcher import QueueFull, alone
 from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits, request_bytes
 from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
-from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel, Version
+from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
 
 log = logging.getLogger("compilers")
 
@@ -120,10 +119,9 @@ class _Routes:
         self.limits = limits
         self.bodies = BodyBudget(limits.bodies_bytes, limits.body_wait)
         # JSON parsing and writing hold the GIL: one thread for them, so that the event loop is the only other
-        # thread waiting for it between the pieces they work in (with a thread per request, three large JSON
-        # answers at once stalled the loop 74-90 ms; with one, 46 ms: benchmarks/flood.py answers)
+        # thread waiting for it between the pieces they work in (benchmarks/flood.py answers, the slowest
+        # /v2/health/live over runs: a thread per request 34-90 ms, this one thread 33-54 ms)
         self.codec_thread = ThreadPoolExecutor(1, thread_name_prefix="compilers-codec")
-        self._request_bytes: weakref.WeakKeyDictionary[Version, int | None] = weakref.WeakKeyDictionary()
 
     # -- health and metadata ----------------------------------------------------------------------------
     async def live(self, request: Request) -> Response:
@@ -196,11 +194,7 @@ class _Routes:
         or unbounded. UnknownModel / NotReady before a byte of the body is read."""
         versions = [self.service.version(name, number)] if number is not None else \
             list(self.service.model(name).versions.values()) or [self.service.version(name)]
-        sizes = []
-        for v in versions:
-            if v not in self._request_bytes:
-                self._request_bytes[v] = request_bytes(v.signature, v.batching.max_batch_size)
-            sizes.append(self._request_bytes[v])
+        sizes = [request_bytes(v.signature, v.batching.max_batch_size) for v in versions]
         if None in sizes or max(sizes) >= self.limits.max_body_bytes:
             return self.limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
                                                "server's --max-body-mb)"
@@ -209,7 +203,8 @@ class _Routes:
 
     @asynccontextmanager
     async def _received(self, request: Request, limit: int, takes: str) -> AsyncIterator[bytes]:
-        """The request body, held within the server's room for bodies while the block runs (see `_body`)."""
+        """The request body, refused from its Content-Length when that is over `limit`, and held within the
+        server's room for bodies while the block runs (see `_body`)."""
         declared = _content_length(request, limit, takes)
         identity = request.headers.get("content-encoding", "identity").lower() == "identity"
         async with self.bodies.hold(declared if declared is not None and identity else limit):
@@ -219,9 +214,8 @@ class _Routes:
         return await asyncio.get_running_loop().run_in_executor(self.codec_thread, work, *args)
 
     async def _body(self, request: Request, limit: int, takes: str) -> bytes:
-        """The request body, decompressed (gzip / deflate), refused beyond `limit` bytes (what `takes` so much)
-        from its Content-Length before reading, or as soon as it runs past."""
-        _content_length(request, limit, takes)
+        """The request body, decompressed (gzip / deflate), refused as soon as it runs past `limit` bytes (what
+        `takes` so much; its Content-Length is checked by `_received`)."""
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
@@ -273,10 +267,9 @@ class _Routes:
         return JSONResponse({})
 
     async def _json(self, request: Request) -> dict[str, Any]:
-        body = await self._body(request, CONTROL_BYTES, "the repository API takes; send a small JSON object")
-        if not body.strip():
-            return {}
-        value = parse_json(body, "send a JSON object")
+        async with self._received(request, CONTROL_BYTES, "the repository API takes; send a small JSON object") \
+                as body:
+            value = parse_json(body, "send a JSON object") if body.strip() else {}
         if not isinstance(value, dict):
             raise InputError("the request body must be a JSON object")
         return value

@@ -20,7 +20,6 @@ from .limits import Limits
 log = logging.getLogger("compilers")
 LINGER = 1.0                      # seconds a refused request's connection stays open for its answer to be read
 WARN_EVERY = 60.0                 # seconds between warnings that the connection cap is reached
-_warned = [-WARN_EVERY]
 _TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
@@ -32,6 +31,7 @@ def protocol(limits: Limits) -> type[HttpToolsProtocol]:
 class LimitedHttp(HttpToolsProtocol):
     limits: Limits
     cap: int
+    warned_at = -WARN_EVERY           # when the cap was last warned of (one warning a minute at most)
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -58,8 +58,8 @@ class LimitedHttp(HttpToolsProtocol):
             return False
         oldest = min(waiting, key=lambda c: c._since)
         now = time.monotonic()
-        if now - _warned[0] > WARN_EVERY:
-            _warned[0] = now
+        if now - LimitedHttp.warned_at > WARN_EVERY:
+            LimitedHttp.warned_at = now
             log.warning("%d connections are open, the most this server holds (--max-connections): closing the "
                         "longest idle ones for new clients", self.cap)
         log.debug("closed connection from %s (waiting %.1f s) for a new one", _peer(oldest.transport),

@@ -64,8 +64,8 @@ def datatype(spec: TensorSpec) -> str:
     """The protocol's datatype name for a signature tensor."""
     try:
         dtype = spec.numpy_dtype
-    except TypeError:            # bfloat16: numpy has none
-        return str(spec.dtype).removeprefix("torch.").upper().replace("BFLOAT16", "BF16")
+    except TypeError:            # a torch dtype numpy has none of (float8, ...): not served, named as torch does
+        return str(spec.dtype).removeprefix("torch.").upper()
     return _NAMES.get(dtype, str(dtype).upper())
 
 
