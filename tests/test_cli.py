@@ -141,6 +141,17 @@ def test_validate_takes_samples_and_a_tolerance(workdir, capsys):
     assert code == 2 and "noise = -1.0 must be a number >= 0" in err
 
 
+def test_compile_reads_calibration_samples_from_a_file(workdir, capsys):
+    torch.manual_seed(6)
+    torch.save([(torch.randn(4, 6),) for _ in range(5)], workdir / "calibration.pt")
+    code, out, _ = run(capsys, "compile", "factory.py:make", "-t", "ort-cpu-int8", "-o", "art", "--no-fail",
+                       "--calibration", "calibration.pt")
+    assert code in (0, 1) and "calibrated on 5 sample(s)" in out
+    code, _, err = run(capsys, "compile", "factory.py:make", "-t", "ort-cpu-int8", "-o", "art2",
+                       "--calibration", "missing.pt")
+    assert code == 2 and "--calibration missing.pt does not exist" in err and one_paragraph(err)
+
+
 def test_targets_lists_the_descriptors_on_compilers_targets(workdir, capsys, monkeypatch):
     mine = workdir / "mine"
     mine.mkdir()

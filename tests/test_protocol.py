@@ -274,8 +274,8 @@ def test_malformed_tensors():
     assert "inputs[0] must be a JSON object" in bad(body_of(5))
     for shape in ([2, -1], "2", [2.0], [True], None):
         assert "shape must be a list of at most 32 non-negative integers" in one(shape=shape if shape is not None else ...), shape
-    msg = one(datatype="BYTES", data=["a", "b"])
-    assert "datatype 'BYTES' is not served" in msg and "FP32" in msg
+    msg = one(datatype="STRING", data=["a", "b"])
+    assert "datatype 'STRING' is not served" in msg and "FP32" in msg and "BYTES" in msg
     assert "datatype 'float32' is not served" in one(datatype="float32")
     assert "datatype None is not served" in one(datatype=...)
     assert "shape [3] holds 3 elements, data has 2" in one(shape=[3])
@@ -500,8 +500,8 @@ def test_request_errors_give_400(server):
     assert "not valid JSON" in error_of(server, INFER, b'{"inputs": [')
     assert "must be a JSON object" in error_of(server, INFER, b"[]")
     assert "non-empty list" in error_of(server, INFER, b'{"inputs": []}')
-    assert "datatype 'BYTES' is not served" in error_of(
-        server, INFER, body_of({"name": "input", "shape": [1], "datatype": "BYTES", "data": ["hi"]}))
+    assert error_of(server, INFER, body_of({"name": "input", "shape": [1], "datatype": "BYTES", "data": ["hi"]})) == \
+        "input 'input': datatype BYTES, expected FP32"
     assert error_of(server, INFER, body_of(x, outputs=[{"name": "nope"}])) == \
         "unknown output 'nope'; the model returns 'output'"
     assert "max_batch_size 8" in error_of(server, INFER, body_of(json_input("input", sample(9), "FP32")))

@@ -19,6 +19,7 @@ LAYERS = [
     {"errors", "quiet", "host", "progress", "records", "files", "roundoff"},
     {"target", "settings", "treespec"},
     {"signature"},
+    {"pipeline"},
     {"state"},
     {"capture"},
     {"calibration", "reference", "lower"},
@@ -33,6 +34,7 @@ LAYERS = [
     {"api"},
     {"plot"},
     {"serve"},
+    {"export"},
     {"cli", "__init__"},
 ]
 BACKEND_LIBRARIES = ("onnxruntime", "openvino", "onnxscript", "nncf", "tensorrt")

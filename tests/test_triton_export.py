@@ -23,7 +23,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 
 import compilers
 from compilers.errors import ArtifactError, ConfigError, InputError
-from compilers.serve.triton import export_triton
+from compilers.export.triton import export_triton
 
 SERVING = """
 [versions]

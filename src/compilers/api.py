@@ -15,11 +15,12 @@ import torch
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
-from .capture import Captured, batch_independence, capture
+from .capture import Captured, batch_independence, capture, padding_independence
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
 from .host import library_versions
 from .lower import FROZEN_NOTE, run_ladder
+from .pipeline import CompiledPipeline, Pipeline
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
 from .reference import Reference, compute_reference
 from .report import Report
@@ -83,13 +84,17 @@ def check_supported(model: torch.nn.Module, target: Target) -> None:
                                   f"{target.unsupported[name]} (declared in {target.source}); choose another target")
 
 
-def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_inputs: Any, *,
+def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Auto, example_inputs: Any, *,
             dynamic_shapes: Mapping[str, Mapping[int, str]] | None = None,
             calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
             validate: bool | str = True, metric: Metric | None = None,
             cache_dir: str | Path | None = None, accept_traced_branches: bool = False,
-            masks: Mapping[str, str] | None = None) -> CompiledModel:
+            masks: Mapping[str, str] | None = None) -> CompiledModel | CompiledPipeline:
     """Compile `model` for `target`, validate it against eager, and return a CompiledModel.
+
+    A `compilers.pipeline.Pipeline` (a model with its pre- and post-processing) compiles to a CompiledPipeline:
+    example_inputs is then a batch of items (texts, encoded images), calibration and samples are batches or
+    single items; its post-processing is compiled and validated with the model.
 
     example_inputs: a tuple (positional args), a dict (keyword args) or a lone tensor.
     dynamic_shapes: {input_name: {dim: "dim_name"}}; default: dim 0 of each batch-sized input is "batch".
@@ -117,10 +122,46 @@ def compile(model: torch.nn.Module, target: str | Path | Target | Auto, example_
     and returns the fastest; `cm.report.candidates` holds every candidate's verdict and timing. With
     `cache_dir` the choice is kept, and a second compile builds only the chosen target.
     """
+    if isinstance(model, Pipeline):
+        return _compile_pipeline(model, target, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
+                                 samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
+                                 accept_traced_branches=accept_traced_branches, masks=masks)
     request = Request.of(model, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
                          samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
                          accept_traced_branches=accept_traced_branches, masks=masks)
     return _compile(request, target)
+
+
+def _compile_pipeline(pipe: Pipeline, target: str | Path | Target | Auto, example_inputs: Any, *,
+                      dynamic_shapes: Mapping[str, Mapping[int, str]] | None, calibration: Iterable[Any] | None,
+                      samples: Iterable[Any] | None, metric: Metric | None, **options: Any) -> CompiledPipeline:
+    """compile for a Pipeline: its items (texts, encoded images) pre-processed into the tensors its module takes
+    (example_inputs: one batch of items; calibration and samples: batches, or single items), the module (model +
+    post-processing) compiled and validated like any model, and the pipeline's steps carried with it. A metric
+    scores the pipelines themselves (eager, and the compiled candidates wrapped as CompiledPipeline)."""
+    steps = pipe.steps
+
+    def batches(items: Iterable[Any] | None) -> list[dict[str, torch.Tensor]] | None:
+        return None if items is None else [steps.tensors(batch) for batch in items]
+    if metric is not None:
+        score = metric.fn
+        metric = replace(metric, fn=lambda m: score(pipe if m is pipe.module else CompiledPipeline(m, steps)))
+    example = steps.tensors(example_inputs)
+    request = Request.of(pipe.module, example,
+                         dynamic_shapes=steps.pre.dynamic_shapes if dynamic_shapes is None else dynamic_shapes,
+                         calibration=batches(calibration), samples=batches(samples), metric=metric, **options)
+    cm = _compile(request, target)
+    modes = train_modes(pipe.module)
+    pipe.module.eval()
+    try:
+        padded, why = padding_independence(pipe.module, cm.signature, cm.signature.flatten((), example),
+                                           steps.pre.pad)
+    finally:
+        restore_modes(modes)
+    if not padded:
+        cm.report.notes.append(f"padding changes the model's answers ({why}): a server batches only requests of "
+                               "equal length")
+    return CompiledPipeline(cm, replace(steps, padded=padded))
 
 
 def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledModel:
@@ -425,11 +466,17 @@ def _sizes(signature: Signature, flat: list[Any]) -> str:
     return ", ".join(f"{d}={n}" for d, n in sizes.items()) or "static shapes"
 
 
-def validate(cm: CompiledModel, model: torch.nn.Module, samples: Iterable[Any],
+def validate(cm: CompiledModel | CompiledPipeline, model: torch.nn.Module | Pipeline, samples: Iterable[Any],
              metric: Metric | None = None, *, tolerance: Tolerance | Mapping[str, Any] | None = None) -> ValidationReport:
     """Compare `cm` with eager `model` on `samples` (each shaped like the example inputs), and on `metric`.
     `tolerance` judges instead of the target's: a Tolerance, or keys (noise, atol, min_cosine, ...) that
     replace the target's."""
+    if isinstance(cm, CompiledPipeline) != isinstance(model, Pipeline):
+        raise InputError("validate compares a CompiledPipeline with its eager Pipeline, or a CompiledModel with "
+                         "its model; got a mix")
+    if isinstance(cm, CompiledPipeline):      # the compiled tensor model against the composed module, on tensors
+        samples = [model.tensors(items) for items in samples]
+        cm, model = cm.model, model.module
     tolerance = _tolerance(cm.target.tolerance, tolerance)
     flats = flat_samples(cm.signature, samples, None, "validation")
     if not flats:

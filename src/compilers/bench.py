@@ -5,6 +5,9 @@ Every model is timed in one process, interleaved: the models take turns block by
 (another process, a clock change) hits all of them alike. Each call is timed on its own, so a result holds
 the latency distribution (min, p50, p90, p99, max), not only a mean. The spread of the per-block medians
 says how steady the machine was; a timing whose spread exceeds NOISY is flagged as too noisy to trust.
+
+A pipeline (texts or images in) is timed the same way on a batch of its items, whole, and each compiled one also
+stage by stage: pre-processing, inference, post-processing (`Benchmark.split`).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +23,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import InputError
 from .host import cpu_name
+from .pipeline import CompiledPipeline, Pipeline
 from .progress import track
 from .runtime import CompiledModel
 from .signature import Signature, as_call
@@ -31,6 +35,12 @@ NOISY = 0.10
 SETTLE = 0.01
 EAGER = "eager"
 RAW = " raw"
+#: a compiled pipeline's stages, each timed apart as "<name> <stage>": pre-processing (items to tensors), the
+#: compiled tensor model on those tensors, post-processing outside the graph (labels)
+STAGES = ("pre", "inference", "post")
+SPLIT_TITLE = "per stage: p50 ms (share of the whole call's p50)"
+#: the batch sizes a pipeline is timed at unless told: its example items are cycled to fill each
+PIPELINE_BATCH_SIZES = (1, 8, 32)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class Benchmark:
     threads: int = 0                # torch's intra-op threads during the run (eager and torch engines)
     machine: str = ""
     settings: dict[str, Any] = field(default_factory=dict)   # warmup, min_time, blocks, sizes
+    stages: list[Timing] = field(default_factory=list)        # compiled pipelines' stages, "<name> <stage>"
 
     @property
     def names(self) -> list[str]:
@@ -100,7 +111,19 @@ class Benchmark:
 
     @property
     def noisy(self) -> list[Timing]:
-        return [t for t in self.timings if t.noisy]
+        return [t for t in self.timings + self.stages if t.noisy]
+
+    @property
+    def pipelines(self) -> list[str]:
+        """The names of the compiled pipelines whose stages were timed."""
+        return list(dict.fromkeys(t.name.rsplit(" ", 1)[0] for t in self.stages))
+
+    def split(self, name: str, batch: int | None = None) -> dict[str, float]:
+        """Pipeline `name`'s p50 ms per stage (pre, inference, post) and of its whole call (total); NaN where one
+        failed. The stages' p50s need not add up to the total's: each is its own distribution."""
+        batch = self.batch_sizes[0] if batch is None else batch
+        found = {t.name: t.p50_ms for t in self.stages if t.batch == batch}
+        return {**{s: found.get(f"{name} {s}", math.nan) for s in STAGES}, "total": self.get(name, batch).p50_ms}
 
     def fastest(self, names: list[str] | None = None, batch: int | None = None, objective: str = "latency") -> str:
         """The name among `names` (default: all but eager and raw calls) with the lowest p50 ("latency")
@@ -113,16 +136,23 @@ class Benchmark:
         return best.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"batch_sizes": self.batch_sizes, "baseline": self.baseline, "threads": self.threads,
-                "machine": self.machine, "settings": self.settings, "noisy_above": NOISY,
-                "timings": [t.to_dict() for t in self.timings]}
+        d = {"batch_sizes": self.batch_sizes, "baseline": self.baseline, "threads": self.threads,
+             "machine": self.machine, "settings": self.settings, "noisy_above": NOISY,
+             "timings": [t.to_dict() for t in self.timings]}
+        if self.stages:
+            d["stages"] = [t.to_dict() for t in self.stages]
+            d["split"] = [{"model": name, "batch": batch, **{f"{k}_ms": v for k, v in split.items()},
+                           **{f"{s}_share": split[s] / split["total"] for s in STAGES}}
+                          for batch in self.batch_sizes for name in self.pipelines
+                          for split in [self.split(name, batch)]]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Benchmark":
         fields = set(Timing.__dataclass_fields__)
-        return cls([Timing(**{k: v for k, v in t.items() if k in fields}) for t in d["timings"]],
-                   list(d["batch_sizes"]), d.get("baseline"), d.get("threads", 0), d.get("machine", ""),
-                   dict(d.get("settings", {})))
+        timings = lambda key: [Timing(**{k: v for k, v in t.items() if k in fields}) for t in d.get(key, [])]
+        return cls(timings("timings"), list(d["batch_sizes"]), d.get("baseline"), d.get("threads", 0),
+                   d.get("machine", ""), dict(d.get("settings", {})), timings("stages"))
 
     def rows(self) -> tuple[list[str], list[list[str]]]:
         """The table: a header and one row per model and batch size (what `str()` and the CLI print)."""
@@ -146,11 +176,27 @@ class Benchmark:
                 rows.append(row)
         return head, rows
 
+    def split_rows(self) -> tuple[list[str], list[list[str]]]:
+        """The split of each compiled pipeline's time: p50 ms per stage with its share of the whole call's p50,
+        "noisy" after a row of which a timing is."""
+        head = ["batch", "pipeline", "pre ms", "inference ms", "post ms", "total ms"]
+        rows = []
+        for batch in self.batch_sizes:
+            for name in self.pipelines:
+                split = self.split(name, batch)
+                if any(math.isnan(v) for v in split.values()):
+                    rows.append([str(batch), name, "failed"] + [""] * (len(head) - 3))
+                    continue
+                noisy = any(t.noisy for t in self.timings + self.stages
+                            if t.batch == batch and t.name in {name, *(f"{name} {s}" for s in STAGES)})
+                rows.append([str(batch), name] + [f"{_ms(split[s])} ({split[s] / split['total']:.0%})" for s in STAGES]
+                            + [_ms(split["total"]) + " noisy" * noisy])
+        return head, rows
+
     def __str__(self) -> str:
-        head, rows = self.rows()
-        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-        lines = ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                 for r in [head] + rows]
+        lines = _text_table(*self.rows())
+        if self.stages:
+            lines += ["", SPLIT_TITLE] + _text_table(*self.split_rows())
         lines.append(self.footnote())
         return "\n".join(lines)
 
@@ -160,7 +206,7 @@ class Benchmark:
                 f"interleaved blocks, >= {s.get('min_time')} s of calls, each call timed; spread: half the "
                 "interquartile range of the block medians")
         failures: dict[tuple[str, str], list[int]] = {}
-        for t in self.timings:
+        for t in self.timings + self.stages:
             if t.error is not None:
                 failures.setdefault((t.name, t.error), []).append(t.batch)
         for (name, error), batches in failures.items():
@@ -171,11 +217,17 @@ class Benchmark:
         return text
 
 
+def _text_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    return ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in [head] + rows]
+
+
 def _ms(value: float) -> str:
     return f"{value:.1f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
 
 
-def benchmark(models: Any, inputs: Any, *, baseline: torch.nn.Module | None = None,
+def benchmark(models: Any, inputs: Any, *, baseline: torch.nn.Module | Pipeline | None = None,
               batch_sizes: list[int] | None = None, sizes: Mapping[str, int] | None = None,
               warmup: float = 0.2, min_time: float = 1.0, blocks: int = 10, threads: int | None = None,
               raw: bool = False) -> Benchmark:
@@ -192,30 +244,68 @@ def benchmark(models: Any, inputs: Any, *, baseline: torch.nn.Module | None = No
     threads: torch's intra-op threads during the run (eager and torch engines; other engines keep the
         threads their target set).
     raw: also time each compiled engine's own backend call ("<name> raw") to measure the call overhead.
+
+    Pipelines: models CompiledPipelines (or a mapping to them), inputs a list of items (texts, encoded images),
+    cycled to fill each batch size (default PIPELINE_BATCH_SIZES), baseline the eager Pipeline. Each compiled
+    pipeline's stages are timed too, interleaved with the rest (`Benchmark.split`); sizes= and raw= are for
+    tensor models.
     """
     named = _named(models, baseline)
     if min_time <= 0 or warmup < 0 or blocks < 1:
         raise InputError("min_time must be > 0, warmup >= 0 and blocks >= 1")
-    args, kwargs = as_call(inputs)
-    signature = next((m.signature for m in named.values() if isinstance(m, CompiledModel)), None)
-    batches = _batch_sizes(signature, args, kwargs, batch_sizes)
-    unknown = set(sizes or {}) - set(signature.dims if signature is not None else ())
-    if unknown:
-        raise InputError(f"the model has no dynamic dim {', '.join(map(repr, sorted(unknown)))}; sizes= names dims of "
-                         f"a compiled model's signature ({', '.join(signature.dims) if signature else 'none given'})")
+    if any(isinstance(m, (Pipeline, CompiledPipeline)) for m in named.values()):
+        batches, calls_at = _pipeline_plan(named, inputs, batch_sizes, sizes, raw)
+    else:
+        batches, calls_at = _tensor_plan(named, inputs, batch_sizes, sizes, raw)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     timings: list[Timing] = []
     try:
         for batch in batches:
-            timings += _time_batch(named, signature, args, kwargs, batch, dict(sizes or {}), raw,
-                                   warmup, min_time, blocks)
+            try:
+                calls = calls_at(batch)
+            except InputError as e:
+                timings += [Timing(name, batch, error=str(e)) for name in named]
+                continue
+            timings += _time_calls(calls, batch, warmup, min_time, blocks)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    return Benchmark(timings, batches, EAGER if EAGER in named else None, used, cpu_name(),
-                     {"warmup": warmup, "min_time": min_time, "blocks": blocks, "sizes": dict(sizes or {})})
+    stages = {f"{n} {s}" for n, m in named.items() if isinstance(m, CompiledPipeline) for s in STAGES}
+    return Benchmark([t for t in timings if t.name not in stages], batches, EAGER if EAGER in named else None, used,
+                     cpu_name(), {"warmup": warmup, "min_time": min_time, "blocks": blocks, "sizes": dict(sizes or {})},
+                     [t for t in timings if t.name in stages])
+
+
+_Plan = tuple[list[int], Callable[[int], dict[str, Callable[[], Any]]]]
+
+
+def _tensor_plan(named: dict[str, Callable[..., Any]], inputs: Any, batch_sizes: list[int] | None,
+                 sizes: Mapping[str, int] | None, raw: bool) -> _Plan:
+    """The batch sizes to time tensor models at, and the calls to time at each."""
+    args, kwargs = as_call(inputs)
+    signature = next((m.signature for m in named.values() if isinstance(m, CompiledModel)), None)
+    unknown = set(sizes or {}) - set(signature.dims if signature is not None else ())
+    if unknown:
+        raise InputError(f"the model has no dynamic dim {', '.join(map(repr, sorted(unknown)))}; sizes= names dims of "
+                         f"a compiled model's signature ({', '.join(signature.dims) if signature else 'none given'})")
+    return (_batch_sizes(signature, args, kwargs, batch_sizes),
+            lambda batch: _model_calls(named, signature, args, kwargs, batch, dict(sizes or {}), raw))
+
+
+def _pipeline_plan(named: dict[str, Callable[..., Any]], inputs: Any, batch_sizes: list[int] | None,
+                   sizes: Mapping[str, int] | None, raw: bool) -> _Plan:
+    """The batch sizes to time pipelines at, and the calls to time at each."""
+    if sizes or raw:
+        raise InputError("sizes= and raw= are for tensor models: a pipeline's sizes come from its items, and its "
+                         "inference is timed apart (Benchmark.split)")
+    items = [inputs] if isinstance(inputs, (str, bytes)) else inputs
+    if not isinstance(items, Sequence) or not items:
+        raise InputError(f"a pipeline is timed on a list of items (texts, encoded images), not "
+                         f"{type(inputs).__name__}")
+    batches = _batch_sizes(None, (), {}, list(PIPELINE_BATCH_SIZES) if batch_sizes is None else batch_sizes)
+    return batches, lambda batch: _pipeline_calls(named, [items[i % len(items)] for i in range(batch)])
 
 
 def synthetic_inputs(signature: Signature, sizes: Mapping[str, int] | None = None, seed: int = 0) -> tuple[tuple, dict]:
@@ -238,16 +328,16 @@ def synthetic_inputs(signature: Signature, sizes: Mapping[str, int] | None = Non
     return signature.call_args(flat)
 
 
-def _named(models: Any, baseline: torch.nn.Module | None) -> dict[str, Callable[..., Any]]:
+def _named(models: Any, baseline: torch.nn.Module | Pipeline | None) -> dict[str, Callable[..., Any]]:
     if isinstance(models, Mapping):
         named = dict(models)
-    elif isinstance(models, CompiledModel):
+    elif isinstance(models, (CompiledModel, CompiledPipeline)):
         named = {models.target.name: models}
     elif isinstance(models, torch.nn.Module):
         named = {EAGER: models}
     else:
-        raise InputError("models must be a CompiledModel, a torch.nn.Module or a mapping name -> either, "
-                         f"not {type(models).__name__}")
+        raise InputError("models must be a CompiledModel (or CompiledPipeline), a torch.nn.Module or a mapping "
+                         f"name -> either, not {type(models).__name__}")
     if baseline is not None:
         if EAGER in named:
             raise InputError("a model is already named 'eager'; pass the eager model once")
@@ -290,24 +380,51 @@ def _inputs_at(signature: Signature | None, args: tuple, kwargs: dict, batch: in
     return tree_map(resize, args), tree_map(resize, kwargs)
 
 
-def _time_batch(named: dict[str, Callable[..., Any]], signature: Signature | None, args: tuple, kwargs: dict,
-                batch: int, sizes: dict[str, int], raw: bool, warmup: float, min_time: float,
-                blocks: int) -> list[Timing]:
-    try:
-        a, k = _inputs_at(signature, args, kwargs, batch, sizes)
-    except InputError as e:
-        return [Timing(name, batch, error=str(e)) for name in named]
+def _model_calls(named: dict[str, Callable[..., Any]], signature: Signature | None, args: tuple, kwargs: dict,
+                 batch: int, sizes: dict[str, int], raw: bool) -> dict[str, Callable[[], Any]]:
+    """Each model's call on the inputs at `batch` (and its raw backend call)."""
+    a, k = _inputs_at(signature, args, kwargs, batch, sizes)
     calls: dict[str, Callable[[], Any]] = {}
-    failed: dict[str, str] = {}
     for name, model in named.items():
         calls[name] = (lambda m: lambda: m(*a, **k))(model)
         if raw and isinstance(model, CompiledModel):
             try:
                 call = model.raw_call(*a, **k)
-            except Exception:   # the compiled call fails the same way; it reports it below
+            except Exception:   # the compiled call fails the same way; _time_calls reports it
                 call = None
             if call is not None:
                 calls[name + RAW] = call
+    return calls
+
+
+def _pipeline_calls(named: dict[str, Callable[..., Any]], items: list[Any]) -> dict[str, Callable[[], Any]]:
+    """Each pipeline's whole call on `items`, and each compiled one's STAGES apart: pre-processing of the items,
+    the compiled tensor model on those tensors, post-processing of its outputs."""
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, pipe in named.items():
+        calls[name] = (lambda p: lambda: p(items))(pipe)
+        if isinstance(pipe, CompiledPipeline):
+            try:
+                with torch.inference_mode():
+                    tensors = pipe.steps.tensors(items)
+                    outputs = pipe.model(**tensors)
+            except Exception:   # the whole call fails the same way; _time_calls reports it
+                continue
+            stages = _stages(pipe, items, tensors, outputs)
+            calls.update({f"{name} {stage}": call for stage, call in zip(STAGES, stages)})
+    return calls
+
+
+def _stages(pipe: CompiledPipeline, items: list[Any], tensors: dict[str, torch.Tensor],
+            outputs: dict[str, Any]) -> tuple[Callable[[], Any], ...]:
+    """The calls of `pipe(items)` one by one, each on what the one before answers."""
+    return lambda: pipe.steps.tensors(items), lambda: pipe.model(**tensors), lambda: pipe.steps.finish(outputs)
+
+
+def _time_calls(calls: dict[str, Callable[[], Any]], batch: int, warmup: float, min_time: float,
+                blocks: int) -> list[Timing]:
+    """Time each call (no arguments) over `blocks` interleaved blocks, each call timed on its own."""
+    failed: dict[str, str] = {}
     per_block: dict[str, int] = {}
     with torch.inference_mode():
         for name, call in calls.items():

@@ -413,6 +413,53 @@ def batch_independence(model: torch.nn.Module, signature: Signature,
     return True, f"{len(rows)} rows answered alike together and alone"
 
 
+#: positions appended by `padding_independence`
+PADDING_CHECKED = 5
+
+
+def padding_independence(model: torch.nn.Module, signature: Signature, flat: Sequence[Any],
+                         pad: Mapping[str, float]) -> tuple[bool, str]:
+    """Whether eager answers inputs padded along their dynamic dims (other than the batch) as it answers them
+    unpadded, and what shows it: `flat` (one batch), then `flat` with PADDING_CHECKED positions of each input's
+    `pad` value appended along each such dim of the inputs in `pad`; outputs compared at the unpadded positions.
+    Only then may a server pad requests of different lengths into one call (`[batching.pad]`): a model that
+    reads the padding (one ignoring its attention mask, a mean over every position) answers a client otherwise
+    for the length of other clients' requests."""
+    dims = {d for spec in signature.inputs if spec.name in pad for d in spec.shape
+            if isinstance(d, str) and d != signature.batch}
+    if not dims:
+        return True, "nothing is padded"
+    padded = []
+    for spec, x in zip(signature.inputs, flat):
+        for axis, d in enumerate(spec.shape):
+            if d in dims:
+                if spec.name not in pad:
+                    return False, f"input {spec.name!r} has the padded dim {d!r} but no pad value"
+                shape = list(x.shape)
+                shape[axis] = PADDING_CHECKED
+                x = torch.cat([x, torch.full(shape, pad[spec.name], dtype=x.dtype)], dim=axis)
+        padded.append(x)
+    eager = FlatModule(model, signature).eval()
+    try:
+        with torch.inference_mode(), unchanged_state(model):
+            plain, longer = list(eager(*flat)), list(eager(*padded))
+    except CompilerError:
+        raise
+    except Exception as e:      # eager refuses the longer inputs (more positions than it has embeddings, say)
+        return False, f"eager fails on padded inputs ({type(e).__name__}: {str(e)[:160]})"
+    for spec, a, b in zip(signature.outputs, longer, plain):
+        for axis, d in enumerate(spec.shape):
+            if d in dims:
+                a = a.narrow(axis, 0, b.shape[axis])
+        if a.shape != b.shape:
+            return False, f"{spec.name} has shape {tuple(a.shape)} padded, {tuple(b.shape)} unpadded"
+        differs = _relative_difference(a, b)
+        if differs > INDEPENDENCE_RTOL * _EPS_RATIO.get(spec.dtype, 1.0):
+            return False, (f"{spec.name} differs by {differs:.2g} (relative) with {PADDING_CHECKED} positions of "
+                           f"padding appended along {', '.join(sorted(dims))}")
+    return True, f"{PADDING_CHECKED} positions of padding along {', '.join(sorted(dims))} changed no output"
+
+
 _EPS_RATIO = {torch.float16: 2.0 ** 13, torch.bfloat16: 2.0 ** 16}
 
 

@@ -1,7 +1,9 @@
 """The `compilers` command: compile, targets, validate, bench, report, publish, serve, export-triton.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
-dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`.
+dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`; for a
+pipeline, `model` is a `compilers.pipeline.Pipeline`, or the dict also holds its parts `pre` (and `post`,
+`labels`), and the examples are items (texts, encoded images).
 Exit status: 0 done, 1 validation failed, 2 bad input or a compiler error.
 """
 from __future__ import annotations
@@ -72,6 +74,13 @@ def load_factory(spec: str) -> dict[str, Any]:
     missing = {"model", "example_inputs"} - set(parts)
     if missing:
         raise InputError(f"factory {spec} returned no {', '.join(sorted(missing))}")
+    if "pre" in parts:           # a pipeline's parts: the model, its pre-processing, post steps and labels
+        from .pipeline import Pipeline
+        try:
+            parts["model"] = Pipeline(parts["model"], parts.pop("pre"), parts.pop("post", ()),
+                                      labels=parts.pop("labels", None))
+        except (TypeError, ValueError) as e:
+            raise InputError(f"factory {spec}: its pipeline parts do not make a Pipeline: {e}") from None
     return parts
 
 
@@ -85,8 +94,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
     print(f"compiling {type(parts['model']).__name__} for {target.name} ({what}); "
           "export and engine build can take a while...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
+    calibration = _read_samples(a.calibration, "--calibration") if a.calibration else parts.get("calibration")
     cm = api.compile(parts["model"], target, parts["example_inputs"], dynamic_shapes=parts.get("dynamic_shapes"),
-                     calibration=parts.get("calibration"), samples=parts.get("samples"),
+                     calibration=calibration, samples=parts.get("samples"),
                      validate="warn" if a.no_fail else not a.no_validate,
                      cache_dir=a.cache_dir)
     print(f"compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -156,24 +166,26 @@ _TOLERANCE_FLAGS = {
 }
 
 
-def _read_samples(path: str) -> list[Any]:
-    """Validation samples saved with torch.save(list_of_samples, path); read as data only (weights_only)."""
+def _read_samples(path: str, flag: str = "--samples") -> list[Any]:
+    """Samples (validation or calibration) saved with torch.save(list_of_samples, path), each shaped like the
+    example inputs (for a pipeline: a batch of items, or one); read as data only (weights_only)."""
     import torch
     if not Path(path).is_file():
-        raise InputError(f"--samples {path} does not exist; save them with torch.save([sample, ...], path), each "
+        raise InputError(f"{flag} {path} does not exist; save them with torch.save([sample, ...], path), each "
                          "sample shaped like the example inputs")
     try:
         samples = torch.load(path, weights_only=True)
     except Exception as e:
-        raise InputError(f"--samples {path} is not a torch.save file of tensors ({brief(e)}); save them with "
+        raise InputError(f"{flag} {path} is not a torch.save file of tensors ({brief(e)}); save them with "
                          "torch.save([sample, ...], path)") from e
     if not isinstance(samples, (list, tuple)):
-        raise InputError(f"--samples {path} holds a {type(samples).__name__}; save a list of samples, each shaped "
+        raise InputError(f"{flag} {path} holds a {type(samples).__name__}; save a list of samples, each shaped "
                          "like the example inputs")
     return list(samples)
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    from .pipeline import CompiledPipeline
     batch_sizes = _ints(a.batch_sizes, "--batch-sizes") if a.batch_sizes else None
     if a.plot:
         plot_format(a.plot)           # a wrong suffix is refused before anything is compiled or timed
@@ -184,9 +196,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if a.target:
             raise InputError("--target compiles a factory's model; an artifact is timed as it was built")
         cm = load(a.what)
+        pipeline = isinstance(cm, CompiledPipeline)     # its items can't be made up: time its tensor model
+        cm = cm.model if pipeline else cm
         models, baseline = {cm.target.name: cm}, None
-        inputs = synthetic_inputs(cm.signature, sizes)
-        title = f"{a.what} ({cm.target.name}), synthetic inputs"
+        args, kwargs = synthetic_inputs(cm.signature, sizes)
+        inputs = {**dict(zip(cm.signature.positional, args)), **kwargs}    # all by name: benchmark takes one
+        title = f"{a.what} ({cm.target.name}), {'its tensor model on ' if pipeline else ''}synthetic inputs"
     else:
         parts = load_factory(a.what)
         names = a.target or [t.name for t in api.targets() if api.unavailable_reason(t) is None]
@@ -234,23 +249,30 @@ def _size(item: str) -> tuple[str, int]:
 
 
 def _print_table(result: Benchmark, title: str) -> None:
+    """The timings (and a pipeline's split per stage) as rich tables, or as text without rich."""
     try:
         from rich.console import Console
-        from rich.table import Table
     except ImportError:
         print(title)
         print(result)
         return
-    head, rows = result.rows()
+    from .bench import SPLIT_TITLE
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(_rich_table(title, *result.rows()))
+    if result.stages:
+        console.print(_rich_table(SPLIT_TITLE, *result.split_rows()))
+    console.print(result.footnote(), highlight=False)
+
+
+def _rich_table(title: str, head: list[str], rows: list[list[str]]) -> Any:
+    from rich.table import Table
     table = Table(title=title, title_justify="left")
     for i, h in enumerate(head):
         table.add_column(h, justify="left" if i == 1 else "right", no_wrap=True)
     for row in rows:
-        style = "red" if row[2].startswith("failed") else "yellow" if row[-1].endswith("noisy") else None
-        table.add_row(*row, style=style)
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table)
-    console.print(result.footnote(), highlight=False)
+        table.add_row(*row, style="red" if row[2].startswith("failed") else
+                      "yellow" if row[-1].endswith("noisy") else None)
+    return table
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -286,7 +308,7 @@ def cmd_publish(a: argparse.Namespace) -> int:
 
 def cmd_export_triton(a: argparse.Namespace) -> int:
     import warnings
-    from .serve.triton import CONFIG_FILE, export_triton
+    from .export.triton import CONFIG_FILE, export_triton
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         version = export_triton(a.artifact, a.version_dir, a.serving, force=a.force)
@@ -316,6 +338,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise InputError(f"{flag}: {str(e).split(' ', 1)[1]}") from None
     if a.address and not a.ray:
         raise InputError("--address is the Ray cluster to join; it needs --ray")
+    if a.ray and a.handlers:
+        raise InputError("--handlers: Ray Serve does not run models' handlers yet; serve them without --ray")
     if a.ray:
         given = [f.name for f in dataclasses.fields(Limits) if getattr(limits, f.name) != getattr(Limits(), f.name)]
         if given:
@@ -330,7 +354,28 @@ def cmd_serve(a: argparse.Namespace) -> int:
         Repository(a.repository)                      # a missing directory is an error before Ray starts
         serve_on_ray(a.repository, a.host, a.port, address=a.address)
         return 0
-    serve(Repository(a.repository), a.host, a.port, limits=limits, log_level=a.log_level)
+    serve(Repository(a.repository), a.host, a.port, limits=limits, log_level=a.log_level, handlers=a.handlers)
+    return 0
+
+
+def cmd_perf(a: argparse.Namespace) -> int:
+    """Load a running server at each concurrency and report throughput, latency, errors and the server's split
+    (`compilers.serve.perf`)."""
+    from .serve.perf import measure, parse_shapes
+    from .serve.perf import plot as plot_perf
+    if a.plot:
+        plot_format(a.plot)           # a wrong suffix is refused before any load is sent
+    result = measure(a.url, a.model, version=a.model_version or "", protocol=a.protocol,
+                     concurrency=_ints(a.concurrency, "--concurrency"), duration=a.duration,
+                     max_requests=a.max_requests, warmup=a.warmup, batch=a.batch, shapes=parse_shapes(a.shape),
+                     input_data=a.input_data, metrics_url=a.metrics_url, timeout=a.timeout)
+    print(result.table())
+    if a.json:
+        write_text(a.json, json.dumps(result.to_dict(), indent=1))
+        print(f"wrote {a.json}", file=sys.stderr)
+    if a.plot:
+        plot_perf(result, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0
 
 
@@ -344,6 +389,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target", "-t", required=True, help="built-in target name or path to a .toml descriptor")
     c.add_argument("--out", "-o", required=True, help="artifact directory to write")
     c.add_argument("--cache-dir", help="reuse builds from this directory")
+    c.add_argument("--calibration", metavar="FILE.pt", help="int8 calibration samples: torch.save([sample, ...], "
+                                                            "FILE.pt), each shaped like the example inputs (for a "
+                                                            "pipeline: texts); default: the factory's calibration")
     c.add_argument("--force", action="store_true", help="replace the artifact already at --out")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--no-validate", action="store_true", help="skip validation against eager")
@@ -367,7 +415,7 @@ def parser() -> argparse.ArgumentParser:
                    help="an artifact directory (timed on synthetic inputs), or a factory whose model is compiled "
                         "for each --target and timed against eager on its example inputs")
     b.add_argument("--target", "-t", action="append", help="target to compile (repeatable; default: every available built-in)")
-    b.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32 (default: the example's batch size)")
+    b.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32 (default: the example's batch size; 1,8,32 for a pipeline)")
     b.add_argument("--sizes", help="other dynamic dims, e.g. seq=128")
     b.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per model and batch size (default 1)")
     b.add_argument("--threads", type=int, help="torch intra-op threads for eager and torch engines")
@@ -407,11 +455,38 @@ def parser() -> argparse.ArgumentParser:
                                                                     "(default 30)")
     s.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may idle "
                                                                    "(default 5)")
+    s.add_argument("--handlers", action="store_true", help="run the handler code (Python) that models' serving.toml "
+                                                           "[handler] names and pins by sha256; off by default")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--ray", action="store_true", help="serve on Ray Serve: a deployment per model version, "
                                                       "replicas and autoscaling from serving.toml [replicas]")
     s.add_argument("--address", help="with --ray: the Ray cluster to join (default: start a local one)")
     s.set_defaults(run=cmd_serve)
+    pf = sub.add_parser("perf", help="measure a running server under load, as Triton's perf_analyzer: throughput, "
+                                     "latency percentiles, errors and the server's split per concurrency")
+    pf.add_argument("url", metavar="URL", help="the server, http://host:port (or host:port)")
+    pf.add_argument("--model", "-m", required=True, help="the model to send requests to")
+    pf.add_argument("--version", dest="model_version", metavar="V", help="its version (default: the server's choice)")
+    pf.add_argument("--protocol", default="http", help="http (the only one so far; grpc is to come)")
+    pf.add_argument("--concurrency", default="1,4,16,64", help="requests in flight, one level each, comma-separated "
+                                                                 "(default 1,4,16,64)")
+    pf.add_argument("--duration", type=float, default=10.0, help="seconds measured per level (default 10)")
+    pf.add_argument("--max-requests", type=int, default=100_000, help="requests per level at most, whichever "
+                                                                      "bound comes first (default 100000)")
+    pf.add_argument("--warmup", type=float, default=1.0, help="seconds of uncounted requests before each level "
+                                                              "(default 1)")
+    pf.add_argument("--batch", type=int, default=1, help="rows per synthetic request: the size of a -1 first dim "
+                                                         "(default 1)")
+    pf.add_argument("--shape", action="append", metavar="NAME:D1,D2", help="dims of a synthetic input after its "
+                                                                          "batch dim (other -1 dims are 1); repeatable")
+    pf.add_argument("--input-data", metavar="FILE.json", help='requests from a perf_analyzer-style file, {"data": '
+                                                              '[{"INPUT": [values...]}, ...]}, cycled through '
+                                                              "(default: synthetic, from the model's metadata)")
+    pf.add_argument("--metrics-url", help="the server's Prometheus metrics (default URL/metrics)")
+    pf.add_argument("--timeout", type=float, default=30.0, help="seconds one request may take (default 30)")
+    pf.add_argument("--json", help="write every figure here")
+    pf.add_argument("--plot", help="write a PNG (or .svg, .pdf) of throughput and latency per concurrency here")
+    pf.set_defaults(run=cmd_perf)
     return p
 
 

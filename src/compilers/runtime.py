@@ -22,6 +22,7 @@ from .records import from_json
 from .reference import probe_label
 from .report import Report
 from .settings import runtime_options
+from .pipeline import FOLDER as PIPELINE_FOLDER, CompiledPipeline, Steps
 from .signature import Signature, numpy_dtype, to_numpy, to_torch
 from .target import Target
 from .validate import ValidationReport
@@ -132,17 +133,25 @@ class CompiledModel:
     def __repr__(self) -> str:
         return f"CompiledModel(target={self.target.name!r}, route={self.report.route!r})"
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, steps: Steps | None = None) -> Path:
         """Write the artifact directory atomically and return `path`: readers of `path` see the old artifact or
         the new one, never a half-written one, nor none. An existing `path` is replaced only when it is empty
         or a compilers artifact; anything else is an ArtifactError, with nothing deleted. Sets `self.digest`,
-        the content digest that `load(path, digest=...)` pins (also in the manifest)."""
+        the content digest that `load(path, digest=...)` pins (also in the manifest). `steps`: a pipeline's
+        pre-processing and labels, saved with the model (CompiledPipeline.save)."""
         path = Path(path)
         backend = get_backend(self.target.backend)
-        self.digest = artifact.write(path, self.engine.save, {
-            "target": self.target.to_dict(), "signature": self.signature.to_dict(),
-            "versions": library_versions(backend.versions()), "bound": backend.versions(),
-            "report": self.report.to_dict()}, self.target.backend)
+        records = {"target": self.target.to_dict(), "signature": self.signature.to_dict(),
+                   "versions": library_versions(backend.versions()), "bound": backend.versions(),
+                   "report": self.report.to_dict()}
+        if steps is not None:
+            records["pipeline"] = steps.to_dict()
+
+        def save_files(directory: Path) -> None:
+            self.engine.save(directory)
+            if steps is not None:
+                steps.save(directory / PIPELINE_FOLDER)
+        self.digest = artifact.write(path, save_files, records, self.target.backend)
         return path
 
 
@@ -212,8 +221,8 @@ def _serialized(run: Any) -> Any:
 
 
 def load(path: str | os.PathLike, *, check_versions: bool = True,
-         options: Mapping[str, Any] | None = None, digest: str | None = None) -> CompiledModel:
-    """Load a saved artifact; no source model needed. ArtifactError if a file is missing, unlisted or altered,
+         options: Mapping[str, Any] | None = None, digest: str | None = None) -> CompiledModel | CompiledPipeline:
+    """Load a saved artifact; no source model needed (a CompiledPipeline when it carries a pipeline). ArtifactError if a file is missing, unlisted or altered,
     or (with `check_versions`) if the backend library the engine is bound to has another version here.
 
     `digest` ("sha256:...", printed by `compilers compile`, `cm.digest` after save) pins the artifact: one with
@@ -224,10 +233,13 @@ def load(path: str | os.PathLike, *, check_versions: bool = True,
     not what was compiled and validated); TargetError for any other key.
 
     A save that replaces `path` meanwhile makes load start over, so it returns the old or the new artifact."""
-    def open_verified(where: Path, manifest: dict[str, Any]) -> CompiledModel:
+    def open_verified(where: Path, manifest: dict[str, Any]) -> CompiledModel | CompiledPipeline:
         cm = _load_verified(where, manifest, check_versions, options)
         cm.digest = manifest["digest"]
-        return cm
+        if "pipeline" not in manifest:
+            return cm
+        steps = malformed(where, lambda: Steps.load(manifest["pipeline"], where / PIPELINE_FOLDER))
+        return CompiledPipeline(cm, steps)
     return artifact.read(Path(path), digest, open_verified)
 
 

@@ -24,7 +24,6 @@ import torch
 from ..lower import Lowered
 from ..settings import option
 from ..signature import FlatModule
-from ..target import Target
 from .base import Backend, Engine, Optimized, Spec
 
 MODEL_FILE = "model.pt"

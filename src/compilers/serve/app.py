@@ -36,7 +36,7 @@ from starlette.routing import Route
 from ..errors import CompilerError, ConfigError, InputError
 from ..host import own_version
 from .batcher import QueueFull, alone
-from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits, request_bytes
+from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits, items_bytes, request_bytes
 from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
 from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
@@ -55,14 +55,17 @@ class Disconnected(CompilerError):
     """The client closed its connection before its request body had arrived (nobody reads the answer)."""
 
 
-def create_app(repository: str | Repository | ModelService, *, limits: Limits = Limits()) -> Starlette:
+def create_app(repository: str | Repository | ModelService, *, limits: Limits = Limits(),
+               handlers: bool = False) -> Starlette:
     """The server app for a model repository (a path, a Repository, or a ModelService to share). Models load
     when the app starts (its lifespan) and drain when it stops. `limits`: the bodies it takes (the connection
-    limits are the HTTP protocol's, set by `server.serve` / `server.running`)."""
+    limits are the HTTP protocol's, set by `server.serve` / `server.running`). `handlers`: run the handler code
+    models pin in their serving.toml (`serve --handlers`; a ModelService given says so itself)."""
     if isinstance(repository, ModelService):
         service = repository
     else:
-        service = ModelService(repository if isinstance(repository, Repository) else Repository(repository))
+        service = ModelService(repository if isinstance(repository, Repository) else Repository(repository),
+                               handlers=handlers)
     api = _Routes(service, limits)
 
     @asynccontextmanager
@@ -142,8 +145,8 @@ class _Routes:
         return JSONResponse({
             "name": name, "versions": [str(v) for v in versions],
             "platform": f"compilers_{served.target.backend}",
-            "inputs": [tensor_metadata(s) for s in sig.inputs],
-            "outputs": [tensor_metadata(s) for s in sig.outputs],
+            "inputs": [tensor_metadata(s) for s in served.inputs],
+            "outputs": [tensor_metadata(s) for s in served.outputs],
             "parameters": {"target": served.target.name, "batch_dim": sig.batch,
                            "max_batch_size": served.batching.max_batch_size,
                            "batch_independent": sig.batch_independent,
@@ -181,7 +184,7 @@ class _Routes:
                 self.service.metrics.requests.labels(name, version, "invalid").inc()
             raise
         served, outputs = await self.service.infer(name, number, decoded.inputs, decoded.outputs)
-        specs = served.signature.outputs
+        specs = served.outputs
         encode = functools.partial(encode_response, name, served.number, decoded,
                                    dict(zip((s.name for s in specs), outputs)), specs)
         content, headers = encode() if sum(x.size for x in outputs) < ENCODE_IN_LOOP else await self._codec(encode)
@@ -194,7 +197,8 @@ class _Routes:
         or unbounded. UnknownModel / NotReady before a byte of the body is read."""
         versions = [self.service.version(name, number)] if number is not None else \
             list(self.service.model(name).versions.values()) or [self.service.version(name)]
-        sizes = [request_bytes(v.signature, v.batching.max_batch_size) for v in versions]
+        sizes = [request_bytes(v.signature, v.batching.max_batch_size) if v.steps is None else
+                 items_bytes(v.steps.pre.max_item_bytes, v.batching.max_batch_size) for v in versions]
         if None in sizes or max(sizes) >= self.limits.max_body_bytes:
             return self.limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
                                                "server's --max-body-mb)"

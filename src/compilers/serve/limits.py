@@ -21,6 +21,7 @@ from ..signature import Signature
 
 MAX_BODY_BYTES = 64 << 20
 JSON_BYTES_PER_ELEMENT = 48     # a number as JSON with its separators, nesting and indentation, generously
+JSON_BYTES_PER_CHARACTER = 6    # a string's byte as JSON at worst: a control character escaped \u00XX
 HEAD_BYTES = 64 << 10           # a request's names, shapes, parameters and id
 CONTROL_BYTES = 64 << 10        # the repository API's bodies: small JSON objects
 
@@ -82,6 +83,12 @@ def request_bytes(signature: Signature, max_batch_size: int) -> int | None:
                 return None
         elements += count
     return HEAD_BYTES + elements * JSON_BYTES_PER_ELEMENT
+
+
+def items_bytes(max_item_bytes: int, max_batch_size: int) -> int:
+    """The most bytes a valid request to a pipeline can take: max_batch_size items of at most max_item_bytes
+    each, as JSON strings (escapes make a byte up to JSON_BYTES_PER_CHARACTER) or binary, plus the head."""
+    return HEAD_BYTES + max_batch_size * (max_item_bytes * JSON_BYTES_PER_CHARACTER + 4)
 
 
 class Busy(CompilerError):

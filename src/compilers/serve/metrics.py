@@ -1,5 +1,7 @@
-"""Prometheus metrics of a server, per model and version: requests by outcome, time in the queue, rows per
-engine call, engine time, end-to-end request time, and which versions are loaded. Each server has its own
+"""Prometheus metrics of a server, per model and version: requests by outcome, a pipeline's pre- and
+post-processing time, time in the queue, rows per engine call, engine time, end-to-end request time, and which
+versions are loaded (the stages of a request's latency, as Triton splits them: queue, compute_input,
+compute_infer, compute_output). Each server has its own
 registry (served at /metrics), so several servers in one process do not mix their counts."""
 from __future__ import annotations
 
@@ -20,6 +22,12 @@ class Metrics:
         self.requests = Counter("compilers_inference_requests", "Inference requests by outcome: ok, invalid "
                                 "(HTTP 400), rejected (queue full, 503), failed (engine error, 500)",
                                 (*_LABELS, "outcome"), registry=r)
+        self.preprocess_seconds = Histogram("compilers_preprocess_seconds", "Time a pipeline's pre-processing "
+                                            "took for one request (tokenizing, decoding images)", _LABELS,
+                                            buckets=_SECONDS, registry=r)
+        self.postprocess_seconds = Histogram("compilers_postprocess_seconds", "Time a pipeline's post-processing "
+                                             "outside the graph took for one request (naming, labels)", _LABELS,
+                                             buckets=_SECONDS, registry=r)
         self.queue_seconds = Histogram("compilers_queue_seconds", "Time a request waited in the batcher's queue",
                                        _LABELS, buckets=_SECONDS, registry=r)
         self.batch_size = Histogram("compilers_batch_size", "Rows (samples) per engine call", _LABELS,

@@ -12,6 +12,14 @@ Non-finite floats in JSON outputs are written NaN / Infinity / -Infinity, as Pyt
 rapidjson read them (strict JSON cannot write them); binary outputs carry them exactly. BF16 travels as Triton
 sends it: binary as the 2-byte bfloat16 bit pattern, JSON as numbers; in numpy it is `ml_dtypes.bfloat16`.
 
+BYTES (texts, encoded images) is a tensor of byte strings; in numpy an object array of `bytes`. In JSON its data
+are strings (as tritonclient sends them), each taken as its UTF-8 bytes; binary, as Triton serializes it: each
+element's length as a 4-byte little-endian unsigned integer, then its bytes, element after element. A served BYTES
+tensor is described by a spec with a `datatype` attribute ("BYTES": `pipeline.base.BytesSpec`) where a numeric one
+is a `signature.TensorSpec`. An output array of objects (`bytes` or `str`) or of numpy's str / bytes (kinds U, S) is
+sent as BYTES: binary exactly (str as UTF-8), JSON as strings, bytes that are not UTF-8 with U+FFFD for each bad
+byte sequence (JSON cannot carry them; ask for the output as binary data to get them exactly).
+
 JSON is read and written by orjson (the serve extra), several times faster than Python's json; Python's parser
 reads what orjson refuses (NaN / Infinity literals, which Python's json and rapidjson write; UTF-16; lone
 surrogates) and words every parse error, and Python's writer writes the float data that hold NaN or Inf.
@@ -22,21 +30,31 @@ Bytes in, numpy out and back: no HTTP framework here. Every malformed request is
 says what to fix (the server answers it with 400), found before the request can cost much: a shape has at most
 MAX_RANK dims, none larger than the body could carry; JSON made mostly of brackets (more than one list or object
 per LIST_BYTES bytes: nested data of single elements, which Python would hold at many times the body's size) must be
-sent flat, as the protocol allows; nesting too deep for the parser and integers too long to convert are refused.
+sent flat, as the protocol allows (brackets inside strings, as texts hold them, are not counted); nesting too
+deep for the parser and integers too long to convert are refused. A BYTES element takes at least 4 bytes of binary
+data (its length), so its count is bounded by binary_data_size, and its elements must fill that size exactly.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
+import re
+import struct
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
 from ..signature import TensorSpec
+
+if TYPE_CHECKING:
+    from ..pipeline.base import BytesSpec
+
+Spec = Union[TensorSpec, "BytesSpec"]     # a served tensor: numeric (TensorSpec) or BYTES (a spec with .datatype)
 
 try:
     import orjson
@@ -49,7 +67,8 @@ LIST_BYTES = 16
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
-# Open Inference Protocol datatype <-> numpy. BYTES (strings) is not served.
+# Open Inference Protocol datatype <-> numpy, for the fixed-size datatypes; and BYTES, byte strings (object arrays)
+BYTES = "BYTES"
 DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in (
     ("BOOL", np.bool_), ("UINT8", np.uint8), ("UINT16", np.uint16), ("UINT32", np.uint32), ("UINT64", np.uint64),
     ("INT8", np.int8), ("INT16", np.int16), ("INT32", np.int32), ("INT64", np.int64),
@@ -57,11 +76,24 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in (
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 # what each datatype holds: b bool, i signed / u unsigned integers, f floats (numpy calls bfloat16's kind V)
 _KINDS = {name: "f" if dtype == BF16 else dtype.kind for name, dtype in DATATYPES.items()}
+_STRING_KINDS = "OSU"     # numpy kinds served as BYTES: objects (bytes / str), numpy bytes, numpy str
+_LENGTH = struct.Struct("<I")      # a BYTES element's length prefix on the wire
+
+
+def array_datatype(array: np.ndarray) -> str:
+    """The protocol's datatype name for an array: BYTES for objects, str or bytes; else its numpy dtype's."""
+    if array.dtype.kind in _STRING_KINDS:
+        return BYTES
+    return _NAMES.get(array.dtype, str(array.dtype).upper())
 
 
 @functools.lru_cache(maxsize=1024)
-def datatype(spec: TensorSpec) -> str:
-    """The protocol's datatype name for a signature tensor."""
+def datatype(spec: Spec) -> str:
+    """The protocol's datatype name for a served tensor: a spec's own `datatype` (BytesSpec's BYTES), or that
+    of a signature tensor's dtype."""
+    named = getattr(spec, "datatype", None)
+    if isinstance(named, str):
+        return named
     try:
         dtype = spec.numpy_dtype
     except TypeError:            # a torch dtype numpy has none of (float8, ...): not served, named as torch does
@@ -69,7 +101,7 @@ def datatype(spec: TensorSpec) -> str:
     return _NAMES.get(dtype, str(dtype).upper())
 
 
-def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+def tensor_metadata(spec: Spec) -> dict[str, Any]:
     """A tensor's entry in model metadata: dynamic dims are -1."""
     return {"name": spec.name, "datatype": datatype(spec), "shape": [d if isinstance(d, int) else -1 for d in spec.shape]}
 
@@ -98,8 +130,10 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
         head, binary = body[:length], memoryview(body)[length:]
     else:
         head, binary = body, memoryview(b"")
-    containers = head.count(b"[") + head.count(b"{")
-    if containers > max(4096, len(head) // LIST_BYTES):
+    containers, most = head.count(b"[") + head.count(b"{"), max(4096, len(head) // LIST_BYTES)
+    if containers > most and b"\x00" not in head:       # UTF-8 JSON (UTF-16/32 hold NULs): texts may hold brackets
+        containers = _containers(head)
+    if containers > most:
         raise InputError(f"the request's JSON holds {containers} lists and objects in {len(head)} bytes: send each "
                          "input's data as one flat list in row-major order (the protocol allows it), not nested "
                          "lists of single elements")
@@ -110,6 +144,14 @@ def decode_request(body: bytes, header_length: str | None) -> InferRequest:
 
 
 _REQUEST = 'send an Open Inference Protocol infer request object: {"inputs": [{"name", "shape", "datatype", "data"}]}'
+_STRINGS = re.compile(rb'"[^"]*"')
+
+
+def _containers(head: bytes) -> int:
+    """The lists and objects of UTF-8 JSON: its brackets outside strings, as a JSON parser reads them (after
+    dropping escaped backslashes and quotes, quotes pair up), in a few linear passes in C."""
+    bare = _STRINGS.sub(b"", head.replace(b"\\\\", b"").replace(b'\\"', b""))
+    return bare.count(b"[") + bare.count(b"{")
 
 
 def _request(request: Any, binary: memoryview, body_size: int) -> InferRequest:
@@ -206,8 +248,9 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_siz
                          f"none larger than the request could carry ({body_size} bytes); got {got}")
     kind = tensor.get("datatype")
     dtype = DATATYPES.get(kind) if isinstance(kind, str) else None
-    if dtype is None:
-        raise InputError(f"input {name!r}: datatype {kind!r} is not served here; use one of {', '.join(DATATYPES)}")
+    if dtype is None and kind != BYTES:
+        raise InputError(f"input {name!r}: datatype {kind!r} is not served here; use one of "
+                         f"{', '.join([*DATATYPES, BYTES])}")
     count = math.prod(shape)
     if count > body_size:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements, more than the request's "
@@ -216,15 +259,26 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_siz
     if size is not None:
         if "data" in tensor:
             raise InputError(f"input {name!r} has both JSON data and binary_data_size; send one")
-        if not isinstance(size, int) or isinstance(size, bool) or size != count * dtype.itemsize:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise InputError(f"input {name!r}: binary_data_size is {size!r}, not a byte count")
+        if dtype is None:
+            if size < 4 * count:
+                raise InputError(f"input {name!r}: binary_data_size is {size}, but shape {shape} of BYTES takes at "
+                                 f"least {4 * count} bytes (a 4-byte length before each element)")
+        elif size != count * dtype.itemsize:
             raise InputError(f"input {name!r}: binary_data_size is {size!r}, but shape {shape} of {kind} takes "
                              f"{count * dtype.itemsize} bytes")
         if offset + size > len(binary):
             raise InputError(f"input {name!r}: binary_data_size {size} runs past the end of the body")
-        return name, _from_wire(binary[offset:offset + size], dtype).reshape(shape), offset + size
+        raw = binary[offset:offset + size]
+        array = _from_wire(raw, dtype) if dtype is not None else _bytes_from_wire(raw, count, name, shape)
+        return name, array.reshape(shape), offset + size
     if "data" not in tensor:
         raise InputError(f'input {name!r} has no "data" and no binary_data_size parameter')
-    array = _json_array(tensor["data"], dtype, f"input {name!r}", kind)
+    if dtype is None:
+        array = _json_strings(tensor["data"], f"input {name!r}")
+    else:
+        array = _json_array(tensor["data"], dtype, f"input {name!r}", kind)
     if array.size != count:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements, data has {array.size}")
     return name, array.reshape(shape), offset
@@ -235,6 +289,77 @@ def _from_wire(raw: memoryview, dtype: np.dtype) -> np.ndarray:
     if dtype == BF16:
         return np.frombuffer(raw, "<u2").astype(np.uint16).view(BF16)
     return np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype)
+
+
+def _bytes_from_wire(raw: memoryview, count: int, name: str, shape: list[int]) -> np.ndarray:
+    """BYTES binary data (each element a 4-byte little-endian length, then its bytes) as a flat object array of
+    `count` bytes; InputError unless the elements fill `raw` exactly. `count` is at most len(raw) / 4."""
+    data, items, offset, unpack = bytes(raw), [], 0, _LENGTH.unpack_from
+    append = items.append
+    try:
+        for _ in range(count):          # unchecked: a slice past the end or a prefix beyond it shows at the end
+            size, = unpack(data, offset)
+            offset += 4
+            append(data[offset:offset + size])
+            offset += size
+    except struct.error:                # a length prefix past the end
+        offset = -1
+    if offset != len(data):
+        _bytes_error(data, count, name, shape)
+    return _objects(items)
+
+
+def _bytes_error(data: bytes, count: int, name: str, shape: list[int]) -> None:
+    """Raise the InputError that says where BYTES binary data do not hold `count` elements exactly."""
+    offset = 0
+    for i in range(count):
+        if offset + 4 > len(data):
+            raise InputError(f"input {name!r}: its {len(data)} bytes of binary data hold {i} BYTES elements, but "
+                             f"shape {shape} takes {count} (each a 4-byte little-endian length, then its bytes)")
+        size, = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + size > len(data):
+            raise InputError(f"input {name!r}: BYTES element {i} has length {size}, but only {len(data) - offset} "
+                             f"of the input's {len(data)} bytes of binary data remain (each element is a 4-byte "
+                             "little-endian length, then its bytes)")
+        offset += size
+    raise InputError(f"input {name!r}: shape {shape} takes {count} BYTES elements, which fill {offset} of the "
+                     f"input's {len(data)} bytes of binary data (binary_data_size); the other "
+                     f"{len(data) - offset} bytes are no element")
+
+
+def _objects(items: list) -> np.ndarray:
+    """A flat object array of the items (numpy takes none of them for a sequence to descend into)."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def _json_strings(data: Any, where: str) -> np.ndarray:
+    """BYTES JSON data (strings, a flat or regular nested list, row-major) as a flat object array of their UTF-8
+    bytes; InputError for anything but strings."""
+    if type(data) is not list:
+        data = [data]
+    types = set(map(type, data))
+    nested = list in types
+    if nested:
+        types = _leaf_types(data)
+    wrong = types - {str}
+    if wrong:
+        what = next((words for t, words in _WRONG if t in wrong), "nulls or objects")
+        raise InputError(f"{where}: BYTES data must be strings; got {what}")
+    if nested:
+        try:
+            data = np.array(data, dtype=object).reshape(-1).tolist()
+        except ValueError as e:
+            raise InputError(f"{where}: data is not a regular nested list ({e})") from None
+        if any(type(x) is not str for x in data):                   # lists numpy kept whole: ragged nesting
+            raise InputError(f"{where}: data is not a regular nested list")
+    try:
+        return _objects([x.encode() for x in data])
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: BYTES data hold a string that is not Unicode text (a lone surrogate such as "
+                         "\\ud800); send such bytes as binary data") from None
 
 
 def _to_wire(array: np.ndarray) -> bytes:
@@ -339,9 +464,10 @@ def _leaf_types(data: Any) -> set[type]:
 
 
 def encode_response(model: str, version: int, request: InferRequest, outputs: Mapping[str, np.ndarray],
-                    specs: Sequence[TensorSpec]) -> tuple[bytes, dict[str, str]]:
+                    specs: Sequence[Spec]) -> tuple[bytes, dict[str, str]]:
     """The infer response body and its headers: the requested outputs (all, in signature order, by default),
-    each as JSON data or as binary data after the JSON."""
+    each as JSON data or as binary data after the JSON. An output of a BYTES spec, or an array of objects, str or
+    bytes, is sent as BYTES."""
     names = request.outputs if request.outputs is not None else [s.name for s in specs]
     kinds = {s.name: datatype(s) for s in specs}
     head: dict[str, Any] = {"model_name": model, "model_version": str(version)}
@@ -350,13 +476,15 @@ def encode_response(model: str, version: int, request: InferRequest, outputs: Ma
     entries, blobs = [], []
     for name in names:
         array = outputs[name]
-        entry: dict[str, Any] = {"name": name, "datatype": kinds[name], "shape": list(array.shape)}
+        strings = kinds[name] == BYTES or array.dtype.kind in _STRING_KINDS
+        entry: dict[str, Any] = {"name": name, "datatype": BYTES if strings else kinds[name],
+                                 "shape": list(array.shape)}
         if request.binary.get(name, request.binary_default):
-            blob = _to_wire(array)
+            blob = _bytes_to_wire(array, name) if strings else _to_wire(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = _json_data(array)
+            entry["data"] = _json_strings_of(array, name) if strings else _json_data(array)
         entries.append(entry)
     head["outputs"] = entries
     text = _dumps(head)
@@ -364,6 +492,27 @@ def encode_response(model: str, version: int, request: InferRequest, outputs: Ma
         return text, {"content-type": "application/json"}
     return b"".join([text, *blobs]), {"content-type": "application/octet-stream",
                                       "inference-header-content-length": str(len(text))}
+
+
+def _elements(array: np.ndarray, name: str) -> list[bytes | str]:
+    """A BYTES output's elements, row-major: bytes or str (numpy's own str and bytes scalars included)."""
+    items = array.reshape(-1).tolist()
+    if not all(isinstance(x, (bytes, str)) for x in items):
+        bad = next(x for x in items if not isinstance(x, (bytes, str)))
+        raise TypeError(f"output {name!r} is sent as BYTES, but holds a {type(bad).__name__}, not bytes or str")
+    return items
+
+
+def _bytes_to_wire(array: np.ndarray, name: str) -> bytes:
+    """A BYTES output as the binary extension carries it: each element's length (4 bytes, little-endian), then
+    its bytes (str as UTF-8; a lone surrogate, which UTF-8 cannot carry, as '?')."""
+    items = [x if isinstance(x, bytes) else x.encode("utf-8", "replace") for x in _elements(array, name)]
+    return b"".join(itertools.chain.from_iterable(zip(map(_LENGTH.pack, map(len, items)), items)))
+
+
+def _json_strings_of(array: np.ndarray, name: str) -> list[str]:
+    """A BYTES output's JSON data: a flat list of strings (bytes decoded from UTF-8, U+FFFD for what is not)."""
+    return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in _elements(array, name)]
 
 
 PIECE = 1 << 14     # elements of an output written per call: between pieces the event loop can take the GIL
@@ -429,7 +578,7 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def check_outputs(names: Sequence[str] | None, specs: Sequence[TensorSpec]) -> None:
+def check_outputs(names: Sequence[str] | None, specs: Sequence[Spec]) -> None:
     """InputError for a requested output the model does not have (checked before running it)."""
     if names is None:
         return
@@ -439,10 +588,11 @@ def check_outputs(names: Sequence[str] | None, specs: Sequence[TensorSpec]) -> N
             raise InputError(f"unknown output {name!r}; the model returns {_names(specs)}")
 
 
-def flat_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -> list[np.ndarray]:
+def flat_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[Spec]) -> list[np.ndarray]:
     """The named inputs in the model's flat order, checked in the protocol's words: InputError for unknown or
-    missing names, another datatype, rank or fixed size than the model's metadata shows. (Dynamic dims' ranges,
-    index ranges and NaN/Inf are checked by the model's own checks, after this.)"""
+    missing names, another datatype (BYTES included: a BYTES input must arrive as BYTES, a numeric one not), rank
+    or fixed size than the model's metadata shows. (Dynamic dims' ranges, index ranges and NaN/Inf are checked by
+    the model's own checks, after this.)"""
     names = [s.name for s in specs]
     unknown = [n for n in inputs if n not in names]
     if unknown:
@@ -452,7 +602,7 @@ def flat_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -
         raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; expected {_names(specs)}")
     for spec in specs:
         array, meta = inputs[spec.name], tensor_metadata(spec)
-        got = _NAMES.get(array.dtype, str(array.dtype).upper())
+        got = array_datatype(array)
         if got != meta["datatype"]:
             raise InputError(f"input {spec.name!r}: datatype {got}, expected {meta['datatype']}")
         if array.ndim != len(meta["shape"]) or any(want not in (-1, n) for want, n in zip(meta["shape"], array.shape)):
@@ -460,5 +610,5 @@ def flat_inputs(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) -
     return [inputs[n] for n in names]
 
 
-def _names(specs: Sequence[TensorSpec]) -> str:
+def _names(specs: Sequence[Spec]) -> str:
     return ", ".join(repr(s.name) for s in specs)

@@ -35,6 +35,7 @@ from ray.exceptions import RayActorError
 
 from ..artifact import manifest_records, read_manifest
 from ..errors import ConfigError, InputError
+from ..pipeline import CompiledPipeline
 from ..runtime import CALL_OPTIONS, check_finite, nonfinite_refused
 from .app import create_app
 from .batcher import BatchStats, Combiner
@@ -65,7 +66,9 @@ class VersionReplica:
     def __init__(self, repository: str, model: str, version: int):
         repo = Repository(repository)
         entry = repo.model(model)
-        self.model = repo.load_version(model, version, options=entry.config.engine)
+        loaded = repo.load_version(model, version, options=entry.config.engine)
+        # a pipeline's tensor model: RayEngines.open refuses pipelines (the ingress does not pre-process yet)
+        self.model = loaded.model if isinstance(loaded, CompiledPipeline) else loaded
         self.combiner = Combiner(self.model.signature, entry.config.batching, self.model.check_inputs)
         if self.combiner.alone:
             log.warning("model %s version %s: %s", model, version, self.combiner.alone)
@@ -121,7 +124,14 @@ class RayEngines:
             raise ConfigError(f"model {entry.name!r} version {number} has no deployment in this Ray Serve "
                               f"application (deployed: {', '.join(sorted(self.handles)) or 'none'}); redeploy it")
         where = repository.path / entry.name / str(number)
-        target, signature, report = manifest_records(where, read_manifest(where))
+        if entry.config.handler is not None:
+            raise ConfigError(f"model {entry.name!r} has a handler (serving.toml [handler]): Ray Serve does not run "
+                              "handlers yet; serve it with `compilers serve --handlers` (without --ray)")
+        manifest = read_manifest(where)
+        if "pipeline" in manifest:
+            raise ConfigError(f"model {entry.name!r} version {number} is a pipeline (texts or images in): Ray Serve "
+                              "does not serve pipelines yet; serve it with `compilers serve` (without --ray)")
+        target, signature, report = manifest_records(where, manifest)
         target = target.with_(**{k: v for k, v in entry.config.engine.items() if k in CALL_OPTIONS})
         refused = nonfinite_refused(signature, target, report.validation)
 

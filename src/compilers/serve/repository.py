@@ -28,6 +28,7 @@ from ..errors import ArtifactError, BackendUnavailable, ConfigError, TargetError
 from ..files import remove, staging_dir, swapped_in
 from ..runtime import CompiledModel, load
 from ..settings import option, parse
+from .handlers import HandlerConfig, parse_handler
 from .batcher import Batching, alone
 
 CONFIG = "serving.toml"
@@ -64,12 +65,13 @@ class ServingConfig:
     batching: Batching = field(default_factory=Batching)
     engine: Mapping[str, Any] = field(default_factory=dict)      # runtime options for load (threads, spinning, ...)
     replicas: Replicas = field(default_factory=Replicas)
+    handler: HandlerConfig | None = None     # [handler]: the model's own code, run only by `serve --handlers`
 
 
 def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
     """A ServingConfig from a parsed serving.toml (`where` names the file in errors). Checks that need the
     versions on disk (traffic to a live version, specific versions present) happen in `Repository.model`."""
-    tables = ("versions", "traffic", "batching", "engine", "replicas")
+    tables = ("versions", "traffic", "batching", "engine", "replicas", "handler")
     unknown = sorted(set(data) - set(tables))
     if unknown:
         raise ConfigError(f"{where}: unknown table(s) {unknown}; serving.toml has {', '.join(f'[{t}]' for t in tables)}")
@@ -91,8 +93,9 @@ def parse_config(data: Mapping[str, Any], where: str) -> ServingConfig:
     replicas = parse(Replicas, data.get("replicas", {}), f"{where} [replicas]", error=ConfigError)
     if replicas.min > replicas.max:
         raise ConfigError(f"{where} [replicas]: min = {replicas.min} exceeds max = {replicas.max}")
+    handler = parse_handler(data["handler"], where) if "handler" in data else None
     return ServingConfig(versions, _parse_traffic(data.get("traffic", {}), where),
-                         _parse_batching(data.get("batching", {}), where), dict(engine), replicas)
+                         _parse_batching(data.get("batching", {}), where), dict(engine), replicas, handler)
 
 
 def _parse_traffic(table: Mapping[str, Any], where: str) -> dict[int, float]:
@@ -271,11 +274,18 @@ def check_artifact(path: Path) -> dict[str, Any]:
 
 def alone_reason(version_dir: str | os.PathLike) -> str | None:
     """Why a server runs each request of this published version alone (its rows depend on each other, or its
-    artifact does not say), given its model's serving.toml; None when requests may share calls."""
+    artifact does not say), or, for a pipeline, why it batches only requests of equal length, given its model's
+    serving.toml; None when requests of any length may share calls."""
     version_dir = Path(version_dir)
-    _, signature, _ = manifest_records(version_dir, read_manifest(version_dir))
+    manifest = read_manifest(version_dir)
+    _, signature, _ = manifest_records(version_dir, manifest)
     batching = read_config(version_dir.parent).batching
-    return alone(signature, batching) if signature.batch is not None else None
+    reason = alone(signature, batching) if signature.batch is not None else None
+    pipeline = manifest.get("pipeline")
+    if reason is None and isinstance(pipeline, dict) and pipeline.get("padded") is False:
+        reason = ("padding changes this pipeline's answers (compile's report says how): requests share engine calls "
+                  "only when their items pre-process to equal lengths")
+    return reason
 
 
 def publish(artifact: str | os.PathLike, model_dir: str | os.PathLike) -> Path:

@@ -29,15 +29,17 @@ def _config(app, host: str, port: int, log_level: str, limits: Limits) -> uvicor
 
 
 def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 8000, *,
-          limits: Limits = Limits(), log_level: str = "info") -> None:
-    """Serve the repository until interrupted (SIGINT / SIGTERM: in-flight requests finish, queues drain)."""
+          limits: Limits = Limits(), log_level: str = "info", handlers: bool = False) -> None:
+    """Serve the repository until interrupted (SIGINT / SIGTERM: in-flight requests finish, queues drain).
+    `handlers`: run the handler code models pin in their serving.toml."""
     log = logging.getLogger("compilers")
     if not log.handlers:                  # what loaded, what failed: in uvicorn's format, beside its lines
         handler = logging.StreamHandler()
         handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(log_level.upper())
-    uvicorn.Server(_config(create_app(repository, limits=limits), host, port, log_level, limits)).run()
+    uvicorn.Server(_config(create_app(repository, limits=limits, handlers=handlers), host, port, log_level,
+                           limits)).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

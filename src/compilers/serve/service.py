@@ -15,25 +15,33 @@ never hand a request to a batcher that has stopped. HTTP-free: the app (and test
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import random
 import re
+import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import numpy as np
 
 from ..errors import CompilerError, ConfigError, InputError
-from ..signature import Signature
+from ..pipeline import BytesSpec, CompiledPipeline, Steps
+from ..signature import Signature, TensorSpec
 from ..target import Target
 from .batcher import Batcher, Batching, BatchStats, QueueFull
+from .handlers import Handler, HandlerError, context_of
 from .metrics import Metrics
 from .protocol import check_outputs, flat_inputs
 from .repository import ModelEntry, Repository, choose_version
 
 log = logging.getLogger("compilers")
 UNLOADED = "unloaded"      # a model's reason after an explicit unload: it does not hold readiness back
+#: a pipeline request whose items hold at most this many bytes is pre-processed in the event loop (tokenizing
+#: a few sentences takes less than handing them to a thread); a larger one in a thread
+PRE_IN_LOOP = 4096
 
 
 class UnknownModel(CompilerError):
@@ -63,23 +71,84 @@ class Version:
     # one request's flat inputs -> its flat outputs; checks and enqueues before its first await
     infer: Callable[[list[np.ndarray]], Awaitable[list[np.ndarray]]]
     stop: Callable[[], Awaitable[None]]          # stop taking requests, finish the ones held
+    steps: Steps | None = None                   # a pipeline's pre-processing and labels, run around `infer`
+    handler: Handler | None = None               # the model's own code (serve --handlers), around all of it
+    holding: int = field(default=0, init=False)  # requests being pre-processed for this version (`hold`)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        """While a request awaits something (pre-processing in a thread) before it reaches `infer`: `retire`
+        waits for it, so a reload never stops the batcher under a request that chose this version."""
+        self.holding += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.holding -= 1
+            if not self.holding:
+                self._idle.set()
+
+    async def retire(self) -> None:
+        """Stop, once the requests it holds have reached the batcher (new ones no longer find it)."""
+        if self.holding:
+            await self._idle.wait()
+        await self.stop()
+
+    @property
+    def own_inputs(self) -> tuple[TensorSpec | BytesSpec, ...]:
+        """What the version takes: the pipeline's inputs (texts, images), or the tensor model's."""
+        return self.signature.inputs if self.steps is None else self.steps.inputs
+
+    @functools.cached_property
+    def own_outputs(self) -> tuple[TensorSpec | BytesSpec, ...]:
+        """What the version answers: the pipeline's named outputs (and labels), or the tensor model's."""
+        return self.signature.outputs if self.steps is None else self.steps.outputs(self.signature)
+
+    @property
+    def inputs(self) -> tuple[Any, ...]:
+        """What clients send: the handler's INPUTS, else the version's own."""
+        declared = self.handler.inputs if self.handler is not None else None
+        return declared or self.own_inputs
+
+    @property
+    def outputs(self) -> tuple[Any, ...]:
+        """What clients get back: the handler's OUTPUTS, else the version's own."""
+        declared = self.handler.outputs if self.handler is not None else None
+        return declared or self.own_outputs
 
 
 class LocalEngines:
     """Versions whose engines run in this process: the artifact loaded, with its own dynamic Batcher."""
 
-    def __init__(self, check_versions: bool = True):
+    def __init__(self, check_versions: bool = True, handlers: bool = False):
         self.check_versions = check_versions
+        self.handlers = handlers          # run models' handler code (`serve --handlers`)
 
     async def open(self, repository: Repository, entry: ModelEntry, number: int,
                    observe: Callable[[BatchStats], None]) -> Version:
         cm = await asyncio.to_thread(repository.load_version, entry.name, number, check_versions=self.check_versions,
                                      options=entry.config.engine)
-        batcher = Batcher(cm.run_flat, cm.signature, entry.config.batching, on_batch=observe, check=cm.check_inputs)
+        steps, batching = None, entry.config.batching
+        if isinstance(cm, CompiledPipeline):   # batched after pre-processing, padded as the pre-processing pads
+            steps, cm = cm.steps, cm.model
+            if steps.padded:       # compile saw padding change no answer
+                batching = replace(batching, pad={**steps.pre.pad, **batching.pad})
+            elif batching.pad:
+                raise ConfigError("serving.toml [batching.pad] pads a pipeline whose answers change with padding "
+                                  "(compile's report says how): remove it; requests then share calls at equal lengths")
+        batcher = Batcher(cm.run_flat, cm.signature, batching, on_batch=observe, check=cm.check_inputs)
         if batcher.combiner.alone:
             log.warning("model %s version %s: %s", entry.name, number, batcher.combiner.alone)
+        version = Version(number, cm.signature, cm.target, batching, batcher.infer, batcher.stop, steps)
+        if entry.config.handler is not None:
+            if not self.handlers:
+                raise ConfigError(f"model {entry.name!r} has a handler (serving.toml [handler] {entry.config.handler.file}"
+                                  "): code, which this server runs only when started with --handlers")
+            context = context_of(entry.name, number, entry.path, version.own_inputs, version.own_outputs)
+            version.handler = await asyncio.to_thread(Handler.load, entry.config.handler, context)
         await batcher.start()
-        return Version(number, cm.signature, cm.target, entry.config.batching, batcher.infer, batcher.stop)
+        return version
 
 
 @dataclass(eq=False)
@@ -102,11 +171,12 @@ class ModelService:
     server's event loop; `stop()` drains every batcher."""
 
     def __init__(self, repository: Repository, metrics: Metrics | None = None, *, rng: random.Random | None = None,
-                 check_versions: bool = True, engines: Any = None):
+                 check_versions: bool = True, engines: Any = None, handlers: bool = False):
+        """`handlers`: run the handler code a model's serving.toml names and pins (serve --handlers)."""
         self.repository = repository
         self.metrics = metrics or Metrics()
         self.rng = rng or random.Random()
-        self.engines = engines or LocalEngines(check_versions)   # where versions run: here, or Ray Serve replicas
+        self.engines = engines or LocalEngines(check_versions, handlers)   # here, or on Ray Serve replicas
         self.models: dict[str, Model] = {}
         self.started = False
         root = repository.path
@@ -219,7 +289,7 @@ class ModelService:
         return failure
 
     async def _retire(self, model: Model, versions: list[Version]) -> None:
-        await asyncio.gather(*(v.stop() for v in versions))
+        await asyncio.gather(*(v.retire() for v in versions))
 
     def _observer(self, model: str, version: int):
         labels = (model, str(version))
@@ -281,10 +351,13 @@ class ModelService:
         served = self.version(name, version)
         labels = (name, str(served.number))
         try:
-            check_outputs(outputs, served.signature.outputs)
-            flat = flat_inputs(inputs, served.signature.inputs)
-            # no await between the lookup and the enqueue: a concurrent reload cannot stop this version first
-            outputs = await served.infer(flat)
+            check_outputs(outputs, served.outputs)
+            flat = flat_inputs(inputs, served.inputs)
+            if served.steps is None and served.handler is None:
+                outputs = await served.infer(flat)   # no await before the enqueue: a reload cannot stop it first
+            else:
+                async with served.hold():
+                    outputs = await self._stages(name, served, flat)
         except InputError:
             self.metrics.requests.labels(*labels, "invalid").inc()
             raise
@@ -296,3 +369,50 @@ class ModelService:
             raise
         self.metrics.requests.labels(*labels, "ok").inc()
         return served, outputs
+
+    async def _stages(self, name: str, served: Version, flat: list[np.ndarray]) -> list[np.ndarray]:
+        """A request through the stages around the batcher, each timed: the handler's preprocess, a pipeline's
+        pre-processing (a large request in a thread), the engine call shared with other requests, the
+        pipeline's naming and labels, the handler's postprocess."""
+        labels = (name, str(served.number))
+        if served.handler is not None:
+            started = time.perf_counter()
+            named = dict(zip((s.name for s in served.inputs), flat))
+            named = await asyncio.to_thread(served.handler.preprocess, named)
+            self.metrics.preprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+            try:
+                flat = flat_inputs(named, served.own_inputs)
+            except InputError as e:
+                raise HandlerError(f"the model's handler's preprocess gave what the model does not take: {e}") from None
+        if served.steps is None:
+            outputs = await served.infer(flat)
+        else:
+            outputs = await self._pipeline(labels, served, flat)
+        if served.handler is not None:
+            started = time.perf_counter()
+            named = dict(zip((s.name for s in served.own_outputs), outputs))
+            named = await asyncio.to_thread(served.handler.postprocess, named)
+            missing = [s.name for s in served.outputs if s.name not in named]
+            if missing:
+                raise HandlerError(f"the model's handler's postprocess returned no {', '.join(missing)}")
+            outputs = [named[s.name] for s in served.outputs]
+            self.metrics.postprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+        return outputs
+
+    async def _pipeline(self, labels: tuple[str, str], served: Version, flat: list[np.ndarray]) -> list[np.ndarray]:
+        """A pipeline's items pre-processed, their tensors batched, the outputs named and labelled."""
+        items = flat[0].reshape(-1)
+        if items.size > served.batching.max_batch_size:
+            raise InputError(f"input {served.own_inputs[0].name!r} holds {items.size} items; model {labels[0]!r} "
+                             f"takes at most {served.batching.max_batch_size} per request (max_batch_size): send fewer")
+        started = time.perf_counter()
+        if sum(len(x) for x in items) <= PRE_IN_LOOP:
+            tensors = served.steps.arrays(items)
+        else:
+            tensors = await asyncio.to_thread(served.steps.arrays, items)
+        self.metrics.preprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+        outputs = await served.infer([tensors[n] for n in served.steps.pre.tensor_names])
+        started = time.perf_counter()
+        outputs = served.steps.answer(served.signature, outputs)
+        self.metrics.postprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+        return outputs

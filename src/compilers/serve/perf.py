@@ -1,0 +1,576 @@
+"""`compilers perf`: put a running server under load, as Triton's perf_analyzer does, and say where the time goes.
+
+For each concurrency level, that many worker threads each send requests back to back, one at a time, for
+`duration` seconds or `max_requests` requests in all, whichever comes first (both always bound a level), after a
+short warm-up that is not counted. Each worker has its own client (tritonclient.http clients are gevent-based
+and must never be shared across threads); the prepared requests are shared, as the client only reads them.
+
+A level reports:
+- throughput: successful requests per second, and samples (rows) per second;
+- client latency p50 / p90 / p95 / p99 of the successful requests, in ms (send to answer parsed);
+- errors: how many, and the first few distinct messages (a failed request is never retried);
+- the server's split, from its Prometheus `/metrics` read before and after the level (the deltas of the
+  `compilers_*_seconds` histograms, labels model and version): mean ms in the queue, per engine call (a whole
+  batch), in a pipeline's pre- and post-processing, and end to end in the server; and the mean rows per engine
+  call (`compilers_batch_size`). The client's mean latency minus the server's is the network and the HTTP
+  stacks of both sides;
+- the load generator's own cost: process CPU seconds per request and the share of one core it used. The worker
+  threads share one interpreter, so near one core the client, not the server, is the bottleneck (run several
+  `compilers perf` processes then). A server started in the same process (tests) is counted in it too.
+
+Inputs: synthetic by default, from the model's metadata (GET /v2/models/M): a -1 first dim is the batch dim, of
+size `batch`, other -1 dims are 1 unless `shapes` gives the dims after the batch dim (`--shape name:d1,d2`, as
+perf_analyzer's); numbers are random with a fixed seed (floats standard normal, integers 0-9, booleans), BYTES
+inputs short ASCII words. Or a JSON file in perf_analyzer's `--input-data` form, its entries cycled through:
+
+    {"data": [{"INPUT": [1, 2, 3, 4, 5, 6]},                              (flat: the model's shape, as above)
+              {"INPUT": [[1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]]},          (nested: its own shape)
+              {"INPUT": {"content": [1, 2, 3, 4, 5, 6], "shape": [1, 6]}},  (explicit shape, batch dim included)
+              {"TEXT": ["a sentence", "another one"]}]}                     (BYTES: strings)
+
+Only HTTP for now; a protocol is a class with `metadata` and `infer` (`PROTOCOLS`), so gRPC can be added beside
+it. Client side only: nothing here imports the server.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, brief
+from ..files import replacing
+
+STAGES = {    # the server's split: key in the report -> its histogram in /metrics
+    "queue": "compilers_queue_seconds", "inference": "compilers_inference_seconds",
+    "preprocess": "compilers_preprocess_seconds", "postprocess": "compilers_postprocess_seconds",
+    "request": "compilers_request_seconds"}
+BATCH_SIZE = "compilers_batch_size"
+PERCENTILES = (50, 90, 95, 99)
+ERRORS_KEPT = 5                  # distinct error messages kept per level
+CORE_WARNING = 0.8               # share of one core past which the client may be the bottleneck
+WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
+
+
+# -- the protocol ---------------------------------------------------------------------------------------------
+class HttpClient:
+    """One worker's connection over HTTP/REST (the Open Inference Protocol): its own tritonclient.http client.
+    Create it in the thread that uses it."""
+
+    def __init__(self, url: str, model: str, version: str = "", timeout: float = 30.0):
+        try:
+            import tritonclient.http as http
+        except ImportError as e:
+            raise InputError(f"compilers perf needs tritonclient's HTTP client ({e.name} is missing): "
+                             "pip install 'tritonclient[http]'") from None
+        parsed = _parse_url(url)
+        self.http, self.model, self.version = http, model, version
+        self.client = http.InferenceServerClient(parsed.netloc + parsed.path.rstrip("/"),
+                                                 ssl=parsed.scheme == "https", connection_timeout=timeout,
+                                                 network_timeout=timeout)
+
+    def metadata(self) -> dict[str, Any]:
+        return self.client.get_model_metadata(self.model, self.version)
+
+    def prepare(self, arrays: dict[str, np.ndarray], datatypes: dict[str, str]) -> list[Any]:
+        """A request's inputs, binary tensor data (shared by the workers: the client only reads them)."""
+        made = []
+        for name, x in arrays.items():
+            t = self.http.InferInput(name, list(x.shape), datatypes[name])
+            t.set_data_from_numpy(x, binary_data=True)
+            made.append(t)
+        return made
+
+    def infer(self, request: list[Any]) -> None:
+        self.client.infer(self.model, request, model_version=self.version)   # every output, binary
+
+    def close(self) -> None:
+        self.client.close()
+
+
+PROTOCOLS: dict[str, type] = {"http": HttpClient}
+
+
+def _parse_url(url: str) -> urllib.parse.SplitResult:
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise InputError(f"URL {url!r} must look like http://host:port (or host:port)")
+    return parsed
+
+
+# -- inputs -----------------------------------------------------------------------------------------------------
+def parse_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
+    """`--shape name:d1,d2` items -> {name: [d1, d2]}."""
+    shapes = {}
+    for item in items or ():
+        name, sep, dims = item.rpartition(":")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            shapes[name] = []
+        if not sep or not name or not shapes[name] or min(shapes[name]) < 1:
+            raise InputError(f"--shape takes name:d1,d2 (positive dims after the batch dim), not {item!r}")
+    return shapes
+
+
+class Inputs:
+    """What the model takes (from its metadata) and how to shape it: `batched` inputs have a -1 first dim."""
+
+    def __init__(self, metadata: dict[str, Any], batch: int, shapes: dict[str, list[int]]):
+        self.specs = {s["name"]: s for s in metadata.get("inputs", [])}
+        if not self.specs:
+            raise InputError(f"model {metadata.get('name')!r}'s metadata lists no inputs")
+        unknown = set(shapes) - set(self.specs)
+        if unknown:
+            raise InputError(f"--shape names {', '.join(sorted(unknown))}, not an input of the model "
+                             f"(its inputs: {', '.join(self.specs)})")
+        has_batch = (metadata.get("parameters") or {}).get("batch_dim", "") is not None
+        self.batched = {n for n, s in self.specs.items() if has_batch and s["shape"][:1] == [-1]}
+        self.batch, self.shapes = batch, shapes
+
+    def shape(self, name: str) -> list[int]:
+        dims = list(self.specs[name]["shape"])
+        rest = dims[1:] if name in self.batched else dims
+        if name in self.shapes:
+            given = self.shapes[name]
+            if len(given) != len(rest) or any(d not in (-1, g) for d, g in zip(rest, given)):
+                raise InputError(f"--shape {name}:{','.join(map(str, given))} does not fit its shape {dims} "
+                                 f"({'after the batch dim ' if name in self.batched else ''}it needs "
+                                 f"{len(rest)} dim{'s' * (len(rest) != 1)}; its -1 dims are free)")
+            rest = given
+        rest = [1 if d == -1 else d for d in rest]
+        return [self.batch, *rest] if name in self.batched else rest
+
+    def rows(self, arrays: dict[str, np.ndarray]) -> int:
+        """Samples in a request: its first batched input's rows (1 for a model without a batch dim)."""
+        name = next((n for n in self.specs if n in self.batched), None)
+        return int(np.shape(arrays[name])[0]) if name is not None else 1
+
+    def synthetic(self, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        arrays = {}
+        for name, spec in self.specs.items():
+            shape, datatype = self.shape(name), spec["datatype"]
+            if datatype == "BYTES":
+                arrays[name] = np.array([w.encode() for w in rng.choice(WORDS, size=shape).ravel()],
+                                        dtype=object).reshape(shape)
+            elif datatype == "BOOL":
+                arrays[name] = rng.random(shape) < 0.5
+            else:
+                dtype = _numpy_dtype(datatype)
+                numbers = rng.standard_normal(shape) if np.dtype(dtype).kind == "f" else rng.integers(0, 10, shape)
+                arrays[name] = numbers.astype(dtype)
+        return arrays
+
+    def read(self, path: str | Path) -> list[dict[str, np.ndarray]]:
+        """The entries of a perf_analyzer-style `--input-data` JSON file (see the module's docstring)."""
+        try:
+            doc = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise InputError(f"--input-data {path}: {brief(e)}") from None
+        except ValueError as e:
+            raise InputError(f"--input-data {path} is not JSON: {e}") from None
+        entries = doc.get("data") if isinstance(doc, dict) else None
+        if not isinstance(entries, list) or not entries or not all(isinstance(x, dict) for x in entries):
+            raise InputError(f"--input-data {path} must hold {{\"data\": [{{\"INPUT\": [values...]}}, ...]}}, "
+                             "a non-empty list of entries, each naming every input")
+        return [self._entry(path, i, entry) for i, entry in enumerate(entries)]
+
+    def _entry(self, path: Any, i: int, entry: dict[str, Any]) -> dict[str, np.ndarray]:
+        where = f"--input-data {path}, entry {i}"
+        if set(entry) != set(self.specs):
+            raise InputError(f"{where} names {sorted(entry)}; the model's inputs are {sorted(self.specs)}")
+        arrays = {}
+        for name, value in entry.items():
+            datatype = self.specs[name]["datatype"]
+            shape = None
+            if isinstance(value, dict):
+                if "content" not in value or "shape" not in value:
+                    raise InputError(f"{where}: input {name} must be a list or {{\"content\": [...], \"shape\": "
+                                     "[...]}}")
+                value, shape = value["content"], value["shape"]
+            try:
+                if datatype == "BYTES":
+                    x = np.array([v.encode() if isinstance(v, str) else bytes(v) for v in np.ravel(value)],
+                                 dtype=object).reshape(np.shape(value))
+                else:
+                    x = np.array(value, dtype=bool if datatype == "BOOL" else _numpy_dtype(datatype))
+                if shape is not None:
+                    x = x.reshape(shape)
+                elif x.ndim == 1 and len(self.shape(name)) != 1:        # flat: the model's shape
+                    x = x.reshape(self.shape(name))
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{where}: input {name} ({datatype}) does not fit: {e}") from None
+            arrays[name] = x
+        return arrays
+
+
+def _numpy_dtype(datatype: str) -> Any:
+    from tritonclient.utils import triton_to_np_dtype
+    dtype = triton_to_np_dtype(datatype)
+    if dtype is None:
+        raise InputError(f"datatype {datatype} has no numpy type here")
+    return dtype
+
+
+# -- the server's metrics ---------------------------------------------------------------------------------------
+def scrape(metrics_url: str, model: str, version: str = "", timeout: float = 10.0) -> dict[str, tuple[float, float]]:
+    """The (sum, count) of each of the server's histograms for this model (this version, or all of its
+    versions), from its Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(metrics_url, timeout=timeout) as r:
+        text = r.read().decode()
+    wanted = {*STAGES.values(), BATCH_SIZE}
+    totals = {name: [0.0, 0.0] for name in wanted}
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        for s in family.samples:
+            if s.labels.get("model") != model or (version and s.labels.get("version") != version):
+                continue
+            if s.name == f"{family.name}_sum":
+                totals[family.name][0] += s.value
+            elif s.name == f"{family.name}_count":
+                totals[family.name][1] += s.value
+    return {name: (total, count) for name, (total, count) in totals.items()}
+
+
+def split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Mean ms per stage (None where nothing was observed, as pre- and post-processing of a plain model), the
+    mean rows per engine call and the number of engine calls, between two scrapes."""
+    def delta(name):
+        return after[name][0] - before[name][0], after[name][1] - before[name][1]
+    out: dict[str, Any] = {}
+    for key, name in STAGES.items():
+        total, count = delta(name)
+        out[f"{key}_ms"] = 1000 * total / count if count > 0 else None
+    total, count = delta(BATCH_SIZE)
+    out["batch_size"] = total / count if count > 0 else None
+    out["engine_calls"] = int(count)
+    return out
+
+
+# -- one level --------------------------------------------------------------------------------------------------
+@dataclass
+class Level:
+    """The figures of one concurrency level."""
+    concurrency: int
+    requests: int                         # answered without error
+    samples: int                          # rows in those
+    seconds: float                        # the measured window: its start to the last answer
+    latency_ms: dict[str, float | None]   # p50 p90 p95 p99 mean, of the successful requests
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+    client_cpu_seconds: float = 0.0
+    server: dict[str, Any] | None = None  # `split`; None when /metrics could not be read
+    server_note: str | None = None
+
+    @property
+    def throughput(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def client_cpu_ms_per_request(self) -> float | None:
+        sent = self.requests + self.errors
+        return 1000 * self.client_cpu_seconds / sent if sent else None
+
+    @property
+    def client_cores(self) -> float:
+        return self.client_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"concurrency": self.concurrency, "requests": self.requests, "samples": self.samples,
+                "seconds": self.seconds, "throughput": self.throughput,
+                "samples_per_second": self.samples_per_second, "latency_ms": self.latency_ms,
+                "errors": self.errors, "error_messages": self.error_messages,
+                "client_cpu_seconds": self.client_cpu_seconds,
+                "client_cpu_ms_per_request": self.client_cpu_ms_per_request, "client_cores": self.client_cores,
+                "server": self.server, "server_note": self.server_note}
+
+
+class _Worker(threading.Thread):
+    """Sends the requests of one level, one at a time, with a client of its own."""
+
+    def __init__(self, i: int, connect: Callable[[], Any], requests: list[tuple[Any, int]], window: "_Window"):
+        super().__init__(name=f"compilers-perf-{i}", daemon=True)
+        self.i, self.connect, self.requests, self.window = i, connect, requests, window
+        self.latencies: list[float] = []
+        self.samples = self.errors = 0
+        self.messages: list[str] = []
+        self.last = 0.0
+
+    def run(self) -> None:
+        w, k, client = self.window, self.i, None
+        try:
+            client = self.connect()
+            warm_end = time.perf_counter() + w.warmup
+            while time.perf_counter() < warm_end and next(w.warm) < w.max_requests:
+                k = self._send(client, k, counted=False)
+        except Exception as e:                   # a client that can't be made: an error of the level
+            self._error(e)
+        try:
+            w.barrier.wait()
+        except threading.BrokenBarrierError:
+            return
+        try:
+            while client is not None and time.perf_counter() < w.end and next(w.sent) < w.max_requests:
+                k = self._send(client, k, counted=True)
+        finally:
+            if client is not None:
+                client.close()
+
+    def _send(self, client: Any, k: int, counted: bool) -> int:
+        request, rows = self.requests[k % len(self.requests)]
+        started = time.perf_counter()
+        try:
+            client.infer(request)
+        except Exception as e:
+            if counted:
+                self._error(e)
+        else:
+            if counted:
+                self.latencies.append(time.perf_counter() - started)
+                self.samples += rows
+        self.last = time.perf_counter()
+        return k + 1
+
+    def _error(self, e: Exception) -> None:
+        self.errors += 1
+        message = " ".join(str(e).split())[:300] or type(e).__name__
+        if len(self.messages) < ERRORS_KEPT and message not in self.messages:
+            self.messages.append(message)
+
+
+class _Window:
+    """What a level's workers share: the bounds, the request counters (next() on an itertools.count is atomic),
+    and the barrier whose action opens the measured window once every worker has warmed up."""
+
+    def __init__(self, n: int, duration: float, max_requests: int, warmup: float, timeout: float,
+                 snapshot: Callable[[], Any]):
+        self.duration, self.max_requests, self.warmup, self.snapshot = duration, max_requests, warmup, snapshot
+        self.warm, self.sent = itertools.count(), itertools.count()
+        self.barrier = threading.Barrier(n, action=self._open, timeout=warmup + 2 * timeout + 60)
+        self.start = self.end = self.cpu = 0.0
+        self.before: Any = None
+
+    def _open(self) -> None:
+        self.before = self.snapshot()
+        self.cpu = time.process_time()
+        self.start = time.perf_counter()
+        self.end = self.start + self.duration
+
+
+def run_level(n: int, connect: Callable[[], Any], requests: list[tuple[Any, int]], *, duration: float,
+              max_requests: int, warmup: float, timeout: float,
+              snapshot: Callable[[], Any] = lambda: None) -> tuple[Level, Any, Any]:
+    """One level with `n` workers; returns it without its server split, and the snapshots (`snapshot()`)
+    taken as the measured window opened and after it closed."""
+    window = _Window(n, duration, max_requests, warmup, timeout, snapshot)
+    workers = [_Worker(i, connect, requests, window) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    cpu = time.process_time() - window.cpu
+    after = snapshot()
+    if window.barrier.broken:
+        raise RuntimeError(f"the {n} workers did not all finish warming up in time")
+    latencies = np.array([x for w in workers for x in w.latencies]) * 1000
+    ms = {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(latencies, PERCENTILES))} \
+        if latencies.size else {f"p{p}": None for p in PERCENTILES}
+    ms["mean"] = float(latencies.mean()) if latencies.size else None
+    messages = list(dict.fromkeys(m for w in workers for m in w.messages))[:ERRORS_KEPT]
+    seconds = max([w.last for w in workers] + [window.start]) - window.start
+    level = Level(n, latencies.size, sum(w.samples for w in workers), seconds, ms,
+                  sum(w.errors for w in workers), messages, cpu)
+    return level, window.before, after
+
+
+# -- a run ------------------------------------------------------------------------------------------------------
+@dataclass
+class Perf:
+    """A run: its settings, what it sent, and a Level per concurrency."""
+    url: str
+    model: str
+    version: str
+    protocol: str
+    settings: dict[str, Any]
+    inputs: dict[str, Any]
+    levels: list[Level] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "model": self.model, "version": self.version, "protocol": self.protocol,
+                "settings": self.settings, "inputs": self.inputs, "levels": [x.to_dict() for x in self.levels]}
+
+    def table(self) -> str:
+        """Plain-text tables: the client's view, the server's split, then errors and notes."""
+        s = self.settings
+        lines = [f"{self.model}{' version ' + self.version if self.version else ''} at {self.url} "
+                 f"({self.protocol}): {self.inputs['source']}, {s['duration']:g} s or {s['max_requests']} "
+                 f"requests per level after {s['warmup']:g} s of warm-up"]
+        head = ["concurrency", "requests", "errors", "req/s", "samples/s", "p50 ms", "p90 ms", "p95 ms",
+                "p99 ms", "client cpu ms/req", "client cores"]
+        rows = [[str(x.concurrency), str(x.requests), str(x.errors), _num(x.throughput),
+                 _num(x.samples_per_second), *(_num(x.latency_ms[f"p{p}"]) for p in PERCENTILES),
+                 _num(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}"] for x in self.levels]
+        lines += _columns(head, rows)
+        lines += ["", "server split, means from /metrics over each level (client - server: network and both "
+                      "HTTP stacks)"]
+        head = ["concurrency", "queue ms", "infer ms/call", "pre ms", "post ms", "server ms", "client ms",
+                "client - server", "rows/call"]
+        rows = []
+        for x in self.levels:
+            v, client = x.server or {}, x.latency_ms["mean"]
+            server = v.get("request_ms")
+            rows.append([str(x.concurrency), *(_num(v.get(k)) for k in ("queue_ms", "inference_ms",
+                         "preprocess_ms", "postprocess_ms", "request_ms")), _num(client),
+                         _num(client - server if client is not None and server is not None else None),
+                         _num(v.get("batch_size"))])
+        lines += _columns(head, rows)
+        for x in self.levels:
+            if x.errors:
+                lines.append(f"concurrency {x.concurrency}: {x.errors} errors, first: " + " | ".join(x.error_messages))
+            if x.server_note:
+                lines.append(f"concurrency {x.concurrency}: {x.server_note}")
+            if x.client_cores >= CORE_WARNING:
+                lines.append(f"concurrency {x.concurrency}: the load generator used {x.client_cores:.2f} of a core "
+                             "(its threads share one interpreter; a server in this process counts too): the client may be "
+                             "the bottleneck; run several compilers perf processes")
+        return "\n".join(lines)
+
+
+def _num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
+
+
+def measure(url: str, model: str, *, version: str = "", protocol: str = "http",
+            concurrency: Sequence[int] = (1, 4, 16, 64), duration: float = 10.0, max_requests: int = 100_000,
+            warmup: float = 1.0, batch: int = 1, shapes: dict[str, list[int]] | None = None,
+            input_data: str | Path | None = None, metrics_url: str | None = None, timeout: float = 30.0,
+            seed: int = 0, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Perf:
+    """Load the server at `url` with each concurrency in turn (see the module's docstring); `metrics_url`
+    defaults to URL/metrics. InputError for settings out of range, a server that can't be reached, a model it
+    doesn't serve, inputs that don't fit, or a level where every request failed."""
+    if protocol not in PROTOCOLS:
+        raise InputError(f"--protocol {protocol} is not supported yet: compilers perf speaks "
+                         f"{', '.join(PROTOCOLS)} (the Open Inference Protocol over HTTP/REST)")
+    for flag, value, least in (("--duration", duration, 0), ("--warmup", warmup, -1e-9), ("--timeout", timeout, 0)):
+        if not value > least or not math.isfinite(value):
+            raise InputError(f"{flag} must be {'positive' if least == 0 else 'zero or more'}, not {value}")
+    if not concurrency or min(concurrency) < 1:
+        raise InputError(f"--concurrency takes positive integers, not {list(concurrency)}")
+    for flag, value in (("--max-requests", max_requests), ("--batch", batch)):
+        if value < 1:
+            raise InputError(f"{flag} must be positive, not {value}")
+    parsed = _parse_url(url)
+    metrics_url = metrics_url or f"{parsed.scheme}://{parsed.netloc}/metrics"
+    connect = PROTOCOLS[protocol]
+    probe = connect(url, model, version, timeout)
+    try:
+        metadata = probe.metadata()
+    except OSError as e:
+        raise InputError(f"cannot reach a server at {url}: {brief(e)}; is `compilers serve` running there?") from None
+    except Exception as e:
+        what = f"model {model!r}" + (f" version {version}" if version else "")
+        raise InputError(f"{url} does not serve {what}: {' '.join(str(e).split())}") from None
+    inputs = Inputs(metadata, batch, shapes or {})
+    most = (metadata.get("parameters") or {}).get("max_batch_size")
+    if inputs.batched and isinstance(most, int) and most > 0 and batch > most:
+        raise InputError(f"--batch {batch} is more than model {model!r}'s max_batch_size, {most}")
+    entries = inputs.read(input_data) if input_data else [inputs.synthetic(seed)]
+    datatypes = {n: s["datatype"] for n, s in inputs.specs.items()}
+    try:
+        requests = [(probe.prepare(e, datatypes), inputs.rows(e)) for e in entries]
+    except Exception as e:
+        raise InputError(f"the inputs cannot be sent as the model's datatypes: {brief(e)}") from None
+    finally:
+        probe.close()
+    first = entries[0]
+    described = {"source": f"{input_data} ({len(entries)} entries)" if input_data else f"synthetic (seed {seed})",
+                 "entries": len(entries),
+                 "tensors": [{"name": n, "datatype": datatypes[n], "shape": list(np.shape(x))} for n, x in first.items()]}
+    perf = Perf(url, model, version, protocol, {"duration": duration, "max_requests": max_requests,
+                                                "warmup": warmup, "batch": batch, "timeout": timeout,
+                                                "metrics_url": metrics_url}, described)
+    notes: list[str] = []
+
+    def snapshot():
+        try:
+            return scrape(metrics_url, model, version)
+        except Exception as e:
+            notes.append(f"no server split: {metrics_url} could not be read ({brief(e, 200)})")
+            return None
+
+    for n in concurrency:
+        log(f"concurrency {n}: {warmup:g} s warm-up, then {duration:g} s or {max_requests} requests...")
+        notes.clear()
+        level, before, after = run_level(n, lambda: connect(url, model, version, timeout), requests,
+                                         duration=duration, max_requests=max_requests, warmup=warmup,
+                                         timeout=timeout, snapshot=snapshot)
+        if before is not None and after is not None:
+            level.server = split(before, after)
+        level.server_note = notes[0] if notes else None
+        perf.levels.append(level)
+        if level.requests == 0 and level.errors:
+            raise InputError(f"every request failed at concurrency {n} ({level.errors}); the first: "
+                             f"{level.error_messages[0]}")
+    return perf
+
+
+def plot(perf: Perf, path: str | Path) -> Path:
+    """Throughput versus concurrency, and latency (p50, p90, p99) versus throughput, one point per level;
+    the format from the suffix (png, svg, pdf). Needs matplotlib (the `bench` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'compilers[bench]'") from None
+    path = Path(path)
+    levels = [x for x in perf.levels if x.requests]
+    fig, (thr, lat) = plt.subplots(1, 2, figsize=(12, 4.8))
+    xs = [x.concurrency for x in levels]
+    thr.plot(xs, [x.samples_per_second for x in levels], marker="o")
+    thr.set_xscale("log", base=2)
+    thr.set_xticks(xs, [str(c) for c in xs])
+    thr.set_xlabel("concurrency (requests in flight)")
+    thr.set_title("throughput, samples/s", fontsize="medium")
+    speed = [x.samples_per_second for x in levels]
+    for p, style in ((50, "-"), (90, "--"), (99, ":")):
+        lat.plot(speed, [x.latency_ms[f"p{p}"] for x in levels], marker="o", linestyle=style, label=f"p{p}")
+    for x in levels:
+        lat.annotate(str(x.concurrency), (x.samples_per_second, x.latency_ms["p50"]), textcoords="offset points",
+                     xytext=(4, -10), fontsize="x-small")
+    lat.set_xlabel("throughput, samples/s")
+    lat.set_title("client latency, ms (points labelled by concurrency)", fontsize="medium")
+    lat.legend(fontsize="small")
+    for ax in (thr, lat):
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"{perf.model} at {perf.url}, batch {perf.settings['batch']}", fontsize="medium")
+    fig.tight_layout()
+    try:
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
