@@ -87,6 +87,12 @@ def test_a_handler_preprocesses_and_postprocesses_around_the_batcher(tmp_path, m
         answer = c.infer("mlp", [t])
         np.testing.assert_allclose(answer.as_numpy("output"), want, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(answer.as_numpy("best"), want.argmax(-1))
+        # what a handler takes is its own: a body far beyond the tensor model's largest request is read
+        long = ",".join(["1." + "0" * 20_000] * 6)
+        t = triton.InferInput("csv", [5], "BYTES")
+        t.set_data_from_numpy(np.array([long] * 5, dtype=object))
+        np.testing.assert_allclose(c.infer("mlp", [t]).as_numpy("output"), mlp(np.ones((5, 6), np.float32)),
+                                   rtol=1e-5, atol=1e-6)
         t = triton.InferInput("csv", [1], "BYTES")
         t.set_data_from_numpy(np.array(["1,2,3"], dtype=object))
         with pytest.raises(InferenceServerException, match="a row needs 6 numbers, got 3") as e:

@@ -197,7 +197,8 @@ class _Routes:
         or unbounded. UnknownModel / NotReady before a byte of the body is read."""
         versions = [self.service.version(name, number)] if number is not None else \
             list(self.service.model(name).versions.values()) or [self.service.version(name)]
-        sizes = [request_bytes(v.signature, v.batching.max_batch_size) if v.steps is None else
+        sizes = [None if v.handler is not None else          # a handler takes what its code takes: the server's limit
+                 request_bytes(v.signature, v.batching.max_batch_size) if v.steps is None else
                  items_bytes(v.steps.pre.max_item_bytes, v.batching.max_batch_size) for v in versions]
         if None in sizes or max(sizes) >= self.limits.max_body_bytes:
             return self.limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
