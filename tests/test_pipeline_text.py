@@ -294,3 +294,11 @@ def test_reloads_fail_no_pipeline_request_even_while_it_is_being_pre_processed(s
         for t in threads:
             t.join(timeout=120)
     assert reloads >= 3 and not failures, failures[:3]
+
+
+def test_labels_never_name_an_index_beyond_them():
+    pipe = Pipeline(Classifier().eval(), Text(tokenizer_json(), max_length=32), post=[Softmax(), TopK(3)],
+                    labels=["negative", "positive"])          # three classes, two labels: a configuration bug
+    with pytest.raises(ValueError, match="beyond the 2 labels"):
+        for start in range(0, len(SENTENCES), 4):             # some sentence's third-ranked class is index 2
+            pipe(SENTENCES[start:start + 4])

@@ -78,9 +78,10 @@ class Steps:
             return outputs
         indices = outputs[self.labels_of]
         idx = indices.numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self.labels)):
-            raise InputError(f"output {self.labels_of!r} holds index {int(idx.max())}, beyond the "
-                             f"{len(self.labels)} labels")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self.labels)):    # never a wrong name: a config bug
+            bad = int(idx.min()) if idx.min() < 0 else int(idx.max())
+            raise ValueError(f"output {self.labels_of!r} holds index {bad}, beyond the {len(self.labels)} labels: the "
+                             "model has more classes than the pipeline has labels; give one label per class")
         names = np.array(self.labels, dtype=object)
         return {**outputs, "labels": names[idx]}
 
