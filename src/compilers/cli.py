@@ -340,6 +340,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise InputError("--address is the Ray cluster to join; it needs --ray")
     if a.ray and a.handlers:
         raise InputError("--handlers: Ray Serve does not run models' handlers yet; serve them without --ray")
+    if a.ray and a.grpc_port is not None:
+        raise InputError("--grpc-port: on Ray Serve, gRPC would be Ray's own gRPC proxy (grpc_options), which "
+                         "serves Ray's generated servicers, not this server's model service; serve gRPC without --ray")
+    if a.grpc_port is not None and not 0 <= a.grpc_port <= 65535:
+        raise InputError(f"--grpc-port must be a port number (0-65535; 0 picks a free one), not {a.grpc_port}")
+    if a.grpc_port is not None:
+        try:
+            importlib.import_module("compilers.serve.grpc")
+        except ImportError as e:
+            raise InputError(f"compilers serve --grpc-port needs the grpc extra ({e.name} is missing): "
+                             f"pip install 'compilers[serve,grpc]'") from None
     if a.ray:
         given = [f.name for f in dataclasses.fields(Limits) if getattr(limits, f.name) != getattr(Limits(), f.name)]
         if given:
@@ -354,7 +365,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         Repository(a.repository)                      # a missing directory is an error before Ray starts
         serve_on_ray(a.repository, a.host, a.port, address=a.address)
         return 0
-    serve(Repository(a.repository), a.host, a.port, limits=limits, log_level=a.log_level, handlers=a.handlers)
+    serve(Repository(a.repository), a.host, a.port, limits=limits, log_level=a.log_level, handlers=a.handlers,
+          grpc_port=a.grpc_port)
     return 0
 
 
@@ -455,6 +467,11 @@ def parser() -> argparse.ArgumentParser:
                                                                     "(default 30)")
     s.add_argument("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may idle "
                                                                    "(default 5)")
+    s.add_argument("--grpc-port", type=int, metavar="P",
+                   help="also serve the Open Inference Protocol over gRPC (Triton's GRPCInferenceService, what "
+                        "tritonclient.grpc speaks) on this port of --host, from the same models, batchers and metrics "
+                        "(0 picks a free one). Off unless given: each port served is one more to expose and secure "
+                        "(plaintext, as the HTTP port), and it needs grpcio")
     s.add_argument("--handlers", action="store_true", help="run the handler code (Python) that models' serving.toml "
                                                            "[handler] names and pins by sha256; off by default")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))

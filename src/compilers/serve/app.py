@@ -56,11 +56,14 @@ class Disconnected(CompilerError):
 
 
 def create_app(repository: str | Repository | ModelService, *, limits: Limits = Limits(),
-               handlers: bool = False) -> Starlette:
+               handlers: bool = False, grpc: tuple[str, int] | None = None) -> Starlette:
     """The server app for a model repository (a path, a Repository, or a ModelService to share). Models load
     when the app starts (its lifespan) and drain when it stops. `limits`: the bodies it takes (the connection
     limits are the HTTP protocol's, set by `server.serve` / `server.running`). `handlers`: run the handler code
-    models pin in their serving.toml (`serve --handlers`; a ModelService given says so itself)."""
+    models pin in their serving.toml (`serve --handlers`; a ModelService given says so itself). `grpc`: (host,
+    port) to serve the same service over gRPC too (`serve.grpc`), started in the lifespan once the models are
+    loaded, in the same event loop, and stopped (its RPCs in flight finished) before they drain; the port it
+    got (port 0: a free one) is `app.state.grpc_port`."""
     if isinstance(repository, ModelService):
         service = repository
     else:
@@ -71,9 +74,15 @@ def create_app(repository: str | Repository | ModelService, *, limits: Limits = 
     @asynccontextmanager
     async def lifespan(app):
         await service.start()
+        grpc_server = None
         try:
+            if grpc is not None:
+                from . import grpc as grpc_transport     # grpcio only for a server that serves gRPC
+                grpc_server, app.state.grpc_port = await grpc_transport.start(service, *grpc, limits)
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grpc_transport.GRACE_SECONDS)
             await service.stop()
             api.codec_thread.shutdown(wait=False)
 
@@ -93,6 +102,7 @@ def create_app(repository: str | Repository | ModelService, *, limits: Limits = 
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={CompilerError: _error, Exception: _error})
     app.state.service = service
+    app.state.grpc_port = None
     return app
 
 
@@ -138,21 +148,7 @@ class _Routes:
         return JSONResponse({"name": "compilers", "version": _VERSION, "extensions": EXTENSIONS})
 
     async def model_metadata(self, request: Request) -> Response:
-        name, number = request.path_params["name"], _version(request)
-        served = self.service.version(name, number)
-        versions = [number] if number is not None else sorted(self.service.model(name).versions)
-        sig = served.signature
-        return JSONResponse({
-            "name": name, "versions": [str(v) for v in versions],
-            "platform": f"compilers_{served.target.backend}",
-            "inputs": [tensor_metadata(s) for s in served.inputs],
-            "outputs": [tensor_metadata(s) for s in served.outputs],
-            "parameters": {"target": served.target.name, "batch_dim": sig.batch,
-                           "max_batch_size": served.batching.max_batch_size,
-                           "batch_independent": sig.batch_independent,
-                           "requests_share_calls": served.batching.max_batch_size > 1 and
-                           alone(sig, served.batching) is None},
-        })
+        return JSONResponse(model_metadata(self.service, request.path_params["name"], _version(request)))
 
     async def model_ready(self, request: Request) -> Response:
         name, number = request.path_params["name"], _version(request)
@@ -293,12 +289,34 @@ def _content_length(request: Request, limit: int, takes: str) -> int | None:
     return int(declared)
 
 
+def model_metadata(service: ModelService, name: str, number: int | None) -> dict[str, Any]:
+    """A model's (version's) metadata, as both transports answer it; UnknownModel / NotReady."""
+    served = service.version(name, number)
+    versions = [number] if number is not None else sorted(service.model(name).versions)
+    sig = served.signature
+    return {
+        "name": name, "versions": [str(v) for v in versions],
+        "platform": f"compilers_{served.target.backend}",
+        "inputs": [tensor_metadata(s) for s in served.inputs],
+        "outputs": [tensor_metadata(s) for s in served.outputs],
+        "parameters": {"target": served.target.name, "batch_dim": sig.batch,
+                       "max_batch_size": served.batching.max_batch_size,
+                       "batch_independent": sig.batch_independent,
+                       "requests_share_calls": served.batching.max_batch_size > 1 and
+                       alone(sig, served.batching) is None},
+    }
+
+
 def _peer(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "(unknown)"
 
 
 def _version(request: Request) -> int | None:
-    text = request.path_params.get("version")
+    return version_number(request.path_params.get("version"))
+
+
+def version_number(text: str | None) -> int | None:
+    """A model version as a client names it (None or "": the server's choice); InputError for what is not one."""
     if text is None or text == "":
         return None
     if not (text.isdigit() and text.isascii()) or len(text) > 18 or int(text) < 1:

@@ -12,6 +12,7 @@ Pure asyncio and numpy, no HTTP: the server and the tests drive it the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -195,7 +196,12 @@ class Batcher:
         request = _Request(flat, rows, key, sizes, asyncio.get_running_loop().create_future())
         self._pending.append(request)
         self._wake()
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:      # its client gave up (a gRPC deadline): still queued, it leaves the queue
+            with contextlib.suppress(ValueError):      # not queued any more: in an engine call, or answered
+                self._pending.remove(request)
+            raise
 
     # -- workers ----------------------------------------------------------------------------------------
     def _wake(self) -> None:

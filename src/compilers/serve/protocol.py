@@ -240,21 +240,8 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_siz
     name = tensor.get("name")
     if not isinstance(name, str):
         raise InputError(f'inputs[{i}] needs a "name" (string)')
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or len(shape) > MAX_RANK or \
-            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= body_size for d in shape):
-        got = f"{len(shape)} dims" if isinstance(shape, list) and len(shape) > MAX_RANK else json.dumps(shape)[:100]
-        raise InputError(f"input {name[:100]!r}: shape must be a list of at most {MAX_RANK} non-negative integers, "
-                         f"none larger than the request could carry ({body_size} bytes); got {got}")
-    kind = tensor.get("datatype")
-    dtype = DATATYPES.get(kind) if isinstance(kind, str) else None
-    if dtype is None and kind != BYTES:
-        raise InputError(f"input {name!r}: datatype {kind!r} is not served here; use one of "
-                         f"{', '.join([*DATATYPES, BYTES])}")
-    count = math.prod(shape)
-    if count > body_size:
-        raise InputError(f"input {name!r}: shape {shape} holds {count} elements, more than the request's "
-                         f"{body_size} bytes could carry")
+    shape, kind = tensor.get("shape"), tensor.get("datatype")
+    dtype, count = check_tensor(name, shape, kind, body_size)
     size = _object(tensor.get("parameters", {}), f"input {name!r} parameters").get("binary_data_size")
     if size is not None:
         if "data" in tensor:
@@ -282,6 +269,69 @@ def _decode_input(tensor: Any, i: int, binary: memoryview, offset: int, body_siz
     if array.size != count:
         raise InputError(f"input {name!r}: shape {shape} holds {count} elements, data has {array.size}")
     return name, array.reshape(shape), offset
+
+
+def check_tensor(name: str, shape: Any, kind: Any, body_size: int) -> tuple[np.dtype | None, int]:
+    """An input tensor's numpy dtype (None for BYTES) and element count, from its declared shape and datatype;
+    InputError for a shape that is not at most MAX_RANK non-negative integers none larger than the request's
+    `body_size` bytes, a datatype not served, or more elements than the request could carry."""
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or \
+            not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= body_size for d in shape):
+        got = f"{len(shape)} dims" if isinstance(shape, list) and len(shape) > MAX_RANK else json.dumps(shape)[:100]
+        raise InputError(f"input {name[:100]!r}: shape must be a list of at most {MAX_RANK} non-negative integers, "
+                         f"none larger than the request could carry ({body_size} bytes); got {got}")
+    dtype = DATATYPES.get(kind) if isinstance(kind, str) else None
+    if dtype is None and kind != BYTES:
+        raise InputError(f"input {name!r}: datatype {kind!r} is not served here; use one of "
+                         f"{', '.join([*DATATYPES, BYTES])}")
+    count = math.prod(shape)
+    if count > body_size:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements, more than the request's "
+                         f"{body_size} bytes could carry")
+    return dtype, count
+
+
+def tensor_from_wire(raw: bytes | memoryview, name: str, shape: list[int], kind: str, body_size: int,
+                     where: str = "its raw contents") -> np.ndarray:
+    """An input tensor from its bytes as the binary extension (and gRPC's raw_input_contents) carry them:
+    little-endian, row-major (BF16: bit patterns); BYTES each element's 4-byte length, then its bytes.
+    InputError for a shape / datatype `check_tensor` refuses, or bytes that do not fill the shape exactly."""
+    dtype, count = check_tensor(name, shape, kind, body_size)
+    if dtype is None:
+        if len(raw) < 4 * count:
+            raise InputError(f"input {name!r}: {where} hold {len(raw)} bytes, but shape {shape} of BYTES takes at "
+                             f"least {4 * count} bytes (a 4-byte length before each element)")
+        return _bytes_from_wire(raw, count, name, shape).reshape(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InputError(f"input {name!r}: {where} hold {len(raw)} bytes, but shape {shape} of {kind} takes "
+                         f"{count * dtype.itemsize} bytes")
+    return _from_wire(raw, dtype).reshape(shape)
+
+
+def tensor_from_values(values: Sequence[Any], name: str, shape: list[int], kind: str, body_size: int,
+                       where: str = "contents") -> np.ndarray:
+    """An input tensor from a flat sequence of its elements (gRPC's typed contents: Python numbers, bools or
+    bytes), read as strictly as JSON data: integers in range for INT types, bools for BOOL, bytes for BYTES."""
+    dtype, count = check_tensor(name, shape, kind, body_size)
+    values = list(values)
+    if dtype is None:
+        if any(type(x) is not bytes for x in values):
+            raise InputError(f"input {name!r}: BYTES {where} must be bytes")
+        array = _objects(values)
+    else:
+        array = _json_array(values, dtype, f"input {name!r}", kind)
+    if array.size != count:
+        raise InputError(f"input {name!r}: shape {shape} holds {count} elements, {where} has {array.size}")
+    return array.reshape(shape)
+
+
+def output_to_wire(array: np.ndarray, kind: str, name: str) -> tuple[str, bytes]:
+    """An output's datatype and bytes as the binary extension (and gRPC's raw_output_contents) carry them:
+    BYTES (for a BYTES spec's `kind`, or an array of objects, str or bytes) length-prefixed, numbers little-endian
+    row-major (BF16: bit patterns)."""
+    if kind == BYTES or array.dtype.kind in _STRING_KINDS:
+        return BYTES, _bytes_to_wire(array, name)
+    return kind, _to_wire(array)
 
 
 def _from_wire(raw: memoryview, dtype: np.dtype) -> np.ndarray:
@@ -480,7 +530,7 @@ def encode_response(model: str, version: int, request: InferRequest, outputs: Ma
         entry: dict[str, Any] = {"name": name, "datatype": BYTES if strings else kinds[name],
                                  "shape": list(array.shape)}
         if request.binary.get(name, request.binary_default):
-            blob = _bytes_to_wire(array, name) if strings else _to_wire(array)
+            _, blob = output_to_wire(array, kinds[name], name)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

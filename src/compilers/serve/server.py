@@ -29,17 +29,20 @@ def _config(app, host: str, port: int, log_level: str, limits: Limits) -> uvicor
 
 
 def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 8000, *,
-          limits: Limits = Limits(), log_level: str = "info", handlers: bool = False) -> None:
+          limits: Limits = Limits(), log_level: str = "info", handlers: bool = False,
+          grpc_port: int | None = None) -> None:
     """Serve the repository until interrupted (SIGINT / SIGTERM: in-flight requests finish, queues drain).
-    `handlers`: run the handler code models pin in their serving.toml."""
+    `handlers`: run the handler code models pin in their serving.toml. `grpc_port`: serve it over gRPC too, on
+    this port of `host` (the same models, batchers and metrics)."""
     log = logging.getLogger("compilers")
     if not log.handlers:                  # what loaded, what failed: in uvicorn's format, beside its lines
         handler = logging.StreamHandler()
         handler.setFormatter(uvicorn.logging.DefaultFormatter("%(levelprefix)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(log_level.upper())
-    uvicorn.Server(_config(create_app(repository, limits=limits, handlers=handlers), host, port, log_level,
-                           limits)).run()
+    grpc = (host, grpc_port) if grpc_port is not None else None
+    uvicorn.Server(_config(create_app(repository, limits=limits, handlers=handlers, grpc=grpc), host, port,
+                           log_level, limits)).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,21 +53,22 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Running:
-    """A server started by `running`: its `url` (http://host:port) and `service`."""
+    """A server started by `running`: its `url` (http://host:port), `service`, and `grpc_port` (None: no gRPC)."""
 
-    def __init__(self, server: uvicorn.Server, service: ModelService):
+    def __init__(self, server: uvicorn.Server, service: ModelService, grpc_port: int | None = None):
         self.server, self.service = server, service
         self.host, self.port = server.servers[0].sockets[0].getsockname()[:2]
         self.url = f"http://{self.host}:{self.port}"
+        self.grpc_port = grpc_port
 
 
 @contextlib.contextmanager
 def running(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 0, *,
-            limits: Limits = Limits(), log_level: str = "warning",
-            start_timeout: float = 120.0) -> Iterator[Running]:
+            limits: Limits = Limits(), log_level: str = "warning", start_timeout: float = 120.0,
+            grpc_port: int | None = None) -> Iterator[Running]:
     """A server in a background thread (port 0: a free one), up and with its models loaded inside the block,
-    stopped and drained after it."""
-    app = create_app(repository, limits=limits)
+    stopped and drained after it. `grpc_port`: serve gRPC too (0: on a free port, `Running.grpc_port`)."""
+    app = create_app(repository, limits=limits, grpc=(host, grpc_port) if grpc_port is not None else None)
     server = uvicorn.Server(_config(app, host, port, log_level, limits))
     thread = threading.Thread(target=server.run, name="compilers-serve", daemon=True)
     thread.start()
@@ -77,7 +81,7 @@ def running(repository: str | Repository | ModelService, host: str = "127.0.0.1"
             raise TimeoutError(f"the server did not start within {start_timeout:.0f} s")
         time.sleep(0.01)
     try:
-        yield Running(server, app.state.service)
+        yield Running(server, app.state.service, app.state.grpc_port)
     finally:
         server.should_exit = True
         thread.join(DRAIN_SECONDS + 10)
