@@ -194,9 +194,9 @@ class Benchmark:
         return head, rows
 
     def __str__(self) -> str:
-        lines = _text_table(*self.rows())
+        lines = text_table(*self.rows())
         if self.stages:
-            lines += ["", SPLIT_TITLE] + _text_table(*self.split_rows())
+            lines += ["", SPLIT_TITLE] + text_table(*self.split_rows())
         lines.append(self.footnote())
         return "\n".join(lines)
 
@@ -217,9 +217,10 @@ class Benchmark:
         return text
 
 
-def _text_table(head: list[str], rows: list[list[str]]) -> list[str]:
+def text_table(head: list[str], rows: list[list[str]], left: tuple[int, ...] = (1,)) -> list[str]:
+    """A plain-text table's lines: columns as wide as their widest cell, right-aligned but those in `left`."""
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
-    return ["  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return ["  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in [head] + rows]
 
 

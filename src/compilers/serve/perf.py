@@ -47,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..bench import text_table
 from ..errors import InputError, brief
 from ..files import replacing
 
@@ -426,7 +427,7 @@ class Perf:
         rows = [[str(x.concurrency), str(x.requests), str(x.errors), _num(x.throughput),
                  _num(x.samples_per_second), *(_num(x.latency_ms[f"p{p}"]) for p in PERCENTILES),
                  _num(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}"] for x in self.levels]
-        lines += _columns(head, rows)
+        lines += text_table(head, rows, left=())
         lines += ["", "server split, means from /metrics over each level (client - server: network and both "
                       "HTTP stacks)"]
         head = ["concurrency", "queue ms", "infer ms/call", "pre ms", "post ms", "server ms", "client ms",
@@ -439,7 +440,7 @@ class Perf:
                          "preprocess_ms", "postprocess_ms", "request_ms")), _num(client),
                          _num(client - server if client is not None and server is not None else None),
                          _num(v.get("batch_size"))])
-        lines += _columns(head, rows)
+        lines += text_table(head, rows, left=())
         for x in self.levels:
             if x.errors:
                 lines.append(f"concurrency {x.concurrency}: {x.errors} errors, first: " + " | ".join(x.error_messages))
@@ -456,11 +457,6 @@ def _num(v: float | None) -> str:
     if v is None:
         return "-"
     return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
-
-
-def _columns(head: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [head, *rows]]
 
 
 def measure(url: str, model: str, *, version: str = "", protocol: str = "http",
