@@ -1,11 +1,13 @@
 """`compilers serve --grpc-port`: the Open Inference Protocol over gRPC (Triton's GRPCInferenceService) from the
 same ModelService as HTTP. Real servers on free loopback ports, queried with the real tritonclient.grpc and
 tritonclient.http clients (and the raw gRPC stub for typed contents): the same answers, errors (with gRPC's codes
-for HTTP's statuses), metadata and metrics over both; size limits; cancelled RPCs leave no queued work; a clean stop.
+for HTTP's statuses), metadata and metrics over both; size limits (the server's, and each model's as HTTP applies
+it); cancelled RPCs leave no queued work; RPCs at once bounded (--grpc-max-rpcs); a clean stop.
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
@@ -20,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from compilers import cli
-from compilers.serve.limits import Limits
+from compilers.serve.limits import Limits, request_bytes
 from compilers.serve.repository import publish
 from compilers.serve.server import running
 
@@ -183,6 +185,19 @@ def test_a_message_over_the_size_limit_is_refused(server, clients):
     assert g.is_server_live()
 
 
+def test_a_request_over_its_models_limit_is_refused_as_http_refuses_it(server, clients):
+    """A message within the server's limit but larger than any valid request for its model: refused before its
+    tensors are decoded, with the message HTTP gives for that body (its byte count aside)."""
+    limit = request_bytes(server.service.version("mlp").signature, 4)
+    x = np.zeros((limit // 24 + 100, 6), np.float32)           # raw FP32: 24 bytes a row, under MAX_BODY
+    assert x.nbytes < MAX_BODY
+    g, h = errors_of(clients, "mlp", "input", x, "FP32")
+    assert g.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and h.status() == "400"
+    words = f"more than {limit}, the most a request for model 'mlp' can take"
+    assert words in g.message(), g.message()
+    assert re.sub(r"is \d+ bytes", "", g.message()) == re.sub(r"is \d+ bytes", "", h.message())
+
+
 def test_a_request_past_its_deadline_leaves_the_queue(server, clients):
     g, _ = clients
     x = np.zeros((1, 6), np.float32)
@@ -211,6 +226,38 @@ def test_the_server_stops_cleanly(repo):
     with running(repo) as s:            # off unless asked for
         assert s.grpc_port is None
         assert json.load(urllib.request.urlopen(f"{s.url}/v2"))["name"] == "compilers"
+
+
+def test_grpc_max_rpcs_bounds_the_rpcs_at_once(tmp_path, mlp):
+    mlp.save(tmp_path / "artifact")
+    publish(tmp_path / "artifact", tmp_path / "repo" / "slow")
+    (tmp_path / "repo" / "slow" / "serving.toml").write_text("[batching]\nmax_batch_size = 8\n"
+                                                             "max_queue_delay_ms = 3000\n")
+    with running(tmp_path / "repo", grpc_port=0, limits=Limits(grpc_max_rpcs=1)) as s:
+        c = tg.InferenceServerClient(f"{s.host}:{s.grpc_port}")
+        t = tg.InferInput("input", [1, 6], "FP32").set_data_from_numpy(np.zeros((1, 6), np.float32))
+        answered = []
+        c.async_infer("slow", [t], lambda result, error: answered.append(error), client_timeout=1.5)
+        batcher = s.service.version("slow").infer.__self__
+        deadline = time.monotonic() + 5
+        while not batcher.queued and time.monotonic() < deadline:      # the one RPC allowed is running
+            time.sleep(0.01)
+        with pytest.raises(InferenceServerException) as e:
+            c.is_server_live()
+        assert e.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        while not answered and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert answered and c.is_server_live()            # the first ended (its deadline): room for the next
+        c.close()
+
+
+def test_grpc_flags_are_checked(tmp_path, capsys):
+    for flags, words in ((["--grpc-port", "0", "--grpc-max-rpcs", "0"], "--grpc-max-rpcs: must be at least 1"),
+                         (["--grpc-max-rpcs", "8"], "--grpc-max-rpcs bounds the gRPC server, which runs only with "
+                                                    "--grpc-port"),
+                         (["--drain-timeout", "0"], "--drain-timeout: must be positive")):
+        assert cli.main(["serve", str(tmp_path), *flags]) == 2
+        assert words in capsys.readouterr().err
 
 
 def test_grpc_with_ray_is_an_error(tmp_path, capsys):

@@ -1,6 +1,7 @@
-"""`compilers perf` against a real server on a free loopback port: both concurrency levels measured, bounded in
-time and count, with the server's split read from /metrics; a model the server lacks and an unsupported
-protocol are refused clearly (exit 2)."""
+"""`compilers perf` against a real server on free loopback ports (HTTP and gRPC): each concurrency level measured
+over both protocols side by side, bounded in time and count, with the server's split read from /metrics, a
+BYTES text pipeline too; errors counted over both; a model the server lacks, an unknown protocol, a gRPC run
+without its address and a missing gRPC client are refused clearly (exit 2)."""
 from __future__ import annotations
 
 import json
@@ -9,34 +10,62 @@ import sys
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from compilers.cli import main
+from compilers.pipeline import MeanPool, Pipeline, Text
 from compilers.serve.perf import Inputs, parse_shapes, split
 from compilers.serve.repository import publish
 from compilers.serve.server import running
 
+from test_pipeline_text import WORDS, compile_pipeline, tokenizer_json
+
+
+class Embed(nn.Module):
+    """A word embedding: the cheapest model behind a text pipeline (sentences in as BYTES)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(len(WORDS) + 4, 8)
+
+    def forward(self, input_ids, attention_mask):
+        return self.embed(input_ids)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, mlp):
+    """mlp, and text (a tokenizer, an embedding, mean pooling: BYTES in), over HTTP and gRPC."""
     root = tmp_path_factory.mktemp("perf")
     mlp.save(root / "artifact")
     publish(root / "artifact", root / "repo" / "mlp")
-    with running(root / "repo") as s:
+    compile_pipeline(Pipeline(Embed().eval(), Text(tokenizer_json(), max_length=32), post=[MeanPool()])) \
+        .save(root / "repo" / "text" / "1")
+    with running(root / "repo", grpc_port=0) as s:
         yield s
 
 
-def test_perf_measures_each_level_with_the_server_split(server, tmp_path, capsys):
-    out = tmp_path / "perf.json"
+def grpc_url(server) -> str:
+    return f"{server.host}:{server.grpc_port}"
+
+
+def test_perf_measures_each_level_over_both_protocols_with_the_server_split(server, tmp_path, capsys):
+    out, png = tmp_path / "perf.json", tmp_path / "perf.png"
     data = tmp_path / "data.json"
     data.write_text(json.dumps({"data": [{"input": [0.5] * 12},          # flat: the model's shape at --batch 2
                                          {"input": {"content": [1.0] * 6, "shape": [1, 6]}}]}))
-    code = main(["perf", server.url, "--model", "mlp", "--concurrency", "1,4", "--duration", "1", "--warmup", "0.2",
-                 "--max-requests", "400", "--batch", "2", "--input-data", str(data), "--json", str(out)])
+    code = main(["perf", server.url, "--model", "mlp", "--protocol", "http,grpc", "--grpc-url", grpc_url(server),
+                 "--concurrency", "1,4", "--duration", "1", "--warmup", "0.2", "--max-requests", "400", "--batch", "2",
+                 "--input-data", str(data), "--json", str(out), "--plot", str(png)])
     printed = capsys.readouterr().out
     assert code == 0, printed
     result = json.loads(out.read_text())
-    assert [x["concurrency"] for x in result["levels"]] == [1, 4]
+    assert [(x["concurrency"], x["protocol"]) for x in result["levels"]] == [(1, "http"), (1, "grpc"),
+                                                                           (4, "http"), (4, "grpc")]
+    assert result["protocols"] == {"http": server.url, "grpc": grpc_url(server)}
     assert result["inputs"]["entries"] == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for level in result["levels"]:
         assert level["errors"] == 0 and level["error_messages"] == []
         assert 0 < level["requests"] <= 400 and level["throughput"] > 0
@@ -49,19 +78,44 @@ def test_perf_measures_each_level_with_the_server_split(server, tmp_path, capsys
         assert server_split["queue_ms"] is not None and server_split["preprocess_ms"] is None   # not a pipeline
         assert level["client_cpu_ms_per_request"] > 0 and level["client_cores"] > 0
         assert level["seconds"] < 1.0 + 30       # the window closes on time (a request's timeout past it at most)
-    assert "concurrency" in printed and "server split" in printed and "rows/call" in printed
+    rows = [line.split() for line in printed.splitlines()]
+    for protocol in ("http", "grpc"):        # a row per level in both tables: the client's and the server's split
+        assert sum(r[:2] in (["1", protocol], ["4", protocol]) for r in rows) == 4, printed
+    assert "server split" in printed and "rows/call" in printed
 
 
-def test_errors_are_counted_not_retried_and_max_requests_bounds_a_level(server, tmp_path, capsys):
+def test_a_text_pipeline_sends_bytes_over_both_protocols(server, tmp_path):
+    out, data = tmp_path / "perf.json", tmp_path / "data.json"
+    data.write_text(json.dumps({"data": [{"text": ["the cat sat on the mat", "a dog"]}, {"text": ["stock market"]}]}))
+    for source, rows_per_request in ((["--batch", "3"], (3,)), (["--input-data", str(data)], (2, 1))):
+        assert main(["perf", server.url, "-m", "text", "--protocol", "grpc,http", "--grpc-url", grpc_url(server),
+                     "--concurrency", "2", "--duration", "0.5", "--warmup", "0", "--max-requests", "60",
+                     *source, "--json", str(out)]) == 0
+        levels = json.loads(out.read_text())["levels"]
+        assert [x["protocol"] for x in levels] == ["grpc", "http"]
+        for level in levels:
+            assert level["errors"] == 0 and level["requests"] > 0
+            # cycled in turn over each worker's requests, so the rows lie between the fewest and the most
+            fewest, most = (k * level["requests"] for k in (min(rows_per_request), max(rows_per_request)))
+            assert fewest <= level["samples"] <= most
+            assert level["server"]["preprocess_ms"] is not None and level["server"]["postprocess_ms"] is not None
+
+
+@pytest.mark.parametrize("protocol, status", [("http", "[400]"), ("grpc", "[StatusCode.INVALID_ARGUMENT]")])
+def test_errors_are_counted_not_retried_and_max_requests_bounds_a_level(server, tmp_path, capsys, protocol, status):
     out, data = tmp_path / "perf.json", tmp_path / "data.json"
     data.write_text(json.dumps({"data": [{"input": [[1.0] * 6]}, {"input": [[1.0] * 5]}]}))   # the 2nd: 5 wide
-    code = main(["perf", server.url, "-m", "mlp", "--concurrency", "2", "--duration", "20", "--warmup", "0",
-                 "--max-requests", "20", "--input-data", str(data), "--json", str(out)])
+    code = main(["perf", server.url, "-m", "mlp", "--protocol", protocol,
+                 *(["--grpc-url", grpc_url(server)] if protocol == "grpc" else []), "--concurrency", "2",
+                 "--duration", "20", "--warmup", "0", "--max-requests", "20", "--input-data", str(data),
+                 "--json", str(out)])
     assert code == 0
     (level,) = json.loads(out.read_text())["levels"]
+    assert level["protocol"] == protocol
     assert level["requests"] + level["errors"] == 20 and level["seconds"] < 10
-    assert level["errors"] >= 8 and len(level["error_messages"]) == 1 and "[400]" in level["error_messages"][0]
-    assert "errors, first: [400]" in capsys.readouterr().out
+    assert level["errors"] >= 8 and len(level["error_messages"]) == 1 and status in level["error_messages"][0]
+    assert "input 'input': shape [1, 5], expected [-1, 6]" in level["error_messages"][0]      # the server's message
+    assert f"concurrency 2 over {protocol}: {level['errors']} errors, first: {status}" in capsys.readouterr().out
 
 
 def test_a_level_where_every_request_fails_is_exit_2(server, tmp_path, capsys):
@@ -69,25 +123,44 @@ def test_a_level_where_every_request_fails_is_exit_2(server, tmp_path, capsys):
     data.write_text(json.dumps({"data": [{"input": {"content": [1.0] * 5, "shape": [1, 5]}}]}))
     assert main(["perf", server.url, "-m", "mlp", "--concurrency", "1,4", "--duration", "0.3", "--warmup", "0",
                  "--input-data", str(data)]) == 2
-    assert "every request failed at concurrency 1" in capsys.readouterr().err
+    assert "every request failed at concurrency 1 over http" in capsys.readouterr().err
 
 
-def test_a_model_the_server_lacks_is_exit_2(server, capsys):
-    assert main(["perf", server.url, "--model", "nope", "--duration", "0.1", "--concurrency", "1"]) == 2
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_model_the_server_lacks_is_exit_2(server, capsys, protocol):
+    assert main(["perf", server.url, "--model", "nope", "--duration", "0.1", "--concurrency", "1", "--protocol",
+                 protocol, *(["--grpc-url", grpc_url(server)] if protocol == "grpc" else [])]) == 2
     err = capsys.readouterr().err
     assert "does not serve model 'nope'" in err and "InputError" in err
 
 
-def test_grpc_is_refused_for_now(capsys):
-    assert main(["perf", "127.0.0.1:1", "--model", "mlp", "--protocol", "grpc"]) == 2
-    err = capsys.readouterr().err
-    assert "--protocol grpc is not supported yet" in err and "http" in err
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "ws"], "--protocol takes http or grpc (both: http,grpc), not ws"),
+    (["--protocol", "http,grpc"], "--protocol grpc needs --grpc-url host:port"),
+    (["--grpc-url", "127.0.0.1:1"], "--grpc-url is the address for --protocol grpc"),
+    (["--protocol", "grpc", "--grpc-url", "127.0.0.1"], "--grpc-url '127.0.0.1' must look like host:port"),
+    (["--protocol", "grpc", "--grpc-url", "http://127.0.0.1:1"], "must look like host:port")])
+def test_protocol_settings_are_refused_before_any_load(args, message, capsys):
+    assert main(["perf", "127.0.0.1:1", "--model", "mlp", *args]) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_an_unreachable_server_is_exit_2(capsys):
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_an_unreachable_server_is_exit_2(protocol, capsys):
     from compilers.serve.server import free_port
-    assert main(["perf", f"127.0.0.1:{free_port()}", "--model", "mlp", "--duration", "0.1"]) == 2
-    assert "cannot reach a server" in capsys.readouterr().err
+    port = free_port()
+    assert main(["perf", f"127.0.0.1:{port}", "--model", "mlp", "--duration", "0.1", "--protocol", protocol,
+                 *(["--grpc-url", f"127.0.0.1:{port}"] if protocol == "grpc" else []), "--timeout", "5"]) == 2
+    assert f"cannot reach a server at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_missing_grpc_client_names_the_extra():
+    code = ("import sys; sys.modules['tritonclient.grpc'] = None\n"
+            "from compilers.errors import InputError\nfrom compilers.serve.perf import GrpcClient\n"
+            "try:\n    GrpcClient('127.0.0.1:1', 'mlp')\nexcept InputError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pip install 'compilers[grpc]'" in r.stdout
 
 
 def test_synthetic_inputs_follow_the_metadata():

@@ -332,7 +332,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise InputError(f"--max-body-mb must be positive, not {a.max_body_mb}")
     try:
         limits = Limits(max_body_bytes=int(a.max_body_mb * (1 << 20)), max_connections=a.max_connections,
-                        header_timeout=a.header_timeout, body_timeout=a.body_timeout, idle_timeout=a.idle_timeout)
+                        header_timeout=a.header_timeout, body_timeout=a.body_timeout, idle_timeout=a.idle_timeout,
+                        grpc_max_rpcs=a.grpc_max_rpcs, drain_timeout=a.drain_timeout)
     except ValueError as e:
         flag = "--" + str(e).split()[0].removeprefix("Limits.").replace("_", "-")
         raise InputError(f"{flag}: {str(e).split(' ', 1)[1]}") from None
@@ -343,6 +344,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if a.ray and a.grpc_port is not None:
         raise InputError("--grpc-port: on Ray Serve, gRPC would be Ray's own gRPC proxy (grpc_options), which "
                          "serves Ray's generated servicers, not this server's model service; serve gRPC without --ray")
+    if a.grpc_max_rpcs != Limits().grpc_max_rpcs and a.grpc_port is None:
+        raise InputError("--grpc-max-rpcs bounds the gRPC server, which runs only with --grpc-port")
     if a.grpc_port is not None and not 0 <= a.grpc_port <= 65535:
         raise InputError(f"--grpc-port must be a port number (0-65535; 0 picks a free one), not {a.grpc_port}")
     if a.grpc_port is not None:
@@ -377,7 +380,8 @@ def cmd_perf(a: argparse.Namespace) -> int:
     from .serve.perf import plot as plot_perf
     if a.plot:
         plot_format(a.plot)           # a wrong suffix is refused before any load is sent
-    result = measure(a.url, a.model, version=a.model_version or "", protocol=a.protocol,
+    result = measure(a.url, a.model, version=a.model_version or "",
+                     protocols=[p.strip() for p in a.protocol.split(",") if p.strip()], grpc_url=a.grpc_url,
                      concurrency=_ints(a.concurrency, "--concurrency"), duration=a.duration,
                      max_requests=a.max_requests, warmup=a.warmup, batch=a.batch, shapes=parse_shapes(a.shape),
                      input_data=a.input_data, metrics_url=a.metrics_url, timeout=a.timeout)
@@ -472,6 +476,10 @@ def parser() -> argparse.ArgumentParser:
                         "tritonclient.grpc speaks) on this port of --host, from the same models, batchers and metrics "
                         "(0 picks a free one). Off unless given: each port served is one more to expose and secure "
                         "(plaintext, as the HTTP port), and it needs grpcio")
+    s.add_argument("--grpc-max-rpcs", type=int, default=256, metavar="N",
+                   help="gRPC RPCs running at once at most (default 256); beyond, RESOURCE_EXHAUSTED at once")
+    s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopping server gives the requests "
+                                                                     "in flight (HTTP and gRPC) to finish (default 30)")
     s.add_argument("--handlers", action="store_true", help="run the handler code (Python) that models' serving.toml "
                                                            "[handler] names and pins by sha256; off by default")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -481,10 +489,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_serve)
     pf = sub.add_parser("perf", help="measure a running server under load, as Triton's perf_analyzer: throughput, "
                                      "latency percentiles, errors and the server's split per concurrency")
-    pf.add_argument("url", metavar="URL", help="the server, http://host:port (or host:port)")
+    pf.add_argument("url", metavar="URL", help="the server's HTTP address, http://host:port (or host:port); "
+                                               "its /metrics give the server's split")
     pf.add_argument("--model", "-m", required=True, help="the model to send requests to")
     pf.add_argument("--version", dest="model_version", metavar="V", help="its version (default: the server's choice)")
-    pf.add_argument("--protocol", default="http", help="http (the only one so far; grpc is to come)")
+    pf.add_argument("--protocol", default="http", help="http, grpc, or both side by side: http,grpc (each "
+                                                       "concurrency over each in turn; default http)")
+    pf.add_argument("--grpc-url", metavar="HOST:PORT", help="the server's gRPC address, for --protocol grpc "
+                                                            "(compilers serve --grpc-port); URL stays its HTTP one")
     pf.add_argument("--concurrency", default="1,4,16,64", help="requests in flight, one level each, comma-separated "
                                                                  "(default 1,4,16,64)")
     pf.add_argument("--duration", type=float, default=10.0, help="seconds measured per level (default 10)")
@@ -502,7 +514,8 @@ def parser() -> argparse.ArgumentParser:
     pf.add_argument("--metrics-url", help="the server's Prometheus metrics (default URL/metrics)")
     pf.add_argument("--timeout", type=float, default=30.0, help="seconds one request may take (default 30)")
     pf.add_argument("--json", help="write every figure here")
-    pf.add_argument("--plot", help="write a PNG (or .svg, .pdf) of throughput and latency per concurrency here")
+    pf.add_argument("--plot", help="write a PNG (or .svg, .pdf) of throughput and latency per concurrency here, "
+                                   "a line per protocol")
     pf.set_defaults(run=cmd_perf)
     return p
 

@@ -5,6 +5,8 @@
     GET  /v2/models/{name}[/versions/{v}]                    model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready              model readiness (200 ready, 503 not)
     POST /v2/models/{name}[/versions/{v}]/infer              inference: JSON tensors or binary tensor data
+    GET  /v2/models/{name}[/versions/{v}]/config             the model configuration extension (`model_config`)
+    GET  /v2/models[/{name}[/versions/{v}]]/stats            the statistics extension (`statistics`)
     POST /v2/repository/index                                the repository extension: every model's state,
     POST /v2/repository/models/{name}/load | /unload          and (re)load / unload while serving
     GET  /metrics                                            Prometheus metrics
@@ -37,6 +39,7 @@ from ..errors import CompilerError, ConfigError, InputError
 from ..host import own_version
 from .batcher import QueueFull, alone
 from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits, items_bytes, request_bytes
+from .model_config import platform, triton_config
 from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
 from .service import LoadFailed, ModelService, NotReady, Unavailable, UnknownModel
@@ -46,7 +49,7 @@ log = logging.getLogger("compilers")
 DECODE_IN_LOOP = 64 << 10       # bodies this large or larger are decoded on the codec thread
 ENCODE_IN_LOOP = 1 << 14        # answers of this many elements or more are encoded on the codec thread
 _VERSION = own_version()
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 _STATUS = ((InputError, 400), (LoadFailed, 400), (ConfigError, 400), (UnknownModel, 404), (NotReady, 503),
            (QueueFull, 503), (Unavailable, 503), (Busy, 503))
 
@@ -82,7 +85,7 @@ def create_app(repository: str | Repository | ModelService, *, limits: Limits = 
             yield
         finally:
             if grpc_server is not None:
-                await grpc_server.stop(grpc_transport.GRACE_SECONDS)
+                await grpc_server.stop(limits.drain_timeout)
             await service.stop()
             api.codec_thread.shutdown(wait=False)
 
@@ -92,7 +95,10 @@ def create_app(repository: str | Repository | ModelService, *, limits: Limits = 
         Route("/v2/health/live", api.live),
         Route("/v2/health/ready", api.ready),
         Route("/v2", api.server_metadata),
+        Route("/v2/models/stats", api.statistics),            # before the model routes: not a model named "stats"
         Route(model, api.model_metadata), Route(version, api.model_metadata),
+        Route(model + "/config", api.model_config), Route(version + "/config", api.model_config),
+        Route(model + "/stats", api.statistics), Route(version + "/stats", api.statistics),
         Route(model + "/ready", api.model_ready), Route(version + "/ready", api.model_ready),
         Route(model + "/infer", api.infer, methods=["POST"]), Route(version + "/infer", api.infer, methods=["POST"]),
         Route("/v2/repository/index", api.index, methods=["POST"]),
@@ -160,12 +166,18 @@ class _Routes:
             ready = False
         return JSONResponse({"name": name, "ready": ready}, 200 if ready else 503)
 
+    async def model_config(self, request: Request) -> Response:
+        return JSONResponse(model_config(self.service, request.path_params["name"], _version(request)))
+
+    async def statistics(self, request: Request) -> Response:
+        return JSONResponse(model_statistics(self.service, request.path_params.get("name"), _version(request)))
+
     # -- inference --------------------------------------------------------------------------------------
     async def infer(self, request: Request) -> Response:
         name = request.path_params["name"]
         try:
             number = _version(request)
-            limit, takes = self._infer_limit(name, number)
+            limit, takes = infer_limit(self.service, self.limits, name, number)
             async with self._received(request, limit, takes) as body:
                 started = time.perf_counter()
                 header = request.headers.get(HEADER_LENGTH)
@@ -186,21 +198,6 @@ class _Routes:
         content, headers = encode() if sum(x.size for x in outputs) < ENCODE_IN_LOOP else await self._codec(encode)
         self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)
         return Response(content, headers=headers)
-
-    def _infer_limit(self, name: str, number: int | None) -> tuple[int, str]:
-        """The largest body an infer request for this model (version) may have, and who takes that much: the
-        largest valid request of any version that could serve it, or the server's limit when that is smaller
-        or unbounded. UnknownModel / NotReady before a byte of the body is read."""
-        versions = [self.service.version(name, number)] if number is not None else \
-            list(self.service.model(name).versions.values()) or [self.service.version(name)]
-        sizes = [None if v.handler is not None else          # a handler takes what its code takes: the server's limit
-                 request_bytes(v.signature, v.batching.max_batch_size) if v.steps is None else
-                 items_bytes(v.steps.pre.max_item_bytes, v.batching.max_batch_size) for v in versions]
-        if None in sizes or max(sizes) >= self.limits.max_body_bytes:
-            return self.limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
-                                               "server's --max-body-mb)"
-        return max(sizes), (f"a request for model {name!r} can take (max_batch_size samples, as JSON); send fewer "
-                            "samples per request")
 
     @asynccontextmanager
     async def _received(self, request: Request, limit: int, takes: str) -> AsyncIterator[bytes]:
@@ -284,9 +281,30 @@ def _content_length(request: Request, limit: int, takes: str) -> int | None:
     declared = request.headers.get("content-length")
     if declared is None or not declared.isdigit():
         return None
-    if int(declared) > limit:
-        raise InputError(f"the request body is {int(declared)} bytes, more than {limit}, the most {takes}")
+    refuse_oversized(int(declared), limit, takes)
     return int(declared)
+
+
+def refuse_oversized(size: int, limit: int, takes: str) -> None:
+    """InputError for a request of `size` bytes when that is over `limit`, the most `takes` (`infer_limit`)."""
+    if size > limit:
+        raise InputError(f"the request body is {size} bytes, more than {limit}, the most {takes}")
+
+
+def infer_limit(service: ModelService, limits: Limits, name: str, number: int | None) -> tuple[int, str]:
+    """The largest infer request for this model (version), in bytes, and who takes that much: the largest valid
+    request of any version that could serve it (as JSON, which bounds its binary and gRPC forms too), or the
+    server's limit when that is smaller or unbounded. UnknownModel / NotReady before a byte of it is read."""
+    versions = [service.version(name, number)] if number is not None else \
+        list(service.model(name).versions.values()) or [service.version(name)]
+    sizes = [None if v.handler is not None else          # a handler takes what its code takes: the server's limit
+             request_bytes(v.signature, v.batching.max_batch_size) if v.steps is None else
+             items_bytes(v.steps.pre.max_item_bytes, v.batching.max_batch_size) for v in versions]
+    if None in sizes or max(sizes) >= limits.max_body_bytes:
+        return limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
+                                      "server's --max-body-mb)"
+    return max(sizes), (f"a request for model {name!r} can take (max_batch_size samples, as JSON); send fewer "
+                        "samples per request")
 
 
 def model_metadata(service: ModelService, name: str, number: int | None) -> dict[str, Any]:
@@ -296,7 +314,7 @@ def model_metadata(service: ModelService, name: str, number: int | None) -> dict
     sig = served.signature
     return {
         "name": name, "versions": [str(v) for v in versions],
-        "platform": f"compilers_{served.target.backend}",
+        "platform": platform(served),
         "inputs": [tensor_metadata(s) for s in served.inputs],
         "outputs": [tensor_metadata(s) for s in served.outputs],
         "parameters": {"target": served.target.name, "batch_dim": sig.batch,
@@ -305,6 +323,24 @@ def model_metadata(service: ModelService, name: str, number: int | None) -> dict
                        "requests_share_calls": served.batching.max_batch_size > 1 and
                        alone(sig, served.batching) is None},
     }
+
+
+def model_config(service: ModelService, name: str, number: int | None) -> dict[str, Any]:
+    """A model's (version's) Triton model config, as both transports answer it; UnknownModel / NotReady."""
+    return triton_config(name, service.version(name, number), service.model(name).policy)
+
+
+def model_statistics(service: ModelService, name: str | None, number: int | None) -> dict[str, Any]:
+    """Triton's statistics of every loaded version of every model (no name), of a model, or of one version, as
+    both transports answer them; UnknownModel / NotReady as for the other model routes."""
+    if not name:
+        chosen = [(m, v) for m in sorted(service.models) for _, v in sorted(service.models[m].versions.items())]
+    elif number is not None:
+        chosen = [(name, service.version(name, number))]
+    else:
+        service.version(name)             # NotReady for a model with no version loaded
+        chosen = [(name, v) for _, v in sorted(service.model(name).versions.items())]
+    return {"model_stats": [v.statistics.json(m, v.number) for m, v in chosen]}
 
 
 def _peer(request: Request) -> str:

@@ -59,12 +59,17 @@ class _Request:
 
 @dataclass(frozen=True)
 class BatchStats:
-    """One engine call: rows, requests, each request's wait in the queue, and the call's seconds."""
+    """One engine call: rows, requests, each request's wait in the queue, and the call's stages in seconds (Triton's
+    split): input, from the group leaving the queue to the engine starting (handing it to a worker thread,
+    concatenating, padding); infer, the engine's run; output, from the engine's end to the answers back in the event
+    loop (splitting, trimming)."""
 
     rows: int
     requests: int
     queue_seconds: tuple[float, ...]
+    input_seconds: float
     infer_seconds: float
+    output_seconds: float
 
 
 class Combiner:
@@ -247,26 +252,37 @@ class Batcher:
                 self._pending.remove(r)
             started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._call, group)
+                outputs, ran, ended = await loop.run_in_executor(self._executor, self._call, group)
             except Exception as e:        # the engine failed: every request of the call gets the error
                 for r in group:
                     if not r.future.done():
                         r.future.set_exception(e)
                 continue
-            infer = time.perf_counter() - started
+            done = time.perf_counter()
             for r, out in zip(group, outputs):
                 if not r.future.done():
                     r.future.set_result(out)
             if self.on_batch is not None:
                 try:
                     self.on_batch(BatchStats(sum(r.rows for r in group), len(group),
-                                             tuple(started - r.arrived for r in group), infer))
+                                             tuple(started - r.arrived for r in group), ran - started, ended - ran,
+                                             done - ended))
                 except Exception:     # a metrics hook must not stop the worker
                     log.exception("the batch hook failed")
 
     # -- one engine call (in a worker thread) -----------------------------------------------------------
-    def _call(self, group: list[_Request]) -> list[list[np.ndarray]]:
-        return self.combiner.call(self.run, [(r.inputs, r.rows, r.sizes) for r in group])
+    def _call(self, group: list[_Request]) -> tuple[list[list[np.ndarray]], float, float]:
+        """The outputs of each request of the group, and when the engine's run started and ended."""
+        times: list[float] = []
+
+        def run(inputs: list[np.ndarray]) -> list[np.ndarray]:
+            times.append(time.perf_counter())
+            try:
+                return self.run(inputs)
+            finally:
+                times.append(time.perf_counter())
+        outputs = self.combiner.call(run, [(r.inputs, r.rows, r.sizes) for r in group])
+        return outputs, times[0], times[1]
 
 
 def alone(signature: Signature, config: Batching) -> str | None:

@@ -4,6 +4,7 @@ with the same batchers, versions, traffic split, errors and metrics.
 
     ServerLive / ServerReady / ServerMetadata, ModelReady / ModelMetadata     as GET /v2/health/..., /v2, /v2/models/...
     ModelInfer                                                                as POST .../infer
+    ModelConfig / ModelStatistics                                             as GET .../config, .../stats
     RepositoryIndex / RepositoryModelLoad / RepositoryModelUnload              the repository extension
 
 ModelInfer takes each input from `raw_input_contents` (tritonclient's default: the binary extension's bytes, BYTES
@@ -13,10 +14,16 @@ bytes_contents, ...; FP16 and BF16 have none and come raw), and answers every ou
 with the status codes of its HTTP statuses: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE, and anything
 else INTERNAL with no detail (the log has it).
 
+ModelConfig and ModelStatistics answer the HTTP routes' dicts (`app.model_config`, `app.model_statistics`) parsed
+into Triton's messages (`json_format.ParseDict`), so the two transports cannot differ.
+
 Bounded as the HTTP server is: a message larger than the server's largest body (`Limits.max_body_bytes`) is
-refused by gRPC itself (RESOURCE_EXHAUSTED), and so is an answer that large; at most `max_rpcs` RPCs run at once
-(beyond, RESOURCE_EXHAUSTED at once). A client whose deadline passes or that cancels gets its RPC's task cancelled:
-a request still queued leaves its batcher's queue (`Batcher.infer`).
+refused by gRPC itself (RESOURCE_EXHAUSTED), and so is an answer that large; a ModelInfer larger than its model's
+largest valid request (`app.infer_limit`, what HTTP refuses from Content-Length) is refused before its tensors are
+decoded, with HTTP's message (INVALID_ARGUMENT); at most `Limits.grpc_max_rpcs` RPCs run at once (beyond,
+RESOURCE_EXHAUSTED at once). A client whose deadline passes or that cancels gets its RPC's task cancelled: a
+request still queued leaves its batcher's queue (`Batcher.infer`), and the model's statistics count it failed.
+A stopping server lets the RPCs in flight finish for `Limits.drain_timeout`.
 """
 from __future__ import annotations
 
@@ -26,19 +33,20 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from ..errors import CompilerError, InputError
-from .app import _STATUS, _VERSION, EXTENSIONS, model_metadata, version_number
+from .app import (_STATUS, _VERSION, EXTENSIONS, infer_limit, model_config, model_metadata, model_statistics,
+                  refuse_oversized, version_number)
 from .limits import Limits
 from .protocol import datatype, output_to_wire, tensor_from_values, tensor_from_wire
 from .service import ModelService, NotReady, UnknownModel
 
 log = logging.getLogger("compilers")
 
-MAX_RPCS = 256          # RPCs running at once, at most (each holds at most one message of max_body_bytes)
-GRACE_SECONDS = 30      # how long a stopping server lets the RPCs in flight finish
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 503: grpc.StatusCode.UNAVAILABLE}
 # the typed contents field of each datatype (FP16 and BF16 have none: they come in raw_input_contents)
 _FIELDS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
@@ -109,12 +117,24 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
                                         inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
 
+    @_answers
+    async def ModelConfig(self, request, context):
+        config = model_config(self.service, request.name, version_number(request.version))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    @_answers
+    async def ModelStatistics(self, request, context):
+        number = version_number(request.version) if request.name else None
+        stats = model_statistics(self.service, request.name, number)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
     # -- inference --------------------------------------------------------------------------------------
     @_answers
     async def ModelInfer(self, request, context):
         name = request.model_name
         try:
             number = version_number(request.model_version)
+            refuse_oversized(request.ByteSize(), *infer_limit(self.service, self.limits, name, number))
             started = time.perf_counter()
             inputs = self._inputs(request)
             outputs = self._requested(request)
@@ -205,11 +225,10 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def start(service: ModelService, host: str, port: int, limits: Limits = Limits(),
-                max_rpcs: int = MAX_RPCS) -> tuple[grpc.aio.Server, int]:
+async def start(service: ModelService, host: str, port: int, limits: Limits = Limits()) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server for the service in the running event loop, and the port it listens on (port 0:
-    a free one). Stop it with `await server.stop(GRACE_SECONDS)`."""
-    server = grpc.aio.server(maximum_concurrent_rpcs=max_rpcs, options=[
+    a free one). Stop it with `await server.stop(limits.drain_timeout)`."""
+    server = grpc.aio.server(maximum_concurrent_rpcs=limits.grpc_max_rpcs, options=[
         ("grpc.max_receive_message_length", limits.max_body_bytes),
         ("grpc.max_send_message_length", limits.max_body_bytes),
     ])

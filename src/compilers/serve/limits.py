@@ -1,6 +1,6 @@
 """What a server holds at most, and for how long: request bodies (one request's, per model, and all at once),
-connections, and the timeouts that close the ones that stall. The defaults protect a default install;
-`compilers serve` flags set each.
+connections, gRPC's RPCs at once, the timeouts that close the ones that stall, and how long a stopping server
+lets the requests in flight finish. The defaults protect a default install; `compilers serve` flags set each.
 
 A request body is refused from its headers when the model could not take that many bytes: a version takes at
 most `max_batch_size` rows (or its dims' declared maxima), so its largest valid request has a size known before a
@@ -37,13 +37,17 @@ class Limits:
     header_timeout: float = 10.0            # a request's line and headers must arrive within this
     body_timeout: float = 30.0              # the longest pause while a body arrives
     idle_timeout: float = 5.0               # a kept-alive connection with no request closes after this
+    grpc_max_rpcs: int = 256                # gRPC RPCs running at once (each holds at most one message of
+                                            # max_body_bytes); beyond, RESOURCE_EXHAUSTED at once
+    drain_timeout: float = 30.0             # a stopping server's requests in flight (HTTP and gRPC) finish within this
 
     def __post_init__(self):
-        for name in ("max_body_bytes", "body_wait", "header_timeout", "body_timeout", "idle_timeout"):
+        for name in ("max_body_bytes", "body_wait", "header_timeout", "body_timeout", "idle_timeout", "drain_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"Limits.{name} must be positive, not {getattr(self, name)}")
-        if self.max_connections is not None and self.max_connections < 1:
-            raise ValueError(f"Limits.max_connections must be at least 1, not {self.max_connections}")
+        for name in ("max_connections", "grpc_max_rpcs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} must be at least 1, not {getattr(self, name)}")
         if self.max_bodies_bytes is not None and self.max_bodies_bytes < self.max_body_bytes:
             raise ValueError(f"Limits.max_bodies_bytes ({self.max_bodies_bytes}) must hold at least one body of "
                              f"max_body_bytes ({self.max_body_bytes})")

@@ -2,37 +2,45 @@
 
 For each concurrency level, that many worker threads each send requests back to back, one at a time, for
 `duration` seconds or `max_requests` requests in all, whichever comes first (both always bound a level), after a
-short warm-up that is not counted. Each worker has its own client (tritonclient.http clients are gevent-based
-and must never be shared across threads); the prepared requests are shared, as the client only reads them.
+short warm-up that is not counted. Each worker has its own client (tritonclient's clients are not thread-safe:
+the HTTP one is gevent-based, and neither may be shared across threads); the prepared requests are shared, as the
+clients only read them.
 
-A level reports:
+A protocol is a class with `metadata`, `prepare`, `infer` and `close` (`PROTOCOLS`): `http`, the Open Inference
+Protocol over HTTP/REST (tritonclient.http, at the server's URL), and `grpc`, the same protocol over gRPC
+(tritonclient.grpc, at the server's `--grpc-port`, host:port). Both send tensors raw (HTTP's binary extension,
+gRPC's `raw_input_contents`), BYTES too. Several protocols are measured in one run side by side: at each
+concurrency every protocol takes its turn before the next concurrency, so the machine's drift hits them alike.
+
+A level (a concurrency over a protocol) reports:
 - throughput: successful requests per second, and samples (rows) per second;
 - client latency p50 / p90 / p95 / p99 of the successful requests, in ms (send to answer parsed);
 - errors: how many, and the first few distinct messages (a failed request is never retried);
-- the server's split, from its Prometheus `/metrics` read before and after the level (the deltas of the
-  `compilers_*_seconds` histograms, labels model and version): mean ms in the queue, per engine call (a whole
-  batch), in a pipeline's pre- and post-processing, and end to end in the server; and the mean rows per engine
-  call (`compilers_batch_size`). The client's mean latency minus the server's is the network and the HTTP
-  stacks of both sides;
+- the server's split, from its Prometheus `/metrics` (always over HTTP) read before and after the level (the
+  deltas of the `compilers_*_seconds` histograms, labels model and version): mean ms in the queue, per engine
+  call (a whole batch), in a pipeline's pre- and post-processing, and end to end in the server; and the mean
+  rows per engine call (`compilers_batch_size`). The client's mean latency minus the server's is the network and
+  the protocol stacks of both sides;
 - the load generator's own cost: process CPU seconds per request and the share of one core it used. The worker
   threads share one interpreter, so near one core the client, not the server, is the bottleneck (run several
   `compilers perf` processes then). A server started in the same process (tests) is counted in it too.
 
-Inputs: synthetic by default, from the model's metadata (GET /v2/models/M): a -1 first dim is the batch dim, of
-size `batch`, other -1 dims are 1 unless `shapes` gives the dims after the batch dim (`--shape name:d1,d2`, as
-perf_analyzer's); numbers are random with a fixed seed (floats standard normal, integers 0-9, booleans), BYTES
-inputs short ASCII words. Or a JSON file in perf_analyzer's `--input-data` form, its entries cycled through:
+Inputs: synthetic by default, from the model's metadata (GET /v2/models/M; over HTTP when HTTP is measured, as
+only its answer carries `max_batch_size` and the batch dim): a -1 first dim is the batch dim, of size `batch`,
+other -1 dims are 1 unless `shapes` gives the dims after the batch dim (`--shape name:d1,d2`, as perf_analyzer's);
+numbers are random with a fixed seed (floats standard normal, integers 0-9, booleans), BYTES inputs short ASCII
+words. Or a JSON file in perf_analyzer's `--input-data` form, its entries cycled through:
 
     {"data": [{"INPUT": [1, 2, 3, 4, 5, 6]},                              (flat: the model's shape, as above)
               {"INPUT": [[1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]]},          (nested: its own shape)
               {"INPUT": {"content": [1, 2, 3, 4, 5, 6], "shape": [1, 6]}},  (explicit shape, batch dim included)
               {"TEXT": ["a sentence", "another one"]}]}                     (BYTES: strings)
 
-Only HTTP for now; a protocol is a class with `metadata` and `infer` (`PROTOCOLS`), so gRPC can be added beside
-it. Client side only: nothing here imports the server.
+Client side only: nothing here imports the server.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -62,7 +70,7 @@ CORE_WARNING = 0.8               # share of one core past which the client may b
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
 
-# -- the protocol ---------------------------------------------------------------------------------------------
+# -- the protocols -----------------------------------------------------------------------------------------------
 class HttpClient:
     """One worker's connection over HTTP/REST (the Open Inference Protocol): its own tritonclient.http client.
     Create it in the thread that uses it."""
@@ -74,7 +82,7 @@ class HttpClient:
             raise InputError(f"compilers perf needs tritonclient's HTTP client ({e.name} is missing): "
                              "pip install 'tritonclient[http]'") from None
         parsed = _parse_url(url)
-        self.http, self.model, self.version = http, model, version
+        self.module, self.model, self.version = http, model, version
         self.client = http.InferenceServerClient(parsed.netloc + parsed.path.rstrip("/"),
                                                  ssl=parsed.scheme == "https", connection_timeout=timeout,
                                                  network_timeout=timeout)
@@ -84,12 +92,7 @@ class HttpClient:
 
     def prepare(self, arrays: dict[str, np.ndarray], datatypes: dict[str, str]) -> list[Any]:
         """A request's inputs, binary tensor data (shared by the workers: the client only reads them)."""
-        made = []
-        for name, x in arrays.items():
-            t = self.http.InferInput(name, list(x.shape), datatypes[name])
-            t.set_data_from_numpy(x, binary_data=True)
-            made.append(t)
-        return made
+        return _prepare(self.module, arrays, datatypes, binary_data=True)
 
     def infer(self, request: list[Any]) -> None:
         self.client.infer(self.model, request, model_version=self.version)   # every output, binary
@@ -98,7 +101,52 @@ class HttpClient:
         self.client.close()
 
 
-PROTOCOLS: dict[str, type] = {"http": HttpClient}
+class GrpcClient:
+    """One worker's connection over gRPC (Triton's GRPCInferenceService): its own tritonclient.grpc client, at
+    host:port. Create it in the thread that uses it."""
+
+    def __init__(self, address: str, model: str, version: str = "", timeout: float = 30.0):
+        try:
+            import tritonclient.grpc as grpc
+        except ImportError as e:
+            raise InputError(f"compilers perf --protocol grpc needs tritonclient's gRPC client ({e.name} is "
+                             "missing): pip install 'compilers[grpc]'") from None
+        self.module, self.model, self.version, self.timeout = grpc, model, version, timeout
+        self.client = grpc.InferenceServerClient(_grpc_address(address))
+
+    def metadata(self) -> dict[str, Any]:
+        """The model's metadata as HTTP gives it (shapes as ints; gRPC's has no `parameters`). ConnectionError
+        when nothing answers at the address."""
+        try:
+            self.client.is_server_live(client_timeout=self.timeout)
+        except self.module.InferenceServerException as e:
+            raise ConnectionError(" ".join(str(e).split())) from None
+        meta = self.client.get_model_metadata(self.model, self.version, as_json=True, client_timeout=self.timeout)
+        for tensor in [*meta.get("inputs", []), *meta.get("outputs", [])]:
+            tensor["shape"] = [int(d) for d in tensor.get("shape", [])]      # int64s come as JSON strings
+        return meta
+
+    def prepare(self, arrays: dict[str, np.ndarray], datatypes: dict[str, str]) -> list[Any]:
+        """A request's inputs, raw (`raw_input_contents`; shared by the workers: the client only reads them)."""
+        return _prepare(self.module, arrays, datatypes)
+
+    def infer(self, request: list[Any]) -> None:
+        self.client.infer(self.model, request, model_version=self.version, client_timeout=self.timeout)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+PROTOCOLS: dict[str, type] = {"http": HttpClient, "grpc": GrpcClient}
+
+
+def _prepare(module: Any, arrays: dict[str, np.ndarray], datatypes: dict[str, str], **how: Any) -> list[Any]:
+    made = []
+    for name, x in arrays.items():
+        t = module.InferInput(name, list(x.shape), datatypes[name])
+        t.set_data_from_numpy(x, **how)
+        made.append(t)
+    return made
 
 
 def _parse_url(url: str) -> urllib.parse.SplitResult:
@@ -106,6 +154,18 @@ def _parse_url(url: str) -> urllib.parse.SplitResult:
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise InputError(f"URL {url!r} must look like http://host:port (or host:port)")
     return parsed
+
+
+def _grpc_address(address: str) -> str:
+    """host:port (or grpc://host:port) -> host:port, as tritonclient.grpc takes it."""
+    parsed = urllib.parse.urlsplit(address if "://" in address else f"grpc://{address}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if parsed.scheme != "grpc" or not parsed.hostname or port is None or parsed.path.strip("/"):
+        raise InputError(f"--grpc-url {address!r} must look like host:port (the server's --grpc-port)")
+    return parsed.netloc
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
@@ -263,7 +323,7 @@ def split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, 
 # -- one level --------------------------------------------------------------------------------------------------
 @dataclass
 class Level:
-    """The figures of one concurrency level."""
+    """The figures of one concurrency level over one protocol."""
     concurrency: int
     requests: int                         # answered without error
     samples: int                          # rows in those
@@ -274,6 +334,7 @@ class Level:
     client_cpu_seconds: float = 0.0
     server: dict[str, Any] | None = None  # `split`; None when /metrics could not be read
     server_note: str | None = None
+    protocol: str = "http"
 
     @property
     def throughput(self) -> float:
@@ -293,8 +354,8 @@ class Level:
         return self.client_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"concurrency": self.concurrency, "requests": self.requests, "samples": self.samples,
-                "seconds": self.seconds, "throughput": self.throughput,
+        return {"concurrency": self.concurrency, "protocol": self.protocol, "requests": self.requests,
+                "samples": self.samples, "seconds": self.seconds, "throughput": self.throughput,
                 "samples_per_second": self.samples_per_second, "latency_ms": self.latency_ms,
                 "errors": self.errors, "error_messages": self.error_messages,
                 "client_cpu_seconds": self.client_cpu_seconds,
@@ -403,53 +464,56 @@ def run_level(n: int, connect: Callable[[], Any], requests: list[tuple[Any, int]
 # -- a run ------------------------------------------------------------------------------------------------------
 @dataclass
 class Perf:
-    """A run: its settings, what it sent, and a Level per concurrency."""
-    url: str
+    """A run: its settings, what it sent, and a Level per concurrency and protocol (each concurrency's
+    protocols side by side, in the order they ran)."""
+    url: str                       # the server's HTTP address (its /metrics too)
     model: str
     version: str
-    protocol: str
+    protocols: dict[str, str]      # protocol -> the address it was measured at
     settings: dict[str, Any]
     inputs: dict[str, Any]
     levels: list[Level] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "model": self.model, "version": self.version, "protocol": self.protocol,
+        return {"url": self.url, "model": self.model, "version": self.version, "protocols": self.protocols,
                 "settings": self.settings, "inputs": self.inputs, "levels": [x.to_dict() for x in self.levels]}
 
     def table(self) -> str:
         """Plain-text tables: the client's view, the server's split, then errors and notes."""
         s = self.settings
-        lines = [f"{self.model}{' version ' + self.version if self.version else ''} at {self.url} "
-                 f"({self.protocol}): {self.inputs['source']}, {s['duration']:g} s or {s['max_requests']} "
-                 f"requests per level after {s['warmup']:g} s of warm-up"]
-        head = ["concurrency", "requests", "errors", "req/s", "samples/s", "p50 ms", "p90 ms", "p95 ms",
+        where = " and ".join(f"{address} ({protocol})" for protocol, address in self.protocols.items())
+        lines = [f"{self.model}{' version ' + self.version if self.version else ''} at {where}: "
+                 f"{self.inputs['source']}, {s['duration']:g} s or {s['max_requests']} requests per level after "
+                 f"{s['warmup']:g} s of warm-up"]
+        head = ["concurrency", "protocol", "requests", "errors", "req/s", "samples/s", "p50 ms", "p90 ms", "p95 ms",
                 "p99 ms", "client cpu ms/req", "client cores"]
-        rows = [[str(x.concurrency), str(x.requests), str(x.errors), _num(x.throughput),
+        rows = [[str(x.concurrency), x.protocol, str(x.requests), str(x.errors), _num(x.throughput),
                  _num(x.samples_per_second), *(_num(x.latency_ms[f"p{p}"]) for p in PERCENTILES),
                  _num(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}"] for x in self.levels]
-        lines += text_table(head, rows, left=())
-        lines += ["", "server split, means from /metrics over each level (client - server: network and both "
-                      "HTTP stacks)"]
-        head = ["concurrency", "queue ms", "infer ms/call", "pre ms", "post ms", "server ms", "client ms",
+        lines += text_table(head, rows, left=(1,))
+        lines += ["", "server split, means from /metrics over each level (client - server: network and both sides' "
+                      "protocol stacks)"]
+        head = ["concurrency", "protocol", "queue ms", "infer ms/call", "pre ms", "post ms", "server ms", "client ms",
                 "client - server", "rows/call"]
         rows = []
         for x in self.levels:
             v, client = x.server or {}, x.latency_ms["mean"]
             server = v.get("request_ms")
-            rows.append([str(x.concurrency), *(_num(v.get(k)) for k in ("queue_ms", "inference_ms",
-                         "preprocess_ms", "postprocess_ms", "request_ms")), _num(client),
+            rows.append([str(x.concurrency), x.protocol, *(_num(v.get(k)) for k in (
+                         "queue_ms", "inference_ms", "preprocess_ms", "postprocess_ms", "request_ms")), _num(client),
                          _num(client - server if client is not None and server is not None else None),
                          _num(v.get("batch_size"))])
-        lines += text_table(head, rows, left=())
+        lines += text_table(head, rows, left=(1,))
         for x in self.levels:
+            at = f"concurrency {x.concurrency} over {x.protocol}"
             if x.errors:
-                lines.append(f"concurrency {x.concurrency}: {x.errors} errors, first: " + " | ".join(x.error_messages))
+                lines.append(f"{at}: {x.errors} errors, first: " + " | ".join(x.error_messages))
             if x.server_note:
-                lines.append(f"concurrency {x.concurrency}: {x.server_note}")
+                lines.append(f"{at}: {x.server_note}")
             if x.client_cores >= CORE_WARNING:
-                lines.append(f"concurrency {x.concurrency}: the load generator used {x.client_cores:.2f} of a core "
-                             "(its threads share one interpreter; a server in this process counts too): the client may be "
-                             "the bottleneck; run several compilers perf processes")
+                lines.append(f"{at}: the load generator used {x.client_cores:.2f} of a core (its threads share one "
+                             "interpreter; a server in this process counts too): the client may be the bottleneck; "
+                             "run several compilers perf processes")
         return "\n".join(lines)
 
 
@@ -459,17 +523,26 @@ def _num(v: float | None) -> str:
     return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def measure(url: str, model: str, *, version: str = "", protocol: str = "http",
-            concurrency: Sequence[int] = (1, 4, 16, 64), duration: float = 10.0, max_requests: int = 100_000,
-            warmup: float = 1.0, batch: int = 1, shapes: dict[str, list[int]] | None = None,
-            input_data: str | Path | None = None, metrics_url: str | None = None, timeout: float = 30.0,
-            seed: int = 0, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Perf:
-    """Load the server at `url` with each concurrency in turn (see the module's docstring); `metrics_url`
-    defaults to URL/metrics. InputError for settings out of range, a server that can't be reached, a model it
-    doesn't serve, inputs that don't fit, or a level where every request failed."""
-    if protocol not in PROTOCOLS:
-        raise InputError(f"--protocol {protocol} is not supported yet: compilers perf speaks "
-                         f"{', '.join(PROTOCOLS)} (the Open Inference Protocol over HTTP/REST)")
+def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str] = ("http",),
+            grpc_url: str | None = None, concurrency: Sequence[int] = (1, 4, 16, 64), duration: float = 10.0,
+            max_requests: int = 100_000, warmup: float = 1.0, batch: int = 1,
+            shapes: dict[str, list[int]] | None = None, input_data: str | Path | None = None,
+            metrics_url: str | None = None, timeout: float = 30.0, seed: int = 0,
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Perf:
+    """Load the server at `url` (HTTP; `grpc_url`, host:port, its gRPC address) with each concurrency in turn,
+    over each of `protocols` in turn (see the module's docstring); `metrics_url` defaults to URL/metrics.
+    InputError for settings out of range, a server that can't be reached, a model it doesn't serve, inputs that
+    don't fit, or a level where every request failed."""
+    protocols = list(dict.fromkeys(protocols))
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if not protocols or unknown:
+        raise InputError(f"--protocol takes {' or '.join(PROTOCOLS)} (both: http,grpc), not "
+                         f"{','.join(unknown) or 'nothing'}")
+    if "grpc" in protocols and not grpc_url:
+        raise InputError("--protocol grpc needs --grpc-url host:port, the server's gRPC address "
+                         "(`compilers serve --grpc-port P`); URL stays its HTTP address, for /metrics")
+    if grpc_url and "grpc" not in protocols:
+        raise InputError("--grpc-url is the address for --protocol grpc; add grpc to --protocol (e.g. http,grpc)")
     for flag, value, least in (("--duration", duration, 0), ("--warmup", warmup, -1e-9), ("--timeout", timeout, 0)):
         if not value > least or not math.isfinite(value):
             raise InputError(f"{flag} must be {'positive' if least == 0 else 'zero or more'}, not {value}")
@@ -479,35 +552,35 @@ def measure(url: str, model: str, *, version: str = "", protocol: str = "http",
         if value < 1:
             raise InputError(f"{flag} must be positive, not {value}")
     parsed = _parse_url(url)
+    addresses = {p: url if p == "http" else _grpc_address(grpc_url) for p in protocols}
     metrics_url = metrics_url or f"{parsed.scheme}://{parsed.netloc}/metrics"
-    connect = PROTOCOLS[protocol]
-    probe = connect(url, model, version, timeout)
+    probes: dict[str, Any] = {}
     try:
-        metadata = probe.metadata()
-    except OSError as e:
-        raise InputError(f"cannot reach a server at {url}: {brief(e)}; is `compilers serve` running there?") from None
-    except Exception as e:
-        what = f"model {model!r}" + (f" version {version}" if version else "")
-        raise InputError(f"{url} does not serve {what}: {' '.join(str(e).split())}") from None
-    inputs = Inputs(metadata, batch, shapes or {})
-    most = (metadata.get("parameters") or {}).get("max_batch_size")
-    if inputs.batched and isinstance(most, int) and most > 0 and batch > most:
-        raise InputError(f"--batch {batch} is more than model {model!r}'s max_batch_size, {most}")
-    entries = inputs.read(input_data) if input_data else [inputs.synthetic(seed)]
-    datatypes = {n: s["datatype"] for n, s in inputs.specs.items()}
-    try:
-        requests = [(probe.prepare(e, datatypes), inputs.rows(e)) for e in entries]
-    except Exception as e:
-        raise InputError(f"the inputs cannot be sent as the model's datatypes: {brief(e)}") from None
+        metadata = {}
+        for p in protocols:
+            probes[p] = PROTOCOLS[p](addresses[p], model, version, timeout)
+            metadata[p] = _metadata(probes[p], addresses[p], model, version)
+        meta = metadata.get("http") or metadata[protocols[0]]    # HTTP's has max_batch_size and the batch dim
+        inputs = Inputs(meta, batch, shapes or {})
+        most = (meta.get("parameters") or {}).get("max_batch_size")
+        if inputs.batched and isinstance(most, int) and most > 0 and batch > most:
+            raise InputError(f"--batch {batch} is more than model {model!r}'s max_batch_size, {most}")
+        entries = inputs.read(input_data) if input_data else [inputs.synthetic(seed)]
+        datatypes = {n: s["datatype"] for n, s in inputs.specs.items()}
+        try:
+            requests = {p: [(probes[p].prepare(e, datatypes), inputs.rows(e)) for e in entries] for p in protocols}
+        except Exception as e:
+            raise InputError(f"the inputs cannot be sent as the model's datatypes: {brief(e)}") from None
     finally:
-        probe.close()
+        for probe in probes.values():
+            probe.close()
     first = entries[0]
     described = {"source": f"{input_data} ({len(entries)} entries)" if input_data else f"synthetic (seed {seed})",
                  "entries": len(entries),
                  "tensors": [{"name": n, "datatype": datatypes[n], "shape": list(np.shape(x))} for n, x in first.items()]}
-    perf = Perf(url, model, version, protocol, {"duration": duration, "max_requests": max_requests,
-                                                "warmup": warmup, "batch": batch, "timeout": timeout,
-                                                "metrics_url": metrics_url}, described)
+    perf = Perf(url, model, version, addresses, {"duration": duration, "max_requests": max_requests,
+                                                 "warmup": warmup, "batch": batch, "timeout": timeout,
+                                                 "metrics_url": metrics_url}, described)
     notes: list[str] = []
 
     def snapshot():
@@ -518,55 +591,81 @@ def measure(url: str, model: str, *, version: str = "", protocol: str = "http",
             return None
 
     for n in concurrency:
-        log(f"concurrency {n}: {warmup:g} s warm-up, then {duration:g} s or {max_requests} requests...")
-        notes.clear()
-        level, before, after = run_level(n, lambda: connect(url, model, version, timeout), requests,
-                                         duration=duration, max_requests=max_requests, warmup=warmup,
-                                         timeout=timeout, snapshot=snapshot)
-        if before is not None and after is not None:
-            level.server = split(before, after)
-        level.server_note = notes[0] if notes else None
-        perf.levels.append(level)
-        if level.requests == 0 and level.errors:
-            raise InputError(f"every request failed at concurrency {n} ({level.errors}); the first: "
-                             f"{level.error_messages[0]}")
+        for p in protocols:           # interleaved: each concurrency over every protocol before the next
+            log(f"concurrency {n} over {p}: {warmup:g} s warm-up, then {duration:g} s or {max_requests} requests...")
+            notes.clear()
+            connect = functools.partial(PROTOCOLS[p], addresses[p], model, version, timeout)
+            level, before, after = run_level(n, connect, requests[p], duration=duration, max_requests=max_requests,
+                                             warmup=warmup, timeout=timeout, snapshot=snapshot)
+            level.protocol = p
+            if before is not None and after is not None:
+                level.server = split(before, after)
+            level.server_note = notes[0] if notes else None
+            perf.levels.append(level)
+            if level.requests == 0 and level.errors:
+                raise InputError(f"every request failed at concurrency {n} over {p} ({level.errors}); the first: "
+                                 f"{level.error_messages[0]}")
     return perf
 
 
+def _metadata(client: Any, address: str, model: str, version: str) -> dict[str, Any]:
+    """The model's metadata through a protocol's client; InputError for a server that can't be reached or that
+    doesn't serve the model."""
+    try:
+        return client.metadata()
+    except OSError as e:
+        raise InputError(f"cannot reach a server at {address}: {brief(e)}; is `compilers serve` running there?") \
+            from None
+    except Exception as e:
+        what = f"model {model!r}" + (f" version {version}" if version else "")
+        raise InputError(f"{address} does not serve {what}: {' '.join(str(e).split())}") from None
+
+
 def plot(perf: Perf, path: str | Path) -> Path:
-    """Throughput versus concurrency, and latency (p50, p90, p99) versus throughput, one point per level;
-    the format from the suffix (png, svg, pdf). Needs matplotlib (the `bench` extra)."""
+    """Versus concurrency, a colour per protocol: throughput (samples/s); client latency (p99 solid, p50 dashed);
+    and the server's split of a request's mean (client solid, in the server dashed, of it queued dotted). The
+    format from the suffix (png, svg, pdf). Needs matplotlib (the `bench` extra)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install 'compilers[bench]'") from None
     path = Path(path)
-    levels = [x for x in perf.levels if x.requests]
-    fig, (thr, lat) = plt.subplots(1, 2, figsize=(12, 4.8))
-    xs = [x.concurrency for x in levels]
-    thr.plot(xs, [x.samples_per_second for x in levels], marker="o")
-    thr.set_xscale("log", base=2)
-    thr.set_xticks(xs, [str(c) for c in xs])
-    thr.set_xlabel("concurrency (requests in flight)")
-    thr.set_title("throughput, samples/s", fontsize="medium")
-    speed = [x.samples_per_second for x in levels]
-    for p, style in ((50, "-"), (90, "--"), (99, ":")):
-        lat.plot(speed, [x.latency_ms[f"p{p}"] for x in levels], marker="o", linestyle=style, label=f"p{p}")
-    for x in levels:
-        lat.annotate(str(x.concurrency), (x.samples_per_second, x.latency_ms["p50"]), textcoords="offset points",
-                     xytext=(4, -10), fontsize="x-small")
-    lat.set_xlabel("throughput, samples/s")
-    lat.set_title("client latency, ms (points labelled by concurrency)", fontsize="medium")
-    lat.legend(fontsize="small")
-    for ax in (thr, lat):
+    fig, (thr, lat, server) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for protocol in perf.protocols:
+        levels = [x for x in perf.levels if x.protocol == protocol and x.requests]
+        xs = [x.concurrency for x in levels]
+        line, = thr.plot(xs, [x.samples_per_second for x in levels], marker="o", label=protocol)
+        lat.plot(xs, [x.latency_ms["p99"] for x in levels], marker="o", color=line.get_color(),
+                 label=f"{protocol} p99")
+        lat.plot(xs, [x.latency_ms["p50"] for x in levels], marker=".", linestyle="--", color=line.get_color(),
+                 label=f"{protocol} p50")
+        server.plot(xs, [x.latency_ms["mean"] for x in levels], marker="o", color=line.get_color(),
+                    label=f"{protocol} client")
+        for key, style in (("request_ms", "--"), ("queue_ms", ":")):
+            split_at = [(x.concurrency, x.server[key]) for x in levels if x.server and x.server[key] is not None]
+            server.plot([c for c, _ in split_at], [v for _, v in split_at], marker=".", linestyle=style,
+                        color=line.get_color(), label=f"{protocol} {'server' if key == 'request_ms' else 'queued'}")
+    ticks = sorted({x.concurrency for x in perf.levels})
+    for ax in (thr, lat, server):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(c) for c in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("concurrency (requests in flight)")
+        ax.set_ylim(bottom=0)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"{perf.model} at {perf.url}, batch {perf.settings['batch']}", fontsize="medium")
+        ax.legend(fontsize="small")
+    thr.set_title("throughput, samples/s", fontsize="medium")
+    lat.set_title("client latency, ms: p99 (solid), p50 (dashed)", fontsize="medium")
+    server.set_title("mean ms: client, in the server, queued", fontsize="medium")
+    fig.suptitle(f"compilers perf: {perf.model} over {' and '.join(perf.protocols)}, batch {perf.settings['batch']}, "
+                 f"{perf.settings['duration']:g} s per level", fontsize="medium")
     fig.tight_layout()
     try:
         with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=110)
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
     return path

@@ -19,13 +19,11 @@ from .limits import Limits
 from .repository import Repository
 from .service import ModelService
 
-DRAIN_SECONDS = 30
-
 
 def _config(app, host: str, port: int, log_level: str, limits: Limits) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, http=protocol(limits), timeout_keep_alive=limits.idle_timeout,
                           log_level=log_level, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=DRAIN_SECONDS)
+                          timeout_graceful_shutdown=limits.drain_timeout)
 
 
 def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", port: int = 8000, *,
@@ -84,4 +82,4 @@ def running(repository: str | Repository | ModelService, host: str = "127.0.0.1"
         yield Running(server, app.state.service, app.state.grpc_port)
     finally:
         server.should_exit = True
-        thread.join(DRAIN_SECONDS + 10)
+        thread.join(limits.drain_timeout + 10)

@@ -35,7 +35,8 @@ from .batcher import Batcher, Batching, BatchStats, QueueFull
 from .handlers import Handler, HandlerError, context_of
 from .metrics import Metrics
 from .protocol import check_outputs, flat_inputs
-from .repository import ModelEntry, Repository, choose_version
+from .repository import ModelEntry, Repository, Versions, choose_version
+from .statistics import Statistics
 
 log = logging.getLogger("compilers")
 UNLOADED = "unloaded"      # a model's reason after an explicit unload: it does not hold readiness back
@@ -73,6 +74,7 @@ class Version:
     stop: Callable[[], Awaitable[None]]          # stop taking requests, finish the ones held
     steps: Steps | None = None                   # a pipeline's pre-processing and labels, run around `infer`
     handler: Handler | None = None               # the model's own code (serve --handlers), around all of it
+    statistics: Statistics = field(default_factory=Statistics, init=False)    # Triton's, since it loaded
     holding: int = field(default=0, init=False)  # requests being pre-processed for this version (`hold`)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
@@ -159,6 +161,7 @@ class Model:
     versions: dict[int, Version] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
     reason: str = ""                       # why the last load failed, or why nothing is loaded
+    policy: Versions = field(default_factory=Versions)     # serving.toml [versions] of the versions serving
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -240,7 +243,10 @@ class ModelService:
                 if not entry.live:
                     raise ConfigError("; ".join(entry.problems) or f"model {name!r} has no version to serve")
                 for number in entry.live:
-                    fresh.append(await self.engines.open(self.repository, entry, number, self._observer(name, number)))
+                    statistics = Statistics()
+                    fresh.append(await self.engines.open(self.repository, entry, number,
+                                                         self._observer(name, number, statistics)))
+                    fresh[-1].statistics = statistics
             except BaseException as e:             # cancelled too: what it opened must not outlive it
                 await self._retire(model, fresh)
                 fresh.clear()                      # a traceback holding this frame must not hold the engines
@@ -255,6 +261,7 @@ class ModelService:
             old = list(model.versions.values())
             model.versions = {v.number: v for v in fresh}
             model.weights = {v: w for v, w in entry.weights.items() if w > 0}
+            model.policy = entry.config.versions
             model.reason = ""
             for v in fresh:
                 self.metrics.loaded.labels(name, str(v.number)).set(1)
@@ -291,7 +298,8 @@ class ModelService:
     async def _retire(self, model: Model, versions: list[Version]) -> None:
         await asyncio.gather(*(v.retire() for v in versions))
 
-    def _observer(self, model: str, version: int):
+    def _observer(self, model: str, version: int, statistics: Statistics) -> Callable[[BatchStats], None]:
+        """The batch hook of a version: each engine call into its Prometheus metrics and its Triton statistics."""
         labels = (model, str(version))
         batch, queue, infer = (self.metrics.batch_size.labels(*labels), self.metrics.queue_seconds.labels(*labels),
                                self.metrics.inference_seconds.labels(*labels))
@@ -301,6 +309,7 @@ class ModelService:
             infer.observe(stats.infer_seconds)
             for waited in stats.queue_seconds:
                 queue.observe(waited)
+            statistics.batch(stats)
         return observe
 
     # -- lookups ----------------------------------------------------------------------------------------
@@ -350,6 +359,7 @@ class ModelService:
             version = next(iter(weights)) if len(weights) == 1 else choose_version(weights, self.rng)
         served = self.version(name, version)
         labels = (name, str(served.number))
+        started = time.perf_counter()
         try:
             check_outputs(outputs, served.outputs)
             flat = flat_inputs(inputs, served.inputs)
@@ -364,10 +374,15 @@ class ModelService:
         except QueueFull:
             self.metrics.requests.labels(*labels, "rejected").inc()
             raise
+        except asyncio.CancelledError:             # its client left, or its deadline passed: Triton's CANCELED
+            served.statistics.fail.add(time.perf_counter() - started)
+            raise
         except Exception:
             self.metrics.requests.labels(*labels, "failed").inc()
+            served.statistics.fail.add(time.perf_counter() - started)
             raise
         self.metrics.requests.labels(*labels, "ok").inc()
+        served.statistics.success.add(time.perf_counter() - started)
         return served, outputs
 
     async def _stages(self, name: str, served: Version, flat: list[np.ndarray]) -> list[np.ndarray]:
@@ -379,7 +394,7 @@ class ModelService:
             started = time.perf_counter()
             named = dict(zip((s.name for s in served.inputs), flat))
             named = await asyncio.to_thread(served.handler.preprocess, named)
-            self.metrics.preprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+            self._stage(labels, served, "pre", time.perf_counter() - started)
             try:
                 flat = flat_inputs(named, served.own_inputs)
             except InputError as e:
@@ -396,7 +411,7 @@ class ModelService:
             if missing:
                 raise HandlerError(f"the model's handler's postprocess returned no {', '.join(missing)}")
             outputs = [named[s.name] for s in served.outputs]
-            self.metrics.postprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+            self._stage(labels, served, "post", time.perf_counter() - started)
         return outputs
 
     async def _pipeline(self, labels: tuple[str, str], served: Version, flat: list[np.ndarray]) -> list[np.ndarray]:
@@ -410,9 +425,19 @@ class ModelService:
             tensors = served.steps.arrays(items)
         else:
             tensors = await asyncio.to_thread(served.steps.arrays, items)
-        self.metrics.preprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+        self._stage(labels, served, "pre", time.perf_counter() - started)
         outputs = await served.infer([tensors[n] for n in served.steps.pre.tensor_names])
         started = time.perf_counter()
         outputs = served.steps.answer(served.signature, outputs)
-        self.metrics.postprocess_seconds.labels(*labels).observe(time.perf_counter() - started)
+        self._stage(labels, served, "post", time.perf_counter() - started)
         return outputs
+
+    def _stage(self, labels: tuple[str, str], served: Version, stage: str, seconds: float) -> None:
+        """A request's own pre- or post-processing ("pre", "post") took `seconds`: into the Prometheus histogram
+        and the version's statistics (compute_input, compute_output)."""
+        if stage == "pre":
+            self.metrics.preprocess_seconds.labels(*labels).observe(seconds)
+            served.statistics.pre(seconds)
+        else:
+            self.metrics.postprocess_seconds.labels(*labels).observe(seconds)
+            served.statistics.post(seconds)

@@ -15,7 +15,7 @@ from ...artifact import manifest_records, verify
 from ...backends import get_backend
 from ...errors import ArtifactError, BackendUnavailable, ConfigError, InputError, TargetError
 from ...files import remove, staging_dir, swapped_in
-from ...serve.protocol import datatype
+from ...serve.model_config import config_datatype, config_dims, dynamic_batching, version_policy
 from ...serve.repository import CONFIG, ServingConfig, read_config, read_config_file, version_number
 from ...settings import parse, runtime_options
 from ...signature import Signature, TensorSpec
@@ -101,16 +101,14 @@ def triton_model(artifact: str | os.PathLike, name: str, serving: ServingConfig 
             else:      # batch-only tensor: the API shape is [batch, 1] (Triton's documented `reshape` use)
                 io.dims.append(1)
                 io.reshape.SetInParent()
+    from google.protobuf import json_format, text_format
     if max_batch > 1:
-        b = serving.batching
-        config.dynamic_batching.max_queue_delay_microseconds = round(b.max_queue_delay_ms * 1000)
-        config.dynamic_batching.preferred_batch_size.extend(n for n in b.preferred_batch_sizes if n <= max_batch)
-        config.dynamic_batching.default_queue_policy.max_queue_size = b.queue_size
-        if b.pad:
-            notes.append(f"[batching.pad] ({', '.join(b.pad)}) has no Triton equivalent: the dynamic batcher joins "
-                         "only requests whose dims match apart from the batch dim")
+        json_format.ParseDict(dynamic_batching(serving.batching, max_batch), config.dynamic_batching)
+        if serving.batching.pad:
+            notes.append(f"[batching.pad] ({', '.join(serving.batching.pad)}) has no Triton equivalent: the dynamic "
+                         "batcher joins only requests whose dims match apart from the batch dim")
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=serving.batching.instances)
-    _version_policy(config, serving)
+    json_format.ParseDict(version_policy(serving.versions), config.version_policy)
     if serving.traffic:
         notes.append("[traffic] (a canary split) has no Triton equivalent: a request without a version goes to the "
                      "newest live version")
@@ -120,7 +118,6 @@ def triton_model(artifact: str | os.PathLike, name: str, serving: ServingConfig 
     backend.configure(export)
 
     header = _header(name, path, target, manifest, signature, config, serving_source, version, notes)
-    from google.protobuf import text_format
     text = header + text_format.MessageToString(config)
     if text_format.Parse(text, pb.ModelConfig()) != config:      # the header must stay comments only
         raise AssertionError("config.pbtxt does not parse back to the config it was written from")
@@ -173,7 +170,7 @@ def export_triton(artifact: str | os.PathLike, version_dir: str | os.PathLike,
 # -- config ---------------------------------------------------------------------------------------------
 
 def _data_type(pb: Any, spec: TensorSpec, backend: TritonBackend, path: Path) -> int:
-    name = "TYPE_" + datatype(spec)
+    name = config_datatype(spec)
     if name not in backend.types:
         raise ArtifactError(f"{path}: tensor {spec.name!r} is {str(spec.dtype).removeprefix('torch.')}, which the "
                             f"Triton {backend.name} backend does not take ({', '.join(sorted(backend.types))}); "
@@ -188,8 +185,7 @@ def _dims(spec: TensorSpec, max_batch: int, path: Path) -> list[int]:
     if 0 in spec.shape:
         raise ArtifactError(f"{path}: tensor {spec.name!r} has shape {tuple(spec.shape)}; Triton dims must be >= 1 "
                             "or -1 (variable), never 0")
-    shape = spec.shape[1:] if max_batch > 0 else spec.shape
-    return [d if isinstance(d, int) else -1 for d in shape]
+    return config_dims(spec.shape, max_batch > 0)
 
 
 def _max_batch_size(signature: Signature, serving: ServingConfig, notes: list[str]) -> int:
@@ -260,16 +256,6 @@ def _settings(target: Target, serving: ServingConfig, source: str) -> Any:
                      f"{source} [engine]", error=ConfigError)
     except TargetError as e:
         raise ConfigError(str(e)) from None
-
-
-def _version_policy(config: Any, serving: ServingConfig) -> None:
-    v = serving.versions
-    if v.policy == "latest":
-        config.version_policy.latest.num_versions = v.latest
-    elif v.policy == "all":
-        config.version_policy.all.SetInParent()
-    else:
-        config.version_policy.specific.versions.extend(v.specific)
 
 
 # -- serving config and header ---------------------------------------------------------------------------
