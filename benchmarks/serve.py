@@ -76,9 +76,10 @@ class Server:
 
 
 def load(url: str, model: str, requests: list[list], max_requests: int, seconds: float,
-         during=None) -> dict:
+         during=None, answered=None) -> dict:
     """CLIENTS concurrent clients, each sending its share of `requests` (prebuilt InferInputs) one at a time,
-    until `max_requests` are sent or `seconds` have passed. `during(client)` runs alongside (reloads)."""
+    until `max_requests` are sent or `seconds` have passed. `during(client)` runs alongside (reloads);
+    `answered(k, result)` sees each answer to `requests[k % len(requests)]` (to check it)."""
     client = triton.InferenceServerClient(url, concurrency=CLIENTS + 1, network_timeout=120)
     latencies, failures, versions = [], [], collections.Counter()
     stop = time.perf_counter() + seconds
@@ -95,6 +96,8 @@ def load(url: str, model: str, requests: list[list], max_requests: int, seconds:
                 continue
             latencies.append(time.perf_counter() - t0)
             versions[result.get_response()["model_version"]] += 1
+            if answered is not None:
+                answered(k, result)
     t0 = time.perf_counter()
     tasks = [gevent.spawn(worker, i) for i in range(CLIENTS)]
     if during is not None:

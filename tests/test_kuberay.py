@@ -258,6 +258,13 @@ def test_ports_autoscaling_and_head(manifest, serve_config):
         assert group["maxReplicas"] > group["minReplicas"], "the autoscaler would have no room to add workers"
 
 
+def test_every_pod_runs_serve_in_the_high_throughput_mode_the_local_instances_use(manifest):
+    from compilers.serve.ray import THROUGHPUT
+    for group, pod in pods(manifest):
+        env = {e["name"]: e.get("value") for e in pod["containers"][0].get("env", [])}
+        assert THROUGHPUT.items() <= env.items(), (group, env)
+
+
 def test_the_image_is_the_dockerfiles_and_its_ray_is_rayversion(manifest):
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     base = re.search(r"^FROM\s+rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-cpu\s*$", dockerfile, re.M)

@@ -74,8 +74,8 @@ class BatchStats:
 
 class Combiner:
     """What may share an engine call and how: a request's rows and compatibility key, and one call over a group
-    of compatible requests (concatenated, padded where declared, outputs split and trimmed back). Shared by the
-    asyncio Batcher here and by the Ray Serve replicas' `@serve.batch` (serve/ray.py)."""
+    of compatible requests (concatenated, padded where declared, outputs split and trimmed back), for the Batcher
+    (in `compilers serve`, and in the ingress on Ray Serve)."""
 
     def __init__(self, signature: Signature, config: Batching, check: Callable[[list[np.ndarray]], None] | None = None):
         self.signature = signature

@@ -1,17 +1,26 @@
 """The model repository on Ray Serve: the same Open Inference Protocol app as `compilers serve` (app.py over
-a ModelService), with the versions running in Ray Serve replicas instead of the server's process.
+a ModelService), with the versions' engines running in Ray Serve replicas instead of the server's process.
 
+- One ingress deployment, `compilers`, runs the HTTP app. Its ModelService batches each version's requests with
+  the Batcher of `compilers serve` (`[batching]`: max_batch_size, max_queue_delay_ms, padding, queue_size), so
+  routing, the traffic split, errors, batching, /metrics and Triton's statistics are the ones `compilers serve`
+  has. An engine call is one call of the version's deployment with the whole batch (`RayEngines`).
 - One deployment per live model version, `<model>-v<version>`. Each replica loads the artifact itself from the
   repository path (a volume every node mounts on a cluster; no engine is pickled), with serving.toml's
-  `[engine]` options, and batches with Ray Serve's own `@serve.batch`: `max_batch_size` and
-  `max_queue_delay_ms` from `[batching]`. Inside a batch, requests share engine calls exactly as in
-  `compilers serve` (the same Combiner: compatible shapes, declared padding, at most max_batch_size rows).
+  `[engine]` options, and runs the batches it is sent one at a time; it holds BATCHES_PER_REPLICA (the next
+  one waits there, so the engine never waits for the ingress). The ingress keeps that many batches in flight
+  per replica it may have.
 - Replicas per version from `[replicas]`: a fixed count, or Ray Serve's autoscaling between min and max on
-  `target_ongoing_requests`.
-- One ingress deployment, `compilers`, runs the HTTP app. Its ModelService reaches the versions through
-  deployment handles (`RayEngines`), so routing, the traffic split, errors and /metrics are the ones
-  `compilers serve` has. The batch sizes the replicas ran come back with the answers and land in the
-  ingress's `compilers_batch_size` histogram. A replica that dies mid-request is answered 503 (retry).
+  `target_ongoing_requests` (batches in flight per replica). A replica that dies mid-call fails the requests of
+  its batch with 503 (retry); Ray Serve starts another.
+- Ray instances started here (`running`, `compilers serve --ray` without --address) use Ray Serve's
+  high-throughput mode (`THROUGHPUT`); a cluster sets it in its pods (deploy/kuberay/rayservice.yaml).
+
+Why this shape (benchmarks/serve_ray.py, profiled with py-spy; benchmarks/README.md has the figures): with
+Ray Serve's `@serve.batch` in the replicas, each request crossed Ray's Python HTTP proxy, the ingress and a
+handle's router on its own, ~10 ms of CPU per request outside the engine on a 2-core box, and requests reached
+the replica one or two at a time. Batching in the ingress makes one replica call per batch; HAProxy with direct
+ingress removes the proxy actor's per-request calls.
 
 On Ray the versions are the application's: the repository's load re-reads serving.toml (traffic, which
 deployed versions are live) but a version without a deployment needs a redeploy (`compilers serve --ray`
@@ -25,7 +34,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -34,11 +44,11 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from ..artifact import manifest_records, read_manifest
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..pipeline import CompiledPipeline
 from ..runtime import CALL_OPTIONS, check_finite, nonfinite_refused
 from .app import create_app
-from .batcher import BatchStats, Combiner
+from .batcher import Batcher, BatchStats
 from .repository import ModelEntry, Repository
 from .server import free_port
 from .service import ModelService, Unavailable, Version
@@ -47,6 +57,14 @@ log = logging.getLogger("compilers")
 
 INGRESS = "compilers"
 INGRESS_CONCURRENCY = 2048
+# Ray Serve's high-throughput mode (Ray 2.55 and later), for the Ray instances this module starts: HAProxy takes the
+# HTTP port and hands requests straight to the ingress replica's own HTTP server ("direct ingress"), instead of
+# Ray's Python proxy actor, which calls the ingress for each request and is called back for its body; replicas
+# talk gRPC, and the router and user code run in each replica's own event loop. Set before Ray starts (a cluster's
+# pods need them in their environment: deploy/kuberay/rayservice.yaml); a value already set is kept.
+THROUGHPUT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+QUICK_STOP = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+BATCHES_PER_REPLICA = 2      # batches a replica holds: one running, the next one waiting
 _RETRIABLE: tuple[type[BaseException], ...] = (RayActorError,)
 try:                                   # names that moved between Ray releases
     from ray.exceptions import ActorUnavailableError
@@ -61,7 +79,8 @@ def deployment_name(model: str, version: int) -> str:
 
 
 class VersionReplica:
-    """A Ray Serve replica of one model version: loads the artifact and answers batches of requests."""
+    """A Ray Serve replica of one model version: loads the artifact and runs the batches the ingress sends it, one
+    at a time (the engine uses the replica's CPUs for each; replicas are the parallelism)."""
 
     def __init__(self, repository: str, model: str, version: int):
         repo = Repository(repository)
@@ -69,50 +88,19 @@ class VersionReplica:
         loaded = repo.load_version(model, version, options=entry.config.engine)
         # a pipeline's tensor model: RayEngines.open refuses pipelines (the ingress does not pre-process yet)
         self.model = loaded.model if isinstance(loaded, CompiledPipeline) else loaded
-        self.combiner = Combiner(self.model.signature, entry.config.batching, self.model.check_inputs)
-        if self.combiner.alone:
-            log.warning("model %s version %s: %s", model, version, self.combiner.alone)
-        self.infer.set_max_batch_size(entry.config.batching.max_batch_size)
-        self.infer.set_batch_wait_timeout_s(entry.config.batching.max_queue_delay_ms / 1e3)
+        self.engine = asyncio.Lock()
         self.replica = serve.get_replica_context().replica_id.unique_id
 
-    async def __call__(self, flat: list[np.ndarray]) -> tuple[list[np.ndarray], dict | None]:
-        result = await self.infer(flat)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    @serve.batch
-    async def infer(self, requests: list[list[np.ndarray]]) -> list[Any]:
-        """Requests (flat inputs) -> (outputs, stats of the engine call for the first request of each call,
-        else None), or the request's own error."""
-        results: list[Any] = [None] * len(requests)
-        admitted = {}
-        for i, flat in enumerate(requests):
-            try:
-                admitted[i] = self.combiner.admit(flat)
-            except InputError as e:
-                results[i] = e
-        order = sorted(admitted)
-        for call in self.combiner.groups([(admitted[i][2], admitted[i][1]) for i in order]):
-            members = [order[k] for k in call]
-            group = [(admitted[i][0], admitted[i][1], admitted[i][3]) for i in members]
-            started = time.perf_counter()
-            try:
-                outputs = await asyncio.to_thread(self.combiner.call, self.model.run_flat, group)
-            except Exception as e:        # the engine failed: each request of the call gets the error
-                for i in members:
-                    results[i] = e
-                continue
-            stats = {"rows": sum(rows for _, rows, _ in group), "requests": len(group),
-                     "infer_seconds": time.perf_counter() - started, "replica": self.replica}
-            for n, i in enumerate(members):
-                results[i] = (outputs[n], stats if n == 0 else None)
-        return results
+    async def __call__(self, flat: list[np.ndarray]) -> tuple[list[np.ndarray], str]:
+        """A whole batch (flat inputs, already checked and combined by the ingress) -> its outputs, and which
+        replica ran it."""
+        async with self.engine:
+            return await asyncio.to_thread(self.model.run_flat, flat), self.replica
 
 
 class RayEngines:
-    """ModelService's engines seam on Ray Serve: a version is its deployment's handle."""
+    """ModelService's engines seam on Ray Serve: each version has the ingress's own dynamic Batcher, as in
+    `compilers serve`, whose engine call is a call of the version's deployment with the whole batch."""
 
     def __init__(self, handles: Mapping[str, Any]):
         self.handles = dict(handles)
@@ -135,26 +123,31 @@ class RayEngines:
         target = target.with_(**{k: v for k, v in entry.config.engine.items() if k in CALL_OPTIONS})
         refused = nonfinite_refused(signature, target, report.validation)
 
-        def check(flat: list[np.ndarray]) -> None:
+        def check(flat: list[np.ndarray]) -> None:     # each request, in the ingress, before it is queued
             signature.check(flat)
             check_finite(flat, refused, signature, target)
-        combiner = Combiner(signature, entry.config.batching, check)
 
-        async def infer(flat: list[np.ndarray]) -> list[np.ndarray]:
-            combiner.admit(flat)                      # a bad request is refused here (400), not in a replica
+        loop = asyncio.get_running_loop()       # a handle is called from its event loop (Ray's router may run in it)
+
+        async def call(flat: list[np.ndarray]) -> list[np.ndarray]:
+            outputs, _ = await handle.remote(flat)
+            return outputs
+
+        def run(flat: list[np.ndarray]) -> list[np.ndarray]:      # one batch, in a batcher worker thread
             try:
-                outputs, stats = await handle.remote(flat)
+                return asyncio.run_coroutine_threadsafe(call(flat), loop).result()
             except _RETRIABLE as e:
                 raise Unavailable(f"model {entry.name!r} version {number}: its replica failed ({type(e).__name__}); "
                                   f"retry") from None
-            if stats is not None:
-                observe(BatchStats(stats["rows"], stats["requests"], (), stats["infer_seconds"]))
-            return outputs
 
-        async def stop() -> None:                     # Ray Serve owns the replicas' life cycle
-            return None
-
-        return Version(number, signature, target, entry.config.batching, infer, stop)
+        batching = entry.config.batching
+        # batches in flight: BATCHES_PER_REPLICA for each replica there may be (one running, the next waiting)
+        workers = BATCHES_PER_REPLICA * entry.config.replicas.max
+        batcher = Batcher(run, signature, replace(batching, instances=workers), on_batch=observe, check=check)
+        if batcher.combiner.alone:
+            log.warning("model %s version %s: %s", entry.name, number, batcher.combiner.alone)
+        await batcher.start()
+        return Version(number, signature, target, batching, batcher.infer, batcher.stop)
 
 
 @serve.ingress()
@@ -183,12 +176,11 @@ def build(args: Mapping[str, Any]) -> Any:
         except ConfigError as e:
             log.error("model %s is not deployed: %s", name, e)
             continue
-        r, batching = entry.config.replicas, entry.config.batching
+        r = entry.config.replicas
         for number in entry.live:
             options: dict[str, Any] = {
                 "name": deployment_name(name, number), "ray_actor_options": {"num_cpus": r.cpus},
-                "max_ongoing_requests": max(4 * batching.max_batch_size, 16),
-                "max_queued_requests": batching.queue_size}
+                "max_ongoing_requests": BATCHES_PER_REPLICA}
             if r.min == r.max:
                 options["num_replicas"] = r.max
             else:
@@ -203,6 +195,13 @@ def build(args: Mapping[str, Any]) -> Any:
     return ingress.bind(str(repo.path), handles)
 
 
+def _environment(values: Mapping[str, str]) -> None:
+    """Settings for the processes of a local Ray instance, before it starts (they inherit this environment);
+    a value already set is kept."""
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+
+
 @contextlib.contextmanager
 def running(repository: str | Path, host: str = "127.0.0.1", port: int = 0, *,
             num_cpus: int | None = None) -> Iterator[int]:
@@ -210,6 +209,8 @@ def running(repository: str | Path, host: str = "127.0.0.1", port: int = 0, *,
     notebooks, benchmarks); yields the HTTP port (port 0: a free one). Serve and Ray stop after it."""
     import ray
     port = port or free_port(host)
+    # no 30 s drain of the ingress on stop for an outer load balancer: there is none but HAProxy
+    _environment({**THROUGHPUT, **QUICK_STOP})
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port})
@@ -224,6 +225,8 @@ def serve_on_ray(repository: str, host: str = "127.0.0.1", port: int = 8000, add
     """Run the repository's application on Ray (a new local instance, or the cluster at `address`) until
     interrupted."""
     import ray
+    if address is None:
+        _environment(THROUGHPUT)
     ray.init(address=address, ignore_reinit_error=True)
     try:
         serve.start(http_options={"host": host, "port": port})

@@ -51,7 +51,7 @@ class Replicas:
 
     min: int = option(1, "replicas at least", minimum=0)
     max: int = option(1, "replicas at most", minimum=1)
-    target_ongoing_requests: float = option(2.0, "autoscaling aims at this many requests in flight per replica",
+    target_ongoing_requests: float = option(2.0, "autoscaling aims at this many batches in flight per replica",
                                             minimum=0.01)
     cpus: float = option(1.0, "CPUs Ray reserves for each replica", minimum=0)
 
