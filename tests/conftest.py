@@ -116,3 +116,16 @@ def mlp():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     return compilers.compile(model, "ort-cpu", (torch.randn(4, 6),))
+
+
+@pytest.fixture()
+def clients(server):
+    """(tritonclient.grpc, tritonclient.http) clients of the module's `server` fixture (a `running` server with a
+    gRPC port), closed after the test."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    g = tg.InferenceServerClient(f"{server.host}:{server.grpc_port}")
+    h = th.InferenceServerClient(f"{server.host}:{server.port}", network_timeout=60)
+    yield g, h
+    g.close()
+    h.close()

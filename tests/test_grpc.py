@@ -52,15 +52,6 @@ def server(repo):
 
 
 @pytest.fixture()
-def clients(server):
-    g = tg.InferenceServerClient(f"{server.host}:{server.grpc_port}")
-    h = th.InferenceServerClient(f"{server.host}:{server.port}", network_timeout=60)
-    yield g, h
-    g.close()
-    h.close()
-
-
-@pytest.fixture()
 def stub(server):
     with grpc.insecure_channel(f"{server.host}:{server.grpc_port}") as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)

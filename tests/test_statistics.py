@@ -49,15 +49,6 @@ def server(repo):
         yield s
 
 
-@pytest.fixture()
-def clients(server):
-    g = tg.InferenceServerClient(f"{server.host}:{server.grpc_port}")
-    h = th.InferenceServerClient(f"{server.host}:{server.port}", network_timeout=60)
-    yield g, h
-    g.close()
-    h.close()
-
-
 def infer(server, i: int, rows: int, model: str = "mlp", width: int = 6, **kw) -> np.ndarray:
     """One request of `rows` rows of `width` (the MLP takes 6), over HTTP for even i and gRPC for odd i, with its
     own client."""
