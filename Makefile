@@ -9,7 +9,7 @@ TORCH   := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,test,demo,bench,serve,ray,pipeline,grpc]' $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[cpu,test,demo,bench,serve,ray,pipeline,grpc,optimize]' $(TORCH)
 	rm -f .venv/.installed-*; touch $@
 
 demo: $(STAMP)

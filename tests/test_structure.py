@@ -31,6 +31,7 @@ LAYERS = [
     {"cache", "request"},
     {"bench"},
     {"select"},
+    {"optimize"},
     {"api"},
     {"plot"},
     {"serve"},

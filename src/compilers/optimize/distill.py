@@ -1,0 +1,428 @@
+"""Knowledge distillation (issue 22): train a smaller student to reproduce a teacher's outputs on data the user
+already has (the calibration samples: no labels needed), so a pruned or narrower model gets its accuracy back.
+
+`distill(teacher, student, data, ...)` deep-copies the student and trains the copy; the teacher runs in eval mode
+under `no_grad` and is left exactly as it was. Outputs are matched leaf by leaf (tensors, tuples, dicts, nested,
+as compile takes them): the student must return the same structure with the same shapes, and the per-leaf
+losses are summed. With `loss="auto"` each floating-point leaf gets, from the teacher's output on the first batch:
+
+  * "kl" (logits): a leaf named like `logits`, or an unnamed 2-D (batch, classes) output whose rows are not unit
+    vectors: KL divergence between the softened distributions softmax(z / T), scaled by T² (Hinton et al., 2015),
+    the class dim being the last;
+  * "cosine" (normalised embeddings): a leaf whose rows along the last dim all have L2 norm 1: mean of 1 - cos;
+  * "mse" (hidden states, un-normalised embeddings, regression outputs): any other leaf, named ones such as
+    `last_hidden_state` and `pooler_output` included.
+
+Integer and bool leaves (argmax indices, masks) must match in structure but are not trained on. `loss` may also
+name one kind for every leaf, or be a callable `fn(student_output, teacher_output, labels) -> scalar tensor`
+that is the whole objective. With `labels` (class indices, one per row of the data) the objective becomes
+`alpha * distillation + (1 - alpha) * cross_entropy(student logits, labels)` on the one "kl" leaf.
+
+Data: an iterable of items shaped like compile's example_inputs and calibration samples (a tuple of positional
+arguments, a dict of keyword arguments, or one tensor; a DataLoader's list is read as the tuple it was). When
+the items agree in structure and in every tensor's shape but dim 0 (the batch), their rows are pooled and each
+epoch draws `batch_size` rows at a time in a seeded random order; otherwise (e.g. token batches padded to
+different lengths) each item stays one batch and only their order is shuffled.
+
+Training is bounded (epochs, steps and/or seconds: at least one; the first reached stops it), deterministic for
+a seed when bounded by epochs or steps (`torch.manual_seed` inside a forked RNG, a seeded generator for the
+order, one thread by default, so the weights do not depend on the core count), quiet unless on a terminal.
+The report gives the objective on a fixed probe (the first rows of the data, up to 256, student in eval mode;
+not held out: it measures how well the student fits the teacher there) before and after training.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils import _pytree as pytree
+
+from ..calibration import _guarded
+from ..capture import _flatten_with_path, _path_name
+from ..errors import CompilerError, InputError, brief
+from ..progress import track
+from ..signature import as_call
+from ..state import restore_modes, train_modes
+
+KINDS = ("kl", "mse", "cosine")
+#: rows of the data the report's before/after objective is measured on
+PROBE_ROWS = 256
+#: how close to 1 every row's L2 norm must be for "auto" to read an output as normalised embeddings
+UNIT_NORM_TOLERANCE = 1e-3
+
+Loss = Callable[[Any, Any, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DistillReport:
+    """What a distillation did. `loss_start` / `loss_end`: the objective (labels' term included when given) on
+    the probe, the first `probe_rows` rows of the data, with the student in eval mode."""
+
+    steps: int
+    epochs: float               # passes over the data, fractional when stopped inside one
+    seconds: float              # training time, the two probe measurements not counted
+    stopped_by: str             # "epochs", "steps" or "seconds": the bound that ended training
+    losses: dict[str, str]      # output leaf -> "kl" | "mse" | "cosine" | "ignored" ({} for a callable loss)
+    labels: bool
+    batching: str               # how batches were drawn from the data
+    loss_start: float
+    loss_end: float
+    probe_rows: int
+    seed: int
+
+    def __str__(self) -> str:
+        kinds = ", ".join(f"{k} {v}" for k, v in self.losses.items()) or "custom loss"
+        return (f"distilled {self.steps} steps ({self.epochs:.2f} epochs, {self.seconds:.1f} s, stopped by "
+                f"{self.stopped_by}); {kinds}{' + cross-entropy on labels' if self.labels else ''}; objective on "
+                f"{self.probe_rows} probe rows {self.loss_start:.4g} -> {self.loss_end:.4g}")
+
+
+@dataclass(frozen=True)
+class Distilled:
+    """The trained student (a copy of the one passed, in eval mode) and what training did."""
+
+    model: nn.Module
+    report: DistillReport
+
+
+def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, labels: Any = None,
+            loss: str | Loss = "auto", temperature: float = 2.0, alpha: float = 0.5,
+            epochs: int | None = None, max_steps: int | None = None, max_seconds: float | None = None,
+            batch_size: int = 32, lr: float = 1e-3, seed: int = 0, threads: int | None = 1,
+            progress: bool = True) -> Distilled:
+    """Train a copy of `student` to reproduce `teacher`'s outputs on `data`; the passed models are not changed.
+
+    data: items shaped like compile's example_inputs (tuple / dict / tensor), e.g. the calibration samples.
+    labels: optional class indices, one per row of the data: a tensor of all rows in order, or one per item.
+    loss: "auto" (see the module's docstring), "kl", "mse", "cosine", or `fn(student_out, teacher_out, labels)`.
+    temperature: softens both distributions for "kl" (the term is scaled by its square).
+    alpha: with labels, the weight of the distillation term; the cross-entropy gets 1 - alpha.
+    epochs / max_steps / max_seconds: bounds, at least one; the first reached stops training. A time bound
+        stops at a step that depends on the machine's speed, so only the other two give repeatable weights.
+    batch_size: rows per step when the items can be pooled (otherwise each item is one step).
+    lr: Adam's learning rate. seed: the batch order and the student's random layers (dropout).
+    threads: torch's CPU threads while training (1: weights independent of the core count; None: leave as is).
+    progress: a bar per epoch on an interactive terminal.
+    """
+    if epochs is None and max_steps is None and max_seconds is None:
+        raise InputError("distill needs a bound: give epochs=, max_steps= and/or max_seconds= (the first reached "
+                         "stops training)")
+    for name, value in (("epochs", epochs), ("max_steps", max_steps), ("max_seconds", max_seconds),
+                        ("batch_size", batch_size), ("temperature", temperature), ("lr", lr)):
+        if value is not None and not value > 0:
+            raise InputError(f"distill: {name} must be positive, not {value!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"distill: alpha weighs the distillation term against the labels' and must be in [0, 1], "
+                         f"not {alpha!r}")
+    if not callable(loss) and loss not in ("auto", *KINDS):
+        raise InputError(f"distill: unknown loss {loss!r}; use 'auto', {', '.join(map(repr, KINDS))} or a callable "
+                         "fn(student_output, teacher_output, labels) -> scalar tensor")
+    batches = _Batches(data, labels, batch_size)
+    student = copy.deepcopy(student)
+    teacher_modes = train_modes(teacher)
+    old_threads = torch.get_num_threads()
+    cuda = sorted({p.device.index or 0 for p in student.parameters() if p.is_cuda})
+    try:
+        teacher.eval()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            objective = _Objective(teacher, student, batches, loss, temperature, alpha)
+            report = _train(student, batches, objective, epochs, max_steps, max_seconds, lr, seed, progress)
+    finally:
+        torch.set_num_threads(old_threads)
+        restore_modes(teacher_modes)
+    return Distilled(student.eval(), report)
+
+
+class _Batches:
+    """The user's data as batches: pooled rows re-batched in a seeded order, or the items as given."""
+
+    def __init__(self, data: Iterable[Any], labels: Any, batch_size: int):
+        if isinstance(data, (torch.Tensor, dict)) or not isinstance(data, Iterable):
+            raise InputError(f"distill data must be an iterable of inputs shaped like example_inputs (a list of "
+                             f"them, or a DataLoader yielding them), not {type(data).__name__}: e.g. [(x,)] or "
+                             "list(x.split(32))")
+        self.items = [tuple(item) if isinstance(item, list) else item for item in _guarded(data, "distill data")]
+        if not self.items:
+            raise InputError("distill data is empty: give at least one batch of inputs")
+        self.batch_size = batch_size
+        flat = [pytree.tree_flatten(as_call(item)) for item in self.items]
+        self.rows = [_rows(leaves) for leaves, _ in flat]
+        why = _why_not_pooled(flat, self.rows)
+        self.pooled = why is None
+        if self.pooled:
+            self.spec = flat[0][1]
+            self.leaves = [torch.cat([leaves[j] for leaves, _ in flat]) if isinstance(leaf, torch.Tensor) else leaf
+                           for j, leaf in enumerate(flat[0][0])]
+            self.total = sum(self.rows)
+            self.batching = f"{self.total} rows pooled from {len(self.items)} item(s), {batch_size} per step"
+        else:
+            self.batching = f"{len(self.items)} items as given, shuffled ({why})"
+        self.labels = None if labels is None else self._labels(labels)
+
+    def _labels(self, labels: Any) -> list[torch.Tensor] | torch.Tensor:
+        """All rows' labels as one tensor (pooled) or one tensor per item."""
+        if isinstance(labels, torch.Tensor):
+            parts = None
+        elif isinstance(labels, Sequence) and all(isinstance(y, torch.Tensor) for y in labels):
+            parts = list(labels)
+        else:
+            raise InputError(f"distill labels must be a tensor of class indices (one per row of the data) or a list "
+                             f"of such tensors (one per item), not {type(labels).__name__}")
+        if any(r is None for r in self.rows):
+            raise InputError("distill labels need every data item to have a batch dim (dim 0 of its tensors)")
+        if parts is None:
+            if len(labels) != sum(self.rows):
+                raise InputError(f"distill labels has {len(labels)} rows but the data has {sum(self.rows)}: give one "
+                                 "label per row, in the data's order")
+            parts = list(labels.split(self.rows))
+        if [len(y) for y in parts] != self.rows:
+            raise InputError(f"distill labels per item have {[len(y) for y in parts]} rows but the data items have "
+                             f"{self.rows}: give one label per row")
+        if any(y.is_floating_point() or y.is_complex() for y in parts):
+            raise InputError("distill labels must be integer class indices (cross-entropy on the logits output)")
+        return torch.cat(parts) if self.pooled else parts
+
+    def epoch(self, generator: torch.Generator) -> list[Any]:
+        """One pass's selections, in a random order: row-index tensors (pooled) or item indices."""
+        if self.pooled:
+            return list(torch.randperm(self.total, generator=generator).split(self.batch_size))
+        return torch.randperm(len(self.items), generator=generator).tolist()
+
+    def probe(self) -> list[Any]:
+        """The fixed selections the report's objective is measured on: the data's first rows, up to PROBE_ROWS."""
+        if self.pooled:
+            return list(torch.arange(min(self.total, PROBE_ROWS)).split(self.batch_size))
+        chosen, rows = [], 0
+        for i, r in enumerate(self.rows):
+            if chosen and rows + (r or 1) > PROBE_ROWS:
+                break
+            chosen.append(i)
+            rows += r or 1
+        return chosen
+
+    def probe_rows(self) -> int:
+        return sum(len(s) if self.pooled else (self.rows[s] or 1) for s in self.probe())
+
+    def get(self, selection: Any) -> tuple[tuple, dict, torch.Tensor | None]:
+        """(args, kwargs, labels or None) of one selection."""
+        if self.pooled:
+            leaves = [leaf[selection] if isinstance(leaf, torch.Tensor) else leaf for leaf in self.leaves]
+            args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+            return args, kwargs, None if self.labels is None else self.labels[selection]
+        args, kwargs = as_call(self.items[selection])
+        return args, kwargs, None if self.labels is None else self.labels[selection]
+
+
+def _rows(leaves: list[Any]) -> int | None:
+    """The batch size of an item: dim 0 shared by all its tensors, None when they do not share one."""
+    sizes = {t.shape[0] if t.dim() else None for t in leaves if isinstance(t, torch.Tensor)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _why_not_pooled(flat: list[tuple[list[Any], Any]], rows: list[int | None]) -> str | None:
+    """None when the items' rows can be pooled; otherwise why not, for the report."""
+    leaves0, spec0 = flat[0]
+    if not any(isinstance(x, torch.Tensor) for x in leaves0):
+        return "no tensor inputs"
+    for i, ((leaves, spec), r) in enumerate(zip(flat, rows)):
+        if r is None:
+            return f"item {i}'s tensors share no batch dim"
+        if spec != spec0:
+            return f"item {i} is structured differently from item 0"
+        for a, b in zip(leaves, leaves0):
+            if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):
+                return f"item {i} is structured differently from item 0"
+            if isinstance(a, torch.Tensor) and (a.shape[1:] != b.shape[1:] or a.dtype != b.dtype):
+                return f"item {i}'s shapes differ from item 0's beyond dim 0"
+            if not isinstance(a, torch.Tensor) and a != b:
+                return f"item {i}'s non-tensor inputs differ from item 0's"
+    return None
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _to(tree: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+class _Objective:
+    """The loss of a student's outputs against the teacher's (and the labels), kinds fixed on the first batch."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, batches: _Batches, loss: str | Loss,
+                 temperature: float, alpha: float):
+        self.teacher, self.student = teacher, student
+        self.custom = loss if callable(loss) else None
+        self.temperature, self.alpha, self.with_labels = temperature, alpha, batches.labels is not None
+        args, kwargs, _ = batches.get(batches.probe()[0])
+        try:
+            with torch.no_grad():
+                out = teacher(*_to(args, _device(teacher)), **_to(kwargs, _device(teacher)))
+        except Exception as e:
+            raise InputError(f"distill: the teacher fails on the data's first batch ({brief(e)}): each item must be "
+                             "shaped like the model's example inputs (a tuple of positional arguments, a dict of "
+                             "keyword arguments, or one tensor)") from e
+        named, self.spec = _flatten_with_path(out)
+        self.names = [_path_name("output", path) for path, _ in named]
+        self.kinds: list[str] = [] if self.custom else [_kind(name, path, leaf, loss)
+                                                         for name, (path, leaf) in zip(self.names, named)]
+        if not self.custom and all(k == "ignored" for k in self.kinds):
+            raise InputError(f"distill: the teacher's outputs ({', '.join(self.names)}) hold no floating-point "
+                             "tensor to learn from")
+        self.logits = None
+        if self.with_labels and not self.custom:
+            kl = [i for i, k in enumerate(self.kinds) if k == "kl"]
+            if len(kl) != 1:
+                raise InputError(f"distill labels train one logits output, but the outputs read as "
+                                 f"{self.described()}: give loss='kl' for a classifier with one output, or a callable "
+                                 "loss that uses the labels")
+            self.logits = kl[0]
+
+    def described(self) -> str:
+        return ", ".join(f"{n} {k}" for n, k in zip(self.names, self.kinds))
+
+    def __call__(self, args: tuple, kwargs: dict, labels: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            wanted = self.teacher(*_to(args, _device(self.teacher)), **_to(kwargs, _device(self.teacher)))
+        device = _device(self.student)
+        got = self.student(*_to(args, device), **_to(kwargs, device))
+        wanted = _to(wanted, device)
+        labels = None if labels is None else labels.to(device)
+        if self.custom:
+            value = self.custom(got, wanted, labels)
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                raise InputError(f"distill: the loss callable must return a scalar tensor, not {value!r}")
+            return value
+        leaves_got, spec_got = pytree.tree_flatten(got)
+        leaves_wanted, spec_wanted = pytree.tree_flatten(wanted)
+        if spec_got != spec_wanted or spec_wanted != self.spec:
+            raise InputError(f"distill: the student's outputs are structured differently from the teacher's: teacher "
+                             f"{_describe(wanted)}, student {_describe(got)}. The student must return the same "
+                             "containers and keys (outputs are matched leaf by leaf)")
+        total = torch.zeros((), device=device)
+        for i, (name, kind, s, t) in enumerate(zip(self.names, self.kinds, leaves_got, leaves_wanted)):
+            if kind == "ignored":
+                continue
+            if not isinstance(s, torch.Tensor) or s.shape != t.shape:
+                raise InputError(f"distill: {name} is {_describe(t)} from the teacher but {_describe(s)} from the "
+                                 "student; the student must return the same shapes (outputs are matched element by "
+                                 "element)")
+            term = _LOSSES[kind](s, t, self.temperature)
+            if i == self.logits:
+                ce = F.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1).long())
+                term = self.alpha * term + (1 - self.alpha) * ce
+            total = total + term
+        return total
+
+
+def _kind(name: str, path: Sequence[Any], leaf: Any, loss: str) -> str:
+    """The loss of one output leaf: `loss` itself unless "auto" (the rule in the module's docstring)."""
+    if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+        return "ignored"
+    if loss != "auto":
+        return loss
+    last = name.rsplit(".", 1)[-1].lower()
+    if "logit" in last:
+        return "kl"
+    if leaf.dim() >= 2 and leaf.numel() and torch.allclose(leaf.float().norm(dim=-1), torch.ones(()),
+                                                           atol=UNIT_NORM_TOLERANCE, rtol=0):
+        return "cosine"
+    named = any(isinstance(k, (pytree.MappingKey, pytree.GetAttrKey)) for k in path)
+    return "kl" if leaf.dim() == 2 and not named else "mse"
+
+
+def _kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    s, t = s.reshape(-1, s.shape[-1]) / temperature, t.reshape(-1, t.shape[-1]) / temperature
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                    reduction="batchmean") * temperature ** 2
+
+
+def _mse(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.mse_loss(s, t)
+
+
+def _cosine(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+
+
+_LOSSES = {"kl": _kl, "mse": _mse, "cosine": _cosine}
+
+
+def _describe(tree: Any) -> str:
+    """`tensor(32, 10)`, `dict(logits: tensor(32, 10), hidden: tensor(32, 64))`: a structure with its shapes."""
+    named, _ = _flatten_with_path(tree)
+    if len(named) == 1 and not named[0][0]:
+        leaf = named[0][1]
+        return f"tensor{tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+    parts = [f"{_path_name('output', p)}: " + (f"tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                                               else type(x).__name__) for p, x in named]
+    return f"{type(tree).__name__}({', '.join(parts)})"
+
+
+def _probe_loss(objective: _Objective, batches: _Batches) -> float:
+    """The objective on the probe selections, row-weighted, with the student in eval mode (its modes restored)."""
+    modes = train_modes(objective.student)
+    objective.student.eval()
+    total = rows = 0.0
+    try:
+        with torch.no_grad():
+            for selection in batches.probe():
+                args, kwargs, labels = batches.get(selection)
+                n = len(selection) if batches.pooled else (batches.rows[selection] or 1)
+                total += float(objective(args, kwargs, labels)) * n
+                rows += n
+    finally:
+        restore_modes(modes)
+    return total / rows
+
+
+def _train(student: nn.Module, batches: _Batches, objective: _Objective, epochs: int | None,
+           max_steps: int | None, max_seconds: float | None, lr: float, seed: int, progress: bool) -> DistillReport:
+    loss_start = _probe_loss(objective, batches)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise InputError(f"distill: the student ({type(student).__name__}) has no trainable parameters")
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    student.train()
+    steps, epoch, done, stopped_by = 0, 0, 0.0, None
+    while stopped_by is None:
+        if epochs is not None and epoch >= epochs:
+            stopped_by, done = "epochs", float(epoch)
+            break
+        selections = batches.epoch(order)
+        what = f"distilling, epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
+        for i, selection in enumerate(track(selections, len(selections), what) if progress else selections):
+            args, kwargs, labels = batches.get(selection)
+            optimizer.zero_grad()
+            value = objective(args, kwargs, labels)
+            if not torch.isfinite(value):
+                raise CompilerError(f"distill: the loss became {float(value)} at step {steps + 1}: lower lr (now {lr}) "
+                                    "or the temperature, or check the data for NaN/Inf")
+            value.backward()
+            optimizer.step()
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                stopped_by = "steps"
+            elif max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                stopped_by = "seconds"
+            if stopped_by:
+                done = epoch + (i + 1) / len(selections)
+                break
+        epoch += 1
+    seconds = time.perf_counter() - start
+    student.eval()
+    return DistillReport(steps=steps, epochs=done, seconds=seconds, stopped_by=stopped_by,
+                         losses=dict(zip(objective.names, objective.kinds)), labels=batches.labels is not None,
+                         batching=batches.batching, loss_start=loss_start, loss_end=_probe_loss(objective, batches),
+                         probe_rows=batches.probe_rows(), seed=seed)
