@@ -35,7 +35,7 @@ def flat_samples(signature: Signature, items: Iterable[Any], like: Any, what: st
         raise InputError(f"{what} must be an iterable of inputs shaped like example_inputs (a list of them, or "
                          f"a DataLoader yielding them), not {type(items).__name__}")
     out = []
-    for i, item in enumerate(_guarded(items, what)):
+    for i, item in enumerate(guarded(items, what)):
         if isinstance(like, tuple) and isinstance(item, list):
             item = tuple(item)     # DataLoader's default collate yields a tuple dataset's items as lists
         try:
@@ -46,7 +46,7 @@ def flat_samples(signature: Signature, items: Iterable[Any], like: Any, what: st
     return out
 
 
-def _guarded(items: Iterable[Any], what: str) -> Iterable[Any]:
+def guarded(items: Iterable[Any], what: str) -> Iterable[Any]:
     """`items`, with an error the user's iterator (a generator, a DataLoader) raises turned into an InputError
     that says which sample it was making."""
     iterator, i = iter(items), 0

@@ -20,7 +20,7 @@ from .signature import JSON_SCALARS, FlatModule, Leaf, Signature, TensorSpec, Tr
 from .target import DimRange
 
 
-def _flatten_with_path(tree: Any) -> tuple[list[tuple[tuple, Any]], pytree.TreeSpec]:
+def flatten_with_path(tree: Any) -> tuple[list[tuple[tuple, Any]], pytree.TreeSpec]:
     """Leaves with their key paths; containers registered without key support get positional paths."""
     try:
         return pytree.tree_flatten_with_path(tree)
@@ -29,7 +29,7 @@ def _flatten_with_path(tree: Any) -> tuple[list[tuple[tuple, Any]], pytree.TreeS
         return [((pytree.SequenceKey(i),), leaf) for i, leaf in enumerate(leaves)], spec
 
 
-def _path_name(root: str, path: Sequence[Any]) -> str:
+def path_name(root: str, path: Sequence[Any]) -> str:
     """`output.hidden`, `output.0`, `past.1.0`: a leaf's name from its pytree key path."""
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     return ".".join([root, *parts])
@@ -64,12 +64,12 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     inputs: list[TensorSpec] = []
     tensors: list[torch.Tensor] = []
     for name, value in given.items():
-        leaves, spec = _flatten_with_path(value)
+        leaves, spec = flatten_with_path(value)
         tree_leaves = []
         for path, leaf in leaves:
             if isinstance(leaf, torch.Tensor):
                 tree_leaves.append(Leaf(index=len(inputs)))
-                inputs.append(TensorSpec(_path_name(name, path), leaf.dtype, tuple(leaf.shape)))
+                inputs.append(TensorSpec(path_name(name, path), leaf.dtype, tuple(leaf.shape)))
                 tensors.append(leaf)
             elif isinstance(leaf, JSON_SCALARS):
                 tree_leaves.append(Leaf(value=leaf))
@@ -94,13 +94,13 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
                              "x.clamp_(), x[...] = ...): a compiled engine never changes the caller's tensors, so "
                              "it cannot do what eager does. Clone in forward (x = x.clone()) or use the "
                              "out-of-place op; note that this eager run changed your example tensor(s) too")
-        out_leaves, out_spec = _flatten_with_path(reference)
+        out_leaves, out_spec = flatten_with_path(reference)
         outputs: list[TensorSpec] = []
         leaves = []
         for j, (path, leaf) in enumerate(out_leaves):
             if isinstance(leaf, torch.Tensor):
                 leaves.append(Leaf(index=len(outputs)))
-                outputs.append(TensorSpec(_path_name("output", path), leaf.dtype, tuple(leaf.shape)))
+                outputs.append(TensorSpec(path_name("output", path), leaf.dtype, tuple(leaf.shape)))
             elif isinstance(leaf, JSON_SCALARS):
                 leaves.append(Leaf(value=leaf))
             else:
@@ -122,7 +122,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
             try:
                 with torch.inference_mode(), unchanged_state(model):
                     g_args, g_kwargs = sig.call_args(grown)
-                    grown_leaves, grown_spec = _flatten_with_path(model(*g_args, **g_kwargs))
+                    grown_leaves, grown_spec = flatten_with_path(model(*g_args, **g_kwargs))
                 runs.append((grown, [l for _, l in grown_leaves if isinstance(l, torch.Tensor)]))
                 if grown_spec != out_spec:
                     grown_leaves = None
@@ -149,7 +149,7 @@ def _constants_that_vary(sig: Signature, example: list[tuple[tuple, Any]], grown
     for j, ((path, a), (_, b)) in enumerate(zip(example, grown)):
         if leaves[j].index is not None or a == b or (a != a and b != b):
             continue
-        name = _path_name("output", path)
+        name = path_name("output", path)
         dims = [d for d in sig.dims if (sizes[0][d], sizes[1][d]) == (a, b)] \
             if type(a) is int and type(b) is int else []
         where = next(((k, spec.shape.index(d)) for d in dims for k, spec in enumerate(sig.outputs) if d in spec.shape),

@@ -42,8 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
-from ..calibration import _guarded
-from ..capture import _flatten_with_path, _path_name
+from ..calibration import guarded
+from ..capture import flatten_with_path, path_name
 from ..errors import CompilerError, InputError, brief
 from ..progress import track
 from ..signature import as_call
@@ -149,7 +149,7 @@ class _Batches:
             raise InputError(f"distill data must be an iterable of inputs shaped like example_inputs (a list of "
                              f"them, or a DataLoader yielding them), not {type(data).__name__}: e.g. [(x,)] or "
                              "list(x.split(32))")
-        self.items = [tuple(item) if isinstance(item, list) else item for item in _guarded(data, "distill data")]
+        self.items = [tuple(item) if isinstance(item, list) else item for item in guarded(data, "distill data")]
         if not self.items:
             raise InputError("distill data is empty: give at least one batch of inputs")
         self.batch_size = batch_size
@@ -271,8 +271,8 @@ class _Objective:
             raise InputError(f"distill: the teacher fails on the data's first batch ({brief(e)}): each item must be "
                              "shaped like the model's example inputs (a tuple of positional arguments, a dict of "
                              "keyword arguments, or one tensor)") from e
-        named, self.spec = _flatten_with_path(out)
-        self.names = [_path_name("output", path) for path, _ in named]
+        named, self.spec = flatten_with_path(out)
+        self.names = [path_name("output", path) for path, _ in named]
         self.kinds: list[str] = [] if self.custom else [_kind(name, path, leaf, loss)
                                                          for name, (path, leaf) in zip(self.names, named)]
         if not self.custom and all(k == "ignored" for k in self.kinds):
@@ -359,11 +359,11 @@ _LOSSES = {"kl": _kl, "mse": _mse, "cosine": _cosine}
 
 def _describe(tree: Any) -> str:
     """`tensor(32, 10)`, `dict(logits: tensor(32, 10), hidden: tensor(32, 64))`: a structure with its shapes."""
-    named, _ = _flatten_with_path(tree)
+    named, _ = flatten_with_path(tree)
     if len(named) == 1 and not named[0][0]:
         leaf = named[0][1]
         return f"tensor{tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-    parts = [f"{_path_name('output', p)}: " + (f"tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor)
+    parts = [f"{path_name('output', p)}: " + (f"tensor{tuple(x.shape)}" if isinstance(x, torch.Tensor)
                                                else type(x).__name__) for p, x in named]
     return f"{type(tree).__name__}({', '.join(parts)})"
 
