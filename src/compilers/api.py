@@ -89,7 +89,8 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
             calibration: Iterable[Any] | None = None, samples: Iterable[Any] | None = None,
             validate: bool | str = True, metric: Metric | None = None,
             cache_dir: str | Path | None = None, accept_traced_branches: bool = False,
-            masks: Mapping[str, str] | None = None) -> CompiledModel | CompiledPipeline:
+            masks: Mapping[str, str] | None = None, prune: Mapping[str, Any] | None = None,
+            distill: Mapping[str, Any] | None = None) -> CompiledModel | CompiledPipeline:
     """Compile `model` for `target`, validate it against eager, and return a CompiledModel.
 
     A `compilers.pipeline.Pipeline` (a model with its pre- and post-processing) compiles to a CompiledPipeline:
@@ -118,10 +119,20 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
     The model compiles and validates in eval mode; its own train/eval modes, each submodule's included,
     are restored when compile returns.
 
+    prune: make a smaller model first, `compilers.prune`'s keyword arguments (e.g. {"flops": 0.5}; its data-driven
+        criteria use `calibration`); distill: then train it towards `model` on `calibration`, `compilers.distill`'s
+        keyword arguments (e.g. {"epochs": 20, "labels": y}). Both need `metric`, judged against `model`'s own
+        score: the smaller model, and then the compiled one, must stay within `max_drop` of it, or compile
+        refuses them (ValidationError with the scores). `cm.report.optimization` has the figures.
+
     An auto target (e.g. "auto-cpu") compiles and validates each of its candidates, times the valid ones
     and returns the fastest; `cm.report.candidates` holds every candidate's verdict and timing. With
     `cache_dir` the choice is kept, and a second compile builds only the chosen target.
     """
+    if prune is not None or distill is not None:
+        return _compile_smaller(model, target, example_inputs, prune, distill, dynamic_shapes=dynamic_shapes,
+                                calibration=calibration, samples=samples, validate=validate, metric=metric,
+                                cache_dir=cache_dir, accept_traced_branches=accept_traced_branches, masks=masks)
     if isinstance(model, Pipeline):
         return _compile_pipeline(model, target, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
                                  samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
@@ -130,6 +141,55 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
                          samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
                          accept_traced_branches=accept_traced_branches, masks=masks)
     return _compile(request, target)
+
+
+def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto, example_inputs: Any,
+                     prune: Mapping[str, Any] | None, distill: Mapping[str, Any] | None, *,
+                     calibration: Iterable[Any] | None, metric: Metric | None, **options: Any) -> CompiledModel:
+    """compile(prune=..., distill=...): prune a copy of `model`, distill it back towards `model`, and compile it,
+    the task metric judged against `model`'s own score at every step: a smaller model that misses it is refused,
+    never returned. The compile of the smaller model gets the drop that is left (`max_drop` less what pruning
+    and distillation cost), so the compiled model, int8 included, stays within `max_drop` of `model`."""
+    from . import optimize
+    if isinstance(model, Pipeline) or not isinstance(model, torch.nn.Module):
+        raise InputError("prune= and distill= take a torch.nn.Module (prune a Pipeline's module, then build the "
+                         "Pipeline around it)")
+    if prune is None:
+        raise InputError("distill= trains a pruned model back towards yours: give prune= too")
+    if metric is None or not isinstance(metric, Metric):
+        raise InputError("prune= needs metric=compilers.Metric(fn, max_drop): a smaller model is judged by your task "
+                         "metric against your model's own score")
+    data = None if calibration is None else list(calibration)
+    if distill is not None and not data:
+        raise InputError("distill= trains on calibration=: pass samples shaped like example_inputs (unlabeled is fine)")
+    original = _score(metric, model, "the model before pruning")
+    pruned = optimize.prune(model, example_inputs, calibration=data, **prune)
+    scores = {"original": original, "pruned": _score(metric, pruned.model, "the pruned model")}
+    student = pruned.model
+    record: dict[str, Any] = {"metric": metric.name, "max_drop": metric.max_drop, "prune": pruned.report.to_dict()}
+    if distill is not None:
+        distilled = optimize.distill(model, student, data, **distill)
+        student = distilled.model
+        scores["distilled"] = _score(metric, student, "the distilled model")
+        record["distill"] = distilled.report.to_dict()
+    record["scores"] = scores
+    left = metric.max_drop - (original - scores[list(scores)[-1]])
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    if left < 0:
+        raise ValidationError(f"the smaller model misses metric {metric.name!r} ({figures}; at most {metric.max_drop:g} "
+                              "below the original allowed): prune less, or distill longer")
+    try:
+        cm = compile(student, target, example_inputs, calibration=data, metric=replace(metric, max_drop=left),
+                     **options)
+    except ValidationError as e:
+        raise ValidationError(f"the smaller model ({figures}) compiled for {target} misses its tolerance or metric "
+                              f"{metric.name!r} (compiled: at most {metric.max_drop:g} below the original "
+                              f"{original:.4f}): {e}", e.report) from e
+    checked = cm.report.validation.metric if cm.report.validation else None
+    if checked is not None:
+        scores["compiled"] = checked.compiled
+    cm.report.optimization = record
+    return cm
 
 
 def _compile_pipeline(pipe: Pipeline, target: str | Path | Target | Auto, example_inputs: Any, *,

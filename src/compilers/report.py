@@ -27,6 +27,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)         # stage -> wall time
     cache: str | None = None                                        # "hit", "miss" or None (no cache_dir)
     quantization: dict[str, Any] | None = None                      # the int8 accuracy loop (quantize.LoopReport)
+    optimization: dict[str, Any] | None = None                      # compile(prune=, distill=): figures and scores
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     # auto targets: every candidate (select.Candidate.to_dict: target, verdict, reason, compile_s, p50_ms,
@@ -63,6 +64,8 @@ class Report:
             lines.append(f"cache       {self.cache}")
         if self.seconds:
             lines.append("time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        if self.optimization is not None:
+            lines.extend(_optimization_lines(self.optimization))
         for note in self.notes:
             lines.append(f"note        {note}")
         if self.auto is not None:
@@ -88,7 +91,18 @@ def candidates_table(rows: Sequence[dict[str, Any]]) -> str:
                                + [r[-1]]).rstrip() for r in [head] + table)
 
 
+def _optimization_lines(o: dict[str, Any]) -> list[str]:
+    """compile(prune=, distill=)'s record as report lines (read from an artifact: any part may be missing)."""
+    pruned = o.get("prune") if isinstance(o.get("prune"), dict) else {}
+    scores = o.get("scores") if isinstance(o.get("scores"), dict) else {}
+    count = lambda key: _num(pruned.get(key), 0)          # noqa: E731
+    return [f"optimized   pruned by {pruned.get('criterion')}: MACs {count('macs_before')} -> {count('macs_after')}, "
+            f"params {count('params_before')} -> {count('params_after')}" + (", distilled" if "distill" in o else ""),
+            f"  {o.get('metric')}: " + ", ".join(f"{k} {_num(v, 4)}" for k, v in scores.items())
+            + f" (at most {o.get('max_drop')} below the original)"]
+
+
 def _num(value: Any, digits: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
         return "-"
     return f"{value:,.{digits}f}"

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -74,6 +74,9 @@ class DistillReport:
     loss_end: float
     probe_rows: int
     seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in self.losses.items()) or "custom loss"

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -91,6 +91,10 @@ class PruneReport:
     params_before: int
     params_after: int
     layers: tuple[Layer, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON holds it (an artifact's report)."""
+        return {**asdict(self), "layers": [asdict(layer) for layer in self.layers]}
 
     @property
     def flops_removed(self) -> float:
