@@ -193,6 +193,8 @@ def test_serve_limits_are_checked_and_not_silently_dropped_on_ray(tmp_path, caps
     for flags, words in ((["--body-timeout", "0"], "--body-timeout: must be positive"),
                          (["--max-connections", "0"], "--max-connections: must be at least 1"),
                          (["--max-body-mb", "-1"], "--max-body-mb must be positive"),
-                         (["--ray", "--max-body-mb", "8"], "--max-body-mb sets a limit of compilers serve's own")):
+                         (["--ray", "--max-body-mb", "8"], "--max-body-mb sets a limit of compilers serve's own"),
+                         (["--ray", "--grpc-port", "0", "--grpc-max-rpcs", "8"],
+                          "--grpc-max-rpcs sets a limit of compilers serve's own")):
         code, _, err = run(capsys, "serve", str(tmp_path), *flags)
         assert code == 2 and words in err and one_paragraph(err), err

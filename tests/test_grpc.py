@@ -249,8 +249,3 @@ def test_grpc_flags_are_checked(tmp_path, capsys):
                          (["--drain-timeout", "0"], "--drain-timeout: must be positive")):
         assert cli.main(["serve", str(tmp_path), *flags]) == 2
         assert words in capsys.readouterr().err
-
-
-def test_grpc_with_ray_is_an_error(tmp_path, capsys):
-    assert cli.main(["serve", str(tmp_path), "--ray", "--grpc-port", "0"]) == 2
-    assert "--grpc-port: on Ray Serve" in capsys.readouterr().err

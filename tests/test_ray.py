@@ -1,6 +1,7 @@
 """The repository on a real local Ray Serve: the same Open Inference Protocol app, queried with
-tritonclient.http; the ingress batches requests into replica calls and /metrics shows it; two replicas serve concurrently; a replica
-killed mid-load costs only retriable (503) answers, and the deployment recovers."""
+tritonclient.http, and the same service over Ray Serve's gRPC ingress, queried with tritonclient.grpc (the same
+answers and errors); the ingress batches requests into replica calls and /metrics shows it; two replicas serve
+concurrently; a replica killed mid-load costs only retriable (503) answers, and the deployment recovers."""
 from __future__ import annotations
 
 import threading
@@ -10,6 +11,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as tg
 import tritonclient.http as triton
 from torch import nn
 from tritonclient.utils import InferenceServerException
@@ -20,6 +22,7 @@ from ray import serve  # noqa: E402
 import compilers  # noqa: E402
 from compilers.serve.ray import INGRESS, running  # noqa: E402
 from compilers.serve.repository import publish  # noqa: E402
+from compilers.serve.server import free_port  # noqa: E402
 
 X = np.random.default_rng(0).standard_normal((3, 6), dtype=np.float32)
 
@@ -35,8 +38,9 @@ def cluster(tmp_path_factory, mlp):
     other = compilers.compile(nn.Sequential(nn.Linear(4, 2)).eval(), "openvino-cpu", (torch.randn(2, 4),))
     other.save(root / "b")
     publish(root / "b", root / "repo" / "small")
-    with running(root / "repo", num_cpus=4) as port:
-        yield {"port": port, "url": f"http://127.0.0.1:{port}", "other": other}
+    grpc_port = free_port("127.0.0.1")
+    with running(root / "repo", grpc_port=grpc_port, num_cpus=4) as port:
+        yield {"port": port, "url": f"http://127.0.0.1:{port}", "other": other, "grpc": f"127.0.0.1:{grpc_port}"}
 
 
 def client(cluster) -> triton.InferenceServerClient:
@@ -69,6 +73,41 @@ def test_the_same_app_answers_tritonclient_on_ray(cluster, mlp):
     assert e.value.status() == "400" and e.value.message() == "input 'input': shape [3, 4], expected [-1, 6]"
     rows = {r["name"]: r["state"] for r in c.get_model_repository_index()}
     assert rows == {"mlp": "READY", "small": "READY"}
+
+
+def test_the_same_service_answers_tritonclient_grpc_on_ray(cluster, mlp):
+    g = tg.InferenceServerClient(cluster["grpc"])
+    try:
+        assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("mlp")
+        meta, http_meta = g.get_model_metadata("mlp"), client(cluster).get_model_metadata("mlp")
+        assert (meta.name, list(meta.versions), meta.platform) == \
+            (http_meta["name"], http_meta["versions"], http_meta["platform"])
+        tensors = [*meta.inputs, *meta.outputs]
+        assert [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors] == \
+            http_meta["inputs"] + http_meta["outputs"]
+        successes = lambda: client(cluster).get_inference_statistics("mlp")["model_stats"][0][  # noqa: E731
+            "inference_stats"]["success"]["count"]
+        before = successes()
+        t = tg.InferInput("input", list(X.shape), "FP32")
+        t.set_data_from_numpy(X)
+        got = g.infer("mlp", [t]).as_numpy("output")
+        assert successes() == before + 1             # one ModelService: HTTP's statistics count the gRPC request
+        np.testing.assert_array_equal(got, infer(client(cluster), X).as_numpy("output"))
+        np.testing.assert_allclose(got, mlp(torch.from_numpy(X)).numpy(), rtol=1e-6, atol=1e-6)
+        t = tg.InferInput("input", [3, 4], "FP32")
+        t.set_data_from_numpy(X[:, :4].copy())
+        with pytest.raises(InferenceServerException) as e:        # HTTP's 400, with its message
+            g.infer("mlp", [t])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert e.value.message() == "input 'input': shape [3, 4], expected [-1, 6]"
+        with pytest.raises(InferenceServerException) as e:
+            g.get_model_metadata("nope")
+        with pytest.raises(InferenceServerException) as http_e:
+            client(cluster).get_model_metadata("nope")
+        assert (e.value.status(), http_e.value.status()) == ("StatusCode.NOT_FOUND", "404")
+        assert e.value.message() == http_e.value.message() == "no model 'nope'; models: mlp, small"
+    finally:
+        g.close()
 
 
 def test_replicas_batch_concurrent_requests_and_metrics_show_it(cluster, mlp):

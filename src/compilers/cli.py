@@ -341,9 +341,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
         raise InputError("--address is the Ray cluster to join; it needs --ray")
     if a.ray and a.handlers:
         raise InputError("--handlers: Ray Serve does not run models' handlers yet; serve them without --ray")
-    if a.ray and a.grpc_port is not None:
-        raise InputError("--grpc-port: on Ray Serve, gRPC would be Ray's own gRPC proxy (grpc_options), which "
-                         "serves Ray's generated servicers, not this server's model service; serve gRPC without --ray")
     if a.grpc_max_rpcs != Limits().grpc_max_rpcs and a.grpc_port is None:
         raise InputError("--grpc-max-rpcs bounds the gRPC server, which runs only with --grpc-port")
     if a.grpc_port is not None and not 0 <= a.grpc_port <= 65535:
@@ -358,15 +355,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
         given = [f.name for f in dataclasses.fields(Limits) if getattr(limits, f.name) != getattr(Limits(), f.name)]
         if given:
             flag = "--max-body-mb" if given[0] == "max_body_bytes" else "--" + given[0].replace("_", "-")
-            raise InputError(f"{flag} sets a limit of compilers serve's own HTTP server; on "
-                             "Ray Serve, connections are its HTTP proxy's (http_options) and bodies the defaults")
+            raise InputError(f"{flag} sets a limit of compilers serve's own HTTP and gRPC servers; on Ray Serve, "
+                             "connections and RPCs are its ingress's (http_options, grpc_options) and bodies the "
+                             "defaults")
         try:
             from .serve.ray import serve_on_ray
         except ImportError as e:
             raise InputError(f"compilers serve --ray needs the ray extra ({e.name} is missing): "
                              f"pip install 'compilers[serve,ray]'") from None
         Repository(a.repository)                      # a missing directory is an error before Ray starts
-        serve_on_ray(a.repository, a.host, a.port, address=a.address)
+        serve_on_ray(a.repository, a.host, a.port, address=a.address, grpc_port=a.grpc_port)
         return 0
     serve(Repository(a.repository), a.host, a.port, limits=limits, log_level=a.log_level, handlers=a.handlers,
           grpc_port=a.grpc_port)
@@ -475,7 +473,7 @@ def parser() -> argparse.ArgumentParser:
                    help="also serve the Open Inference Protocol over gRPC (Triton's GRPCInferenceService, what "
                         "tritonclient.grpc speaks) on this port of --host, from the same models, batchers and metrics "
                         "(0 picks a free one). Off unless given: each port served is one more to expose and secure "
-                        "(plaintext, as the HTTP port), and it needs grpcio")
+                        "(plaintext, as the HTTP port), and it needs grpcio. With --ray, by Ray Serve's gRPC ingress")
     s.add_argument("--grpc-max-rpcs", type=int, default=256, metavar="N",
                    help="gRPC RPCs running at once at most (default 256); beyond, RESOURCE_EXHAUSTED at once")
     s.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopping server gives the requests "

@@ -13,6 +13,8 @@ a ModelService), with the versions' engines running in Ray Serve replicas instea
 - Replicas per version from `[replicas]`: a fixed count, or Ray Serve's autoscaling between min and max on
   `target_ongoing_requests` (batches in flight per replica). A replica that dies mid-call fails the requests of
   its batch with 503 (retry); Ray Serve starts another.
+- With `grpc_port` (`compilers serve --ray --grpc-port P`), Ray Serve's gRPC ingress serves Triton's gRPC service
+  too, by the ingress's methods named after its RPCs (`ray_grpc`), over the same ModelService as the HTTP app.
 - Ray instances started here (`running`, `compilers serve --ray` without --address) use Ray Serve's
   high-throughput mode (`THROUGHPUT`); a cluster sets it in its pods (deploy/kuberay/rayservice.yaml).
 
@@ -26,7 +28,7 @@ On Ray the versions are the application's: the repository's load re-reads servin
 deployed versions are live) but a version without a deployment needs a redeploy (`compilers serve --ray`
 again, or the RayService's serveConfigV2). Needs the `ray` extra.
 
-    compilers serve REPO --ray [--address ray://head:10001]
+    compilers serve REPO --ray [--grpc-port 8001] [--address ray://head:10001]
     # or in a Serve config (KubeRay): import_path compilers.serve.ray:build, args {repository: /models}
 """
 from __future__ import annotations
@@ -49,9 +51,16 @@ from ..pipeline import CompiledPipeline
 from ..runtime import CALL_OPTIONS, check_finite, nonfinite_refused
 from .app import create_app
 from .batcher import Batcher, BatchStats
+from .limits import Limits
 from .repository import ModelEntry, Repository
 from .server import free_port
 from .service import ModelService, Unavailable, Version
+
+try:                                   # the grpc extra: Triton's gRPC service too
+    from .grpc import Servicer
+    from .ray_grpc import RPCs, SERVICER_FUNCTION
+except ModuleNotFoundError:
+    Servicer, RPCs, SERVICER_FUNCTION = None, object, None
 
 log = logging.getLogger("compilers")
 
@@ -151,15 +160,18 @@ class RayEngines:
 
 
 @serve.ingress()
-class Ingress:
-    """The HTTP app of `compilers serve`, on Ray Serve, over the versions' deployment handles."""
+class Ingress(RPCs):
+    """The HTTP app of `compilers serve`, on Ray Serve, over the versions' deployment handles; and, with the grpc
+    extra, Triton's gRPC service (`ray_grpc`) from the same ModelService, for Ray Serve's gRPC ingress. The app's
+    lifespan starts the service (loads the models) before Ray Serve sends the replica requests of either kind."""
 
     def __init__(self, repository: str, handles: dict[str, Any]):
-        self.repository = repository
-        self.handles = handles
+        self.limits = Limits()
+        self.service = ModelService(Repository(repository), engines=RayEngines(handles))
+        self.servicer = Servicer(self.service, self.limits) if Servicer is not None else None
 
     def __serve_build_asgi_app__(self):
-        return create_app(ModelService(Repository(self.repository), engines=RayEngines(self.handles)))
+        return create_app(self.service, limits=self.limits)
 
 
 def build(args: Mapping[str, Any]) -> Any:
@@ -202,18 +214,33 @@ def _environment(values: Mapping[str, str]) -> None:
         os.environ.setdefault(key, value)
 
 
+def _ingresses(host: str, port: int, grpc_port: int | None) -> dict[str, Any]:
+    """serve.start's options: HTTP on host:port, and with grpc_port Triton's gRPC service on host:grpc_port (0: a
+    free one) by Ray Serve's gRPC ingress."""
+    options: dict[str, Any] = {"http_options": {"host": host, "port": port}}
+    if grpc_port is not None:
+        if SERVICER_FUNCTION is None:
+            raise ConfigError("gRPC on Ray Serve needs the grpc extra: pip install 'compilers[serve,ray,grpc]'")
+        grpc_port = grpc_port or free_port(host)
+        options["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
+        log.info("gRPC (Open Inference Protocol) on Ray Serve's gRPC ingress, port %s", grpc_port)
+    return options
+
+
 @contextlib.contextmanager
-def running(repository: str | Path, host: str = "127.0.0.1", port: int = 0, *,
+def running(repository: str | Path, host: str = "127.0.0.1", port: int = 0, *, grpc_port: int | None = None,
             num_cpus: int | None = None) -> Iterator[int]:
     """The repository on a new local Ray instance started in this process, serving inside the block (tests,
-    notebooks, benchmarks); yields the HTTP port (port 0: a free one). Serve and Ray stop after it."""
+    notebooks, benchmarks); yields the HTTP port (port 0: a free one). `grpc_port`: Triton's gRPC service on that
+    port too. Serve and Ray stop after it."""
     import ray
     port = port or free_port(host)
+    options = _ingresses(host, port, grpc_port)
     # no 30 s drain of the ingress on stop for an outer load balancer: there is none but HAProxy
     _environment({**THROUGHPUT, **QUICK_STOP})
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(**options)
         serve.run(build({"repository": str(repository)}), name=INGRESS, route_prefix="/")
         yield port
     finally:
@@ -221,15 +248,17 @@ def running(repository: str | Path, host: str = "127.0.0.1", port: int = 0, *,
         ray.shutdown()
 
 
-def serve_on_ray(repository: str, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
+def serve_on_ray(repository: str, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                 grpc_port: int | None = None) -> None:
     """Run the repository's application on Ray (a new local instance, or the cluster at `address`) until
-    interrupted."""
+    interrupted; `grpc_port`: Triton's gRPC service on that port too (0: a free one)."""
     import ray
+    options = _ingresses(host, port, grpc_port)
     if address is None:
         _environment(THROUGHPUT)
     ray.init(address=address, ignore_reinit_error=True)
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(**options)
         serve.run(build({"repository": repository}), name=INGRESS, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         log.info("interrupted: removing the application")
