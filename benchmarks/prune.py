@@ -12,7 +12,6 @@ import inspect
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "calibration"))
@@ -27,21 +26,7 @@ EPOCHS = 5
 
 def fine_tune(model: nn.Module, splits: digits.Splits, epochs: int = EPOCHS) -> nn.Module:
     """`model` trained `epochs` more on the train split (one thread, fixed order: reproducible)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(digits.SEED)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        order = torch.Generator().manual_seed(digits.SEED)
-        model.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(len(splits.train_y), generator=order).split(32):
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(splits.train_x[idx]), splits.train_y[idx]).backward()
-                opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    return digits.train(splits, epochs=epochs, model=model)
 
 
 def main() -> None:

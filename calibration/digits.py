@@ -48,13 +48,15 @@ def cnn() -> nn.Module:
         nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
 
 
-def train(splits: Splits, epochs: int = 15, batch: int = 32, seed: int = SEED) -> nn.Module:
-    """The trained CNN, in eval mode. One thread while training, so the weights do not depend on the core count."""
+def train(splits: Splits, epochs: int = 15, batch: int = 32, seed: int = SEED,
+          model: nn.Module | None = None) -> nn.Module:
+    """The trained CNN (or `model` trained further: a fine-tune), in eval mode. One thread while training, so the
+    weights do not depend on the core count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        model = cnn()
+        model = cnn() if model is None else model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         order = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
