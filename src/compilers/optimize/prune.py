@@ -138,7 +138,7 @@ def prune(model: nn.Module, example_inputs: Any, *, flops: float | None = None, 
     ignore: modules of `model` (or their dotted names) whose output channels stay whole.
     round_to: keep channel counts multiples of this. Pass 16 for the CPU backends: ONNX Runtime's blocked
         convolutions pad a channel count up to 16 on AVX-512, and without it the pruned digits CNN ran
-        0.44x as fast on ort-cpu at batch 256 (benchmarks/optimize.py); with it, 1.3x-1.7x faster.
+        0.44x as fast on ort-cpu at batch 256 (benchmarks/optimize.py); with it, 1.3x-1.6x faster.
     """
     import torch_pruning as tp
 
