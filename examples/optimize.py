@@ -19,7 +19,7 @@ import compilers  # noqa: E402
 
 splits = digits.split()
 model = digits.train(splits)                          # a small CNN, trained in a few seconds
-example = (splits.test_x[:4],)
+example = (splits.test_x[:64],)                   # a batch of 64: what compile times the smaller model at
 images = [(x,) for x in splits.train_x.split(64)]     # unlabeled: what pruning and distillation read
 
 # the task metric: accuracy on labelled digits that neither training nor distillation sees
@@ -27,11 +27,11 @@ accuracy = compilers.Metric(lambda m: digits.accuracy(m, splits.calib_x, splits.
                             name="accuracy")
 
 cm = compilers.compile(model, "ort-cpu", example, calibration=images, metric=accuracy,
-                       prune={"flops": 0.5, "round_to": 16},   # channel counts a multiple of the vector width
+                       prune={"flops": 0.5},     # half the MACs; widths kept multiples of 16 where that reaches it
                        distill={"epochs": 10, "progress": False})
 report = str(cm.report).splitlines()
 start = next(i for i, line in enumerate(report) if line.startswith("optimized"))
-print("\n".join(report[start:start + 2]))
+print("\n".join(report[start:start + 3]))
 print(f"test accuracy: unpruned {digits.accuracy(model, splits.test_x, splits.test_y):.2%}, "
       f"pruned + distilled + compiled {digits.accuracy(cm, splits.test_x, splits.test_y):.2%}")
 

@@ -39,6 +39,10 @@ def test_pruned_distilled_and_compiled_keeps_the_metric_of_the_unpruned_model(ta
     assert o["prune"]["macs_after"] <= 0.5 * o["prune"]["macs_before"]
     assert o["distill"]["steps"] > 0
     assert "optimized   pruned by taylor" in str(cm.report) and "accuracy: original" in str(cm.report)
+    speed = o["speed"]       # timed against the unpruned model compiled for the same target, interleaved
+    assert (speed["target"], speed["batch"]) == ("ort-cpu", 4) and speed["smaller_p50_ms"] > 0
+    assert speed["speedup"] == pytest.approx(speed["unpruned_p50_ms"] / speed["smaller_p50_ms"])
+    assert f"speed: {speed['speedup']:.2f}x the unpruned model on ort-cpu at batch 4" in str(cm.report)
     cm.save(tmp_path / "small")
     loaded = compilers.load(tmp_path / "small")
     assert loaded.report.optimization == o                                   # carried in the artifact

@@ -38,7 +38,7 @@ def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_cnn_loses_half_its_macs_and_keeps_its_output_shape(cnn, importance):
     model, example, calibration = cnn
     before = _weights(model)
-    pruned = prune(model, example, flops=0.5, importance=importance, calibration=calibration)
+    pruned = prune(model, example, flops=0.5, importance=importance, calibration=calibration, round_to=None)
     r = pruned.report
     macs, params = tp.utils.count_ops_and_params(model, example)
     macs_after, params_after = tp.utils.count_ops_and_params(pruned.model, example)
@@ -121,6 +121,21 @@ def _pruned(model: nn.Module, **kw) -> tuple[nn.Module, torch.Tensor]:
     out = prune(model.eval(), (x,), ratio=0.5, importance="magnitude", **kw).model
     assert out(x).shape == (2, 5)
     return out, x
+
+
+def test_flops_keeps_widths_multiples_of_16_by_default_else_8(cnn):
+    """round_to="auto": 16 where the target can be reached so (the digits CNN: 16, 32, 64 -> 16, 16, 32), else 8
+    (Residual's 16-wide layers cannot lose half their MACs in multiples of 16); an explicit 16 there is refused."""
+    model, example, calibration = cnn
+    r = prune(model, example, flops=0.5, importance="magnitude").report
+    assert r.round_to == 16 and [(l.kept, l.total) for l in r.layers] == [(16, 32), (32, 64)]
+    assert r.flops_removed >= 0.5 and "widths multiples of 16" in str(r) and r.to_dict()["round_to"] == 16
+    x = torch.randn(2, 3, 8, 8)
+    r = prune(Residual().eval(), (x,), flops=0.5, importance="magnitude").report
+    assert r.round_to == 8 and r.flops_removed >= 0.5 and {l.kept for l in r.layers} == {8}
+    with pytest.raises(InputError, match="in multiples of 16 removes"):
+        prune(Residual().eval(), (x,), flops=0.5, importance="magnitude", round_to=16)
+    assert prune(Residual().eval(), (x,), ratio=0.3, importance="magnitude").report.round_to is None
 
 
 def test_residual_add_prunes_both_sides_alike():

@@ -143,6 +143,11 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
     return _compile(request, target)
 
 
+#: compile(prune=): seconds of timed calls (and of warm-up) per model when the smaller model is timed against the
+#: unpruned one
+SPEED_SECONDS, SPEED_WARMUP = 1.0, 0.2
+
+
 def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto, example_inputs: Any,
                      prune: Mapping[str, Any] | None, distill: Mapping[str, Any] | None, *,
                      calibration: Iterable[Any] | None, metric: Metric | None, **options: Any) -> CompiledModel:
@@ -188,8 +193,28 @@ def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto,
     checked = cm.report.validation.metric if cm.report.validation else None
     if checked is not None:
         scores["compiled"] = checked.compiled
+    record["speed"] = _speed(model, cm, example_inputs, data, options)
     cm.report.optimization = record
     return cm
+
+
+def _speed(model: torch.nn.Module, smaller: CompiledModel, example_inputs: Any, calibration: list[Any] | None,
+           options: dict[str, Any]) -> dict[str, Any]:
+    """What the smaller model gains: `model` compiled for the same target as `smaller` (not validated: it is only
+    timed), both timed on example_inputs in one interleaved `compilers.benchmark`. An unpruned model that does
+    not build is recorded as such (the smaller one was judged already)."""
+    from .bench import benchmark
+    try:
+        unpruned = compile(model, smaller.target, example_inputs, calibration=calibration, validate=False,
+                           **{k: v for k, v in options.items() if k not in ("validate", "samples")})
+        timed = benchmark({"unpruned": unpruned, "smaller": smaller}, example_inputs, warmup=SPEED_WARMUP,
+                          min_time=SPEED_SECONDS, blocks=5)
+    except CompilerError as e:
+        return {"error": f"the unpruned model could not be compiled and timed for {smaller.target.name}: {e}"}
+    before, after = timed.get("unpruned"), timed.get("smaller")
+    return {"target": smaller.target.name, "batch": after.batch, "unpruned_p50_ms": before.p50_ms,
+            "smaller_p50_ms": after.p50_ms, "speedup": before.p50_ms / after.p50_ms,
+            "noisy": before.noisy or after.noisy}
 
 
 def _compile_pipeline(pipe: Pipeline, target: str | Path | Target | Auto, example_inputs: Any, *,

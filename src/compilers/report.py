@@ -99,7 +99,19 @@ def _optimization_lines(o: dict[str, Any]) -> list[str]:
     return [f"optimized   pruned by {pruned.get('criterion')}: MACs {count('macs_before')} -> {count('macs_after')}, "
             f"params {count('params_before')} -> {count('params_after')}" + (", distilled" if "distill" in o else ""),
             f"  {o.get('metric')}: " + ", ".join(f"{k} {_num(v, 4)}" for k, v in scores.items())
-            + f" (at most {o.get('max_drop')} below the original)"]
+            + f" (at most {o.get('max_drop')} below the original)"] + _speed_lines(o.get("speed"))
+
+
+def _speed_lines(speed: Any) -> list[str]:
+    """The smaller model's speed-up over the unpruned one (compile(prune=)'s record["speed"])."""
+    if not isinstance(speed, dict):
+        return []
+    if "error" in speed:
+        return [f"  speed: not measured: {speed['error']}"]
+    return [f"  speed: {_num(speed.get('speedup'), 2)}x the unpruned model on {speed.get('target')} at batch "
+            f"{speed.get('batch')} (p50 {_num(speed.get('smaller_p50_ms'), 3)} ms vs "
+            f"{_num(speed.get('unpruned_p50_ms'), 3)} ms, compilers.benchmark, interleaved)"
+            + ("; timings noisy: the machine was busy" if speed.get("noisy") else "")]
 
 
 def _num(value: Any, digits: int) -> str:

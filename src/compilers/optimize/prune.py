@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -71,6 +72,9 @@ CRITERIA = ("taylor", "magnitude", "activation")
 #: the channel fraction one iterative step removes from each layer (at most MAX_RATIO in all)
 STEP = 0.025
 MAX_RATIO = 0.95
+#: round_to="auto" with flops=: channel counts multiples of the first of these that reaches the target (16: the
+#: fp32 lanes of AVX-512, which ONNX Runtime's and OpenVINO's blocked convolutions pad a width up to; 8: AVX2's)
+AUTO_ROUNDINGS = (16, 8, None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ class PruneReport:
     params_before: int
     params_after: int
     layers: tuple[Layer, ...]
+    round_to: int | None = None     # channel counts kept multiples of this
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON holds it (an artifact's report)."""
@@ -108,7 +113,8 @@ class PruneReport:
     def __str__(self) -> str:
         head = [f"pruned by {self.criterion}: MACs {self.macs_before:,} -> {self.macs_after:,} "
                 f"({self.flops_removed:.1%} removed), params {self.params_before:,} -> {self.params_after:,} "
-                f"({self.params_removed:.1%} removed)"]
+                f"({self.params_removed:.1%} removed)"
+                + (f", widths multiples of {self.round_to}" if self.round_to and self.round_to > 1 else "")]
         rows = [[l.name, l.unit, str(l.kept), str(l.total), f"{1 - l.kept / l.total:.0%}"] for l in self.layers]
         return "\n".join(head + (text_table(["layer", "unit", "kept", "total", "removed"], rows, left=(0, 1))
                                  if rows else []))
@@ -125,7 +131,7 @@ class Pruned:
 def prune(model: nn.Module, example_inputs: Any, *, flops: float | None = None, ratio: float | None = None,
           heads: float = 0.0, importance: str = "taylor", calibration: Iterable[Any] | None = None,
           loss: Callable[[Any], torch.Tensor] | None = None, ignore: Sequence[nn.Module | str] = (),
-          round_to: int | None = None) -> Pruned:
+          round_to: int | str | None = "auto") -> Pruned:
     """Structurally prune a copy of `model`.
 
     example_inputs: like compile's: a tuple (positional), a dict (keywords) or one tensor; traced once.
@@ -136,21 +142,40 @@ def prune(model: nn.Module, example_inputs: Any, *, flops: float | None = None, 
     calibration: samples shaped like example_inputs; needed by "taylor" and "activation".
     loss: for "taylor", `loss(outputs) -> scalar` on each calibration sample (default: see the docstring).
     ignore: modules of `model` (or their dotted names) whose output channels stay whole.
-    round_to: keep channel counts multiples of this. Pass 16 for the CPU backends: ONNX Runtime's blocked
-        convolutions pad a channel count up to 16 on AVX-512, and without it the pruned digits CNN ran
-        0.44x as fast on ort-cpu at batch 256 (benchmarks/optimize.py); with it, 1.3x-1.6x faster.
+    round_to: keep channel counts multiples of this (None: any count). "auto" (the default), with flops=:
+        multiples of 16, else of 8, else any: the first that reaches the target (`report.round_to` says which).
+        ONNX Runtime's blocked convolutions pad a width up to 16 on AVX-512 (8 on AVX2): with any count the
+        pruned digits CNN ran 0.44x as fast on ort-cpu at batch 256, with multiples of 16 1.3x-1.6x faster
+        on every CPU target (benchmarks/optimize.py). With ratio= or heads= alone, "auto" is None.
     """
-    import torch_pruning as tp
-
     _check_arguments(flops, ratio, heads, importance, calibration, round_to)
     if heads and not _attention_modules(model):
         raise InputError("heads= prunes Hugging Face self-attention (query/key/value Linear children and "
                          "num_attention_heads), and this model has none")
-    args, kwargs = as_call(example_inputs)
     samples = [as_call(s) for s in calibration] if calibration is not None else []
     if importance != "magnitude" and not samples:
         raise InputError(f"importance={importance!r} needs calibration samples (a few batches shaped like "
                          "example_inputs); pass calibration=..., or use importance='magnitude'")
+    roundings = (round_to,) if round_to != "auto" else AUTO_ROUNDINGS if flops is not None else (None,)
+    once = functools.partial(_prune_once, model, example_inputs, samples, flops=flops, ratio=ratio, heads=heads,
+                             importance=importance, loss=loss, ignore=ignore)
+    for rounding in roundings[:-1]:
+        with contextlib.suppress(_Unreachable):
+            return once(round_to=rounding)
+    return once(round_to=roundings[-1])
+
+
+class _Unreachable(InputError):
+    """flops= cannot be reached (at this rounding)."""
+
+
+def _prune_once(model: nn.Module, example_inputs: Any, samples: list[tuple[tuple, dict]], *, flops: float | None,
+                ratio: float | None, heads: float, importance: str, loss: Callable[[Any], torch.Tensor] | None,
+                ignore: Sequence[nn.Module | str], round_to: int | None) -> Pruned:
+    """One pruning of a copy of `model` with channel counts multiples of `round_to`."""
+    import torch_pruning as tp
+
+    args, kwargs = as_call(example_inputs)
     work = copy.deepcopy(model).eval()
     ignored = _resolve(model, work, ignore) + _output_layers(work, args, kwargs)
     shapes = _output_shapes(work, args, kwargs)
@@ -193,15 +218,16 @@ def prune(model: nn.Module, example_inputs: Any, *, flops: float | None = None, 
 
     macs_after, params_after = _count(work, example_inputs)
     if flops is not None and macs_after > macs_before * (1 - flops):
-        raise InputError(f"flops={flops} cannot be reached: pruning every layer to {1 - MAX_RATIO:.0%} of its "
-                         f"channels removes {1 - macs_after / macs_before:.1%} of the MACs (the rest sits in "
-                         "ignored or output layers); ask for less, or ignore fewer layers")
+        rounded = f" in multiples of {round_to}" if round_to and round_to > 1 else ""
+        raise _Unreachable(f"flops={flops} cannot be reached: pruning every layer to {1 - MAX_RATIO:.0%} of its "
+                           f"channels{rounded} removes {1 - macs_after / macs_before:.1%} of the MACs (the rest "
+                           "sits in ignored or output layers); ask for less, or ignore fewer layers")
     _check_shapes(shapes, _output_shapes(work, args, kwargs))
     after = _widths(work)
     layers = tuple(Layer(name, unit, after[name][1], total) for name, (unit, total) in before.items()
                    if name in after and after[name][1] != total)
     return Pruned(work, PruneReport(importance, macs_before, macs_after, params_before,
-                                    params_after, layers))
+                                    params_after, layers, round_to))
 
 
 def drop_layers(model: nn.Module, example_inputs: Any, *, keep: int | Sequence[int]) -> Pruned:
@@ -264,8 +290,8 @@ def _check_arguments(flops, ratio, heads, importance, calibration, round_to) -> 
     if isinstance(calibration, (torch.Tensor, dict)):
         raise InputError("calibration must be an iterable of samples shaped like example_inputs (a list of "
                          f"them), not one {type(calibration).__name__}")
-    if round_to is not None and not (isinstance(round_to, int) and round_to >= 1):
-        raise InputError(f"round_to={round_to!r}: give a positive channel multiple, or None")
+    if round_to not in (None, "auto") and not (isinstance(round_to, int) and round_to >= 1):
+        raise InputError(f"round_to={round_to!r}: give a positive channel multiple, \"auto\" or None")
 
 
 class _Scorer:
