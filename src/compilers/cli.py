@@ -1,7 +1,8 @@
 """The `compilers` command: compile, targets, validate, bench, report, publish, serve, export-triton.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
-dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration` and `samples`; for a
+dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration`, `samples` and `metric`
+(a `compilers.Metric`, which `compile` keeps, and which `--prune` needs); for a
 pipeline, `model` is a `compilers.pipeline.Pipeline`, or the dict also holds its parts `pre` (and `post`,
 `labels`), and the examples are items (texts, encoded images).
 Exit status: 0 done, 1 validation failed, 2 bad input or a compiler error.
@@ -9,15 +10,20 @@ Exit status: 0 done, 1 validation failed, 2 bad input or a compiler error.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 import time
 import traceback
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import api
 from .bench import Benchmark, Timing, benchmark, synthetic_inputs
@@ -29,6 +35,7 @@ from .host import own_version
 from .artifact import check_destination, read_manifest
 from .runtime import load
 from .target import Target, builtin_dir, descriptor_files, load_descriptor
+from .validate import Metric
 
 
 def load_factory(spec: str) -> dict[str, Any]:
@@ -85,26 +92,110 @@ def load_factory(spec: str) -> dict[str, Any]:
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
+    prune, distill = _optimize_flags(a)
     target = load_descriptor(a.target)
     if check_destination(a.out) and not a.force:
         raise InputError(f"{a.out} already holds a compilers artifact; pass --force to replace it, or choose "
                          "another --out")
     parts = load_factory(a.factory)
+    metric = parts.get("metric")
+    if metric is not None and not isinstance(metric, Metric):
+        raise InputError(f"factory {a.factory} returned a 'metric' that is a {type(metric).__name__}; make it "
+                         "compilers.Metric(fn, max_drop=..., name=...), fn(model) -> a score, higher is better")
+    calibration = _read_samples(a.calibration, "--calibration") if a.calibration else parts.get("calibration")
+    if prune is not None and metric is None:
+        raise InputError(f"--prune needs a task metric to judge the smaller model by: have factory {a.factory} "
+                         "return 'metric': compilers.Metric(fn, max_drop=...) beside 'model' and 'example_inputs'")
+    if distill is not None and calibration is None:
+        raise InputError(f"--distill trains on calibration samples: have factory {a.factory} return "
+                         "'calibration' (samples shaped like example_inputs, unlabeled is fine), or pass "
+                         "--calibration FILE.pt")
     what = f"backend {target.backend}" if isinstance(target, Target) else f"auto: {', '.join(target.candidates)}"
-    print(f"compiling {type(parts['model']).__name__} for {target.name} ({what}); "
+    first = "" if prune is None else "pruning" + (" and distilling" if distill is not None else "") + " first; "
+    print(f"compiling {type(parts['model']).__name__} for {target.name} ({what}); {first}"
           "export and engine build can take a while...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    calibration = _read_samples(a.calibration, "--calibration") if a.calibration else parts.get("calibration")
     cm = api.compile(parts["model"], target, parts["example_inputs"], dynamic_shapes=parts.get("dynamic_shapes"),
-                     calibration=calibration, samples=parts.get("samples"),
+                     calibration=calibration, samples=parts.get("samples"), metric=metric,
                      validate="warn" if a.no_fail else not a.no_validate,
-                     cache_dir=a.cache_dir)
+                     cache_dir=a.cache_dir, prune=prune, distill=distill)
     print(f"compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     cm.save(a.out)
     print(cm.report)
     print(f"saved to {a.out}")
     print(f"digest: {cm.digest}  (pin it: compilers.load({str(a.out)!r}, digest={cm.digest!r}))")
     return 1 if cm.report.validation is not None and not cm.report.validation.passed else 0
+
+
+def _optimize_flags(a: argparse.Namespace) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """compile's --prune and --distill as the prune= and distill= of compilers.compile, checked before any work."""
+    if a.distill is not None and a.prune is None:
+        raise InputError("--distill trains a pruned model back towards yours: give --prune too (e.g. --prune "
+                         "flops=0.5 --distill epochs=6)")
+    if a.prune is None:
+        return None, None
+    from . import optimize
+    return (_keywords(a.prune, "--prune", optimize.prune), _keywords(a.distill, "--distill", optimize.distill))
+
+
+#: the values a flag's KEY=VALUE can give: Python literals of these types
+_SCALARS = {bool: "True or False", int: "an integer", float: "a number", str: "a string", type(None): "None"}
+
+
+def _flag_keys(fn: Callable[..., Any]) -> dict[str, tuple[type, ...]]:
+    """The keyword-only parameters of `fn` that a command-line value can give, with the types each takes: those
+    whose annotation admits a number, bool or string. The rest (a callable, modules, labels, the calibration
+    data) take Python objects. Read from the signature, so a new keyword of prune or distill is a key at once."""
+    hints = typing.get_type_hints(fn)
+    keys = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        hint = hints.get(name, Any)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        kinds = tuple(k for k in (typing.get_args(hint) if union else (hint,)) if k in _SCALARS)
+        if param.kind is param.KEYWORD_ONLY and set(kinds) - {type(None)}:
+            keys[name] = kinds
+    return keys
+
+
+def _keywords(text: str | None, flag: str, fn: Callable[..., Any]) -> dict[str, Any] | None:
+    """`flops=0.5,importance=taylor` as keyword arguments of `fn`: a value is a Python literal where it is one
+    (0.5, 16, True, None, 'quoted'), else the plain string; each key one that `_flag_keys` allows, each value
+    of a type the key takes."""
+    if text is None:
+        return None
+    keys = _flag_keys(fn)
+    objects = [n for n, p in inspect.signature(fn).parameters.items()
+               if p.kind is p.KEYWORD_ONLY and n not in keys and n != "calibration"]
+    call = f"compilers.compile(..., {flag[2:]}={{...}}) from Python"
+    keyed = f"{flag} takes KEY=VALUE[,KEY=VALUE...] with keys {', '.join(keys)}"
+    many = len(objects) > 1
+    takes = keyed if not objects else f"{keyed}; {' and '.join(objects)} " \
+        f"{'take Python objects: give them' if many else 'takes a Python object: give it'} in {call}"
+    given: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise InputError(f"{flag} {text!r}: {item.strip()!r} is not KEY=VALUE. {takes}")
+        if key in objects:
+            raise InputError(f"{flag}: {key} takes a Python object: give it in {call}. {keyed}")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            why = "comes from the factory or --calibration" if key == "calibration" else \
+                f"is no key (did you mean {close[0]}?)" if close else "is no key"
+            raise InputError(f"{flag}: {key} {why}. {takes}")
+        if key in given:
+            raise InputError(f"{flag}: {key} is given twice")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        number = float in keys[key] and isinstance(value, int) and not isinstance(value, bool)
+        if type(value) not in keys[key] and not number:
+            kinds = [_SCALARS[k] for k in keys[key]]
+            kinds = ", ".join(kinds[:-1]) + " or " + kinds[-1] if len(kinds) > 1 else kinds[0]
+            raise InputError(f"{flag} {key}={raw}: {key} takes {kinds}")
+        given[key] = value
+    return given
 
 
 def cmd_targets(a: argparse.Namespace) -> int:
@@ -407,6 +498,10 @@ def parser() -> argparse.ArgumentParser:
                                                             "FILE.pt), each shaped like the example inputs (for a "
                                                             "pipeline: texts); default: the factory's calibration")
     c.add_argument("--force", action="store_true", help="replace the artifact already at --out")
+    c.add_argument("--prune", metavar="KEY=VALUE,...", help="compile a structurally pruned copy, compilers.prune's "
+                   "keywords, e.g. flops=0.5,round_to=16,importance=magnitude; needs the factory's 'metric'")
+    c.add_argument("--distill", metavar="KEY=VALUE,...", help="then train the pruned copy towards the model on the "
+                   "calibration samples, compilers.distill's keywords, e.g. epochs=6,seed=0; needs --prune")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--no-validate", action="store_true", help="skip validation against eager")
     g.add_argument("--no-fail", action="store_true", help="save even when validation fails (exit status 1)")
