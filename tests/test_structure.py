@@ -28,7 +28,7 @@ LAYERS = [
     {"artifact"},
     {"backends"},
     {"runtime"},
-    {"cache", "request"},
+    {"cache", "request", "devices"},
     {"bench"},
     {"select"},
     {"optimize"},

@@ -16,6 +16,7 @@ from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
 from .capture import Captured, batch_independence, capture, padding_independence
+from .devices import devices_of, on_cpu
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
 from .host import library_versions
@@ -137,10 +138,16 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
         return _compile_pipeline(model, target, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
                                  samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
                                  accept_traced_branches=accept_traced_branches, masks=masks)
+    model, example_inputs, calibration, samples, metric, devices = on_cpu(model, example_inputs, calibration,
+                                                                          samples, metric)
     request = Request.of(model, example_inputs, dynamic_shapes=dynamic_shapes, calibration=calibration,
                          samples=samples, validate=validate, metric=metric, cache_dir=cache_dir,
                          accept_traced_branches=accept_traced_branches, masks=masks)
-    return _compile(request, target)
+    cm = _compile(request, target)
+    if devices:
+        cm.report.notes.append(f"the model was on {', '.join(devices)}: compiled and validated from a CPU copy (the "
+                               "targets run on the CPU); called with tensors on any device, it answers on theirs")
+    return cm
 
 
 #: compile(prune=): seconds of timed calls (and of warm-up) per model when the smaller model is timed against the
@@ -225,6 +232,10 @@ def _compile_pipeline(pipe: Pipeline, target: str | Path | Target | Auto, exampl
     post-processing) compiled and validated like any model, and the pipeline's steps carried with it. A metric
     scores the pipelines themselves (eager, and the compiled candidates wrapped as CompiledPipeline)."""
     steps = pipe.steps
+    devices = devices_of(pipe.module)
+    if devices:
+        raise InputError(f"the pipeline's module is on {', '.join(devices)}: compile it from the CPU "
+                         "(Pipeline(module.cpu(), ...)); the targets run on the CPU")
 
     def batches(items: Iterable[Any] | None) -> list[dict[str, torch.Tensor]] | None:
         return None if items is None else [steps.tensors(batch) for batch in items]
