@@ -71,3 +71,32 @@ def test_what_the_stage_needs_is_asked_for_by_name(task, options, message):
         options["metric"] = accuracy
     with pytest.raises(InputError, match=message):
         compilers.compile(model, "ort-cpu", (splits.test_x[:4],), **options)
+
+
+def test_a_text_pipeline_is_pruned_distilled_and_compiled_with_its_steps(tmp_path):
+    """A Pipeline (tokenizer + tiny BERT + mean pooling + normalize): its module loses half the heads of each
+    layer, is distilled on the tensors the tokenizer makes of the calibration texts, and compiles with the steps;
+    the metric scores pipelines (texts in) at every step."""
+    pytest.importorskip("tokenizers")
+    from test_pipeline_text import SENTENCES, encoder
+    from torch.nn import functional as F
+
+    from compilers.pipeline import CompiledPipeline
+    pipe = encoder()
+    teacher = pipe(SENTENCES)["embedding"]
+    cosine = Metric(lambda p: F.cosine_similarity(p(SENTENCES)["embedding"], teacher).mean().item(), max_drop=0.5,
+                    name="cosine")
+    batches = [SENTENCES[i:i + 4] for i in range(0, len(SENTENCES), 4)]
+    cm = compilers.compile(pipe, "ort-cpu", SENTENCES[:4], calibration=batches, metric=cosine,
+                           prune={"heads": 0.5}, distill={"epochs": 3, "progress": False})
+    assert isinstance(cm, CompiledPipeline) and cm(["the cat sat"])["embedding"].shape == (1, 32)
+    o = cm.report.optimization
+    heads = [(layer["kept"], layer["total"]) for layer in o["prune"]["layers"] if layer["unit"] == "heads"]
+    assert heads == [(1, 2)] * 2 and o["prune"]["params_after"] < o["prune"]["params_before"]
+    assert o["scores"]["original"] == pytest.approx(1.0) and o["scores"]["compiled"] == cosine.fn(cm)   # what returned
+    assert list(o["scores"]) == ["original", "pruned", "distilled", "compiled"] and o["distill"]["steps"] > 0
+    assert o["speed"]["batch"] == 4 and o["speed"]["speedup"] > 0
+    cm.save(tmp_path / "small")
+    loaded = compilers.load(tmp_path / "small")
+    assert isinstance(loaded, CompiledPipeline) and loaded.report.optimization == o
+    assert cosine.fn(loaded) == o["scores"]["compiled"]

@@ -1,6 +1,7 @@
 """compile / validate / targets: the pipeline resolve -> capture -> lower -> optimize -> build -> validate -> package."""
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 import time
@@ -155,17 +156,19 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
 SPEED_SECONDS, SPEED_WARMUP = 1.0, 0.2
 
 
-def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto, example_inputs: Any,
+def _compile_smaller(model: torch.nn.Module | Pipeline, target: str | Path | Target | Auto, example_inputs: Any,
                      prune: Mapping[str, Any] | None, distill: Mapping[str, Any] | None, *,
-                     calibration: Iterable[Any] | None, metric: Metric | None, **options: Any) -> CompiledModel:
+                     calibration: Iterable[Any] | None, metric: Metric | None,
+                     **options: Any) -> CompiledModel | CompiledPipeline:
     """compile(prune=..., distill=...): prune a copy of `model`, distill it back towards `model`, and compile it,
     the task metric judged against `model`'s own score at every step: a smaller model that misses it is refused,
     never returned. The compile of the smaller model gets the drop that is left (`max_drop` less what pruning
-    and distillation cost), so the compiled model, int8 included, stays within `max_drop` of `model`."""
+    and distillation cost), so the compiled model, int8 included, stays within `max_drop` of `model`. A
+    Pipeline's module (model + post-processing) is pruned and distilled on the tensors its pre-processing makes
+    of the items, and the metric scores pipelines around each smaller module."""
     from . import optimize
-    if isinstance(model, Pipeline) or not isinstance(model, torch.nn.Module):
-        raise InputError("prune= and distill= take a torch.nn.Module (prune a Pipeline's module, then build the "
-                         "Pipeline around it)")
+    if not isinstance(model, (torch.nn.Module, Pipeline)):
+        raise InputError(f"prune= and distill= take a torch.nn.Module or a Pipeline, not {type(model).__name__}")
     if prune is None:
         raise InputError("distill= trains a pruned model back towards yours: give prune= too")
     if metric is None or not isinstance(metric, Metric):
@@ -174,15 +177,21 @@ def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto,
     data = None if calibration is None else list(calibration)
     if distill is not None and not data:
         raise InputError("distill= trains on calibration=: pass samples shaped like example_inputs (unlabeled is fine)")
+    if isinstance(model, Pipeline):
+        module, example = model.module, model.tensors(example_inputs)
+        tensors = None if data is None else [model.tensors(batch) for batch in data]
+        whole = lambda smaller: _with_module(model, smaller)   # noqa: E731  (what the metric and compile get)
+    else:
+        module, example, tensors, whole = model, example_inputs, data, lambda smaller: smaller
     original = _score(metric, model, "the model before pruning")
-    pruned = optimize.prune(model, example_inputs, calibration=data, **prune)
-    scores = {"original": original, "pruned": _score(metric, pruned.model, "the pruned model")}
+    pruned = optimize.prune(module, example, calibration=tensors, **prune)
+    scores = {"original": original, "pruned": _score(metric, whole(pruned.model), "the pruned model")}
     student = pruned.model
     record: dict[str, Any] = {"metric": metric.name, "max_drop": metric.max_drop, "prune": pruned.report.to_dict()}
     if distill is not None:
-        distilled = optimize.distill(model, student, data, **distill)
+        distilled = optimize.distill(module, student, tensors, **distill)
         student = distilled.model
-        scores["distilled"] = _score(metric, student, "the distilled model")
+        scores["distilled"] = _score(metric, whole(student), "the distilled model")
         record["distill"] = distilled.report.to_dict()
     record["scores"] = scores
     left = metric.max_drop - (original - scores[list(scores)[-1]])
@@ -191,7 +200,7 @@ def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto,
         raise ValidationError(f"the smaller model misses metric {metric.name!r} ({figures}; at most {metric.max_drop:g} "
                               "below the original allowed): prune less, or distill longer")
     try:
-        cm = compile(student, target, example_inputs, calibration=data, metric=replace(metric, max_drop=left),
+        cm = compile(whole(student), target, example_inputs, calibration=data, metric=replace(metric, max_drop=left),
                      **options)
     except ValidationError as e:
         raise ValidationError(f"the smaller model ({figures}) compiled for {target} misses its tolerance or metric "
@@ -205,15 +214,25 @@ def _compile_smaller(model: torch.nn.Module, target: str | Path | Target | Auto,
     return cm
 
 
-def _speed(model: torch.nn.Module, smaller: CompiledModel, example_inputs: Any, calibration: list[Any] | None,
-           options: dict[str, Any]) -> dict[str, Any]:
+def _with_module(pipe: Pipeline, module: torch.nn.Module) -> Pipeline:
+    """`pipe` with its composed module (model + post-processing) replaced by a smaller one."""
+    smaller = copy.copy(pipe)
+    smaller.module = module
+    return smaller
+
+
+def _speed(model: torch.nn.Module | Pipeline, smaller: CompiledModel | CompiledPipeline, example_inputs: Any,
+           calibration: list[Any] | None, options: dict[str, Any]) -> dict[str, Any]:
     """What the smaller model gains: `model` compiled for the same target as `smaller` (not validated: it is only
-    timed), both timed on example_inputs in one interleaved `compilers.benchmark`. An unpruned model that does
+    timed), both timed on example_inputs in one interleaved `compilers.benchmark` (a Pipeline's compiled modules
+    on the tensors its pre-processing makes of them). An unpruned model that does
     not build is recorded as such (the smaller one was judged already)."""
     from .bench import benchmark
     try:
         unpruned = compile(model, smaller.target, example_inputs, calibration=calibration, validate=False,
                            **{k: v for k, v in options.items() if k not in ("validate", "samples")})
+        if isinstance(model, Pipeline):     # the pre-processing is the same for both: time the compiled modules
+            unpruned, smaller, example_inputs = unpruned.model, smaller.model, model.tensors(example_inputs)
         timed = benchmark({"unpruned": unpruned, "smaller": smaller}, example_inputs, warmup=SPEED_WARMUP,
                           min_time=SPEED_SECONDS, blocks=5)
     except CompilerError as e:
