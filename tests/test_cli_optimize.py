@@ -6,6 +6,7 @@ import torch
 
 import compilers
 from compilers import cli, optimize
+from test_cli import one_paragraph, run
 
 FACTORY = '''
 import torch
@@ -60,18 +61,6 @@ def workdir(tmp_path, monkeypatch):
 @pytest.fixture
 def pruning():
     pytest.importorskip("torch_pruning")
-
-
-def run(capsys, *args):
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_paragraph(err: str) -> bool:
-    lines = err.strip().splitlines()
-    return "Traceback" not in err and lines[-1].startswith("compilers: ") and \
-        sum(line.startswith("compilers: ") for line in lines) == 1
 
 
 def test_the_factory_metric_is_kept_by_a_plain_compile(workdir, capsys):
