@@ -134,7 +134,11 @@ def main() -> int:
         print(f"  {target}, {name}: refused by compile: {why}")
     for (target, name), record in records.items():
         scores = ", ".join(f"{k} {v:.4f}" for k, v in record["scores"].items())
-        print(f"  {target}, {name}: compile's accuracy on the calibration split: {scores}")
+        speed = record.get("speed", {})
+        timed = f"{speed['speedup']:.2f}x the unpruned model at batch {speed['batch']}" if "speedup" in speed else \
+            speed.get("error", "-")
+        print(f"  {target}, {name}: compile's accuracy on the calibration split: {scores}; compile's own timing: "
+              f"{timed}")
     for name in PRUNINGS:
         distilled = {r["scores"]["distilled"] for (_, n), r in records.items() if n == name}
         if distilled - {metric.fn(eager["eager", name])}:
