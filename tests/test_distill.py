@@ -3,6 +3,7 @@ labels add their cross-entropy, the same seed gives the same weights, bounds sto
 and neither model passed in is changed."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -216,3 +217,85 @@ def test_a_callable_loss_is_the_whole_objective():
     d = distill(teacher, student, data, loss=loss, epochs=20, lr=1e-2, progress=False)
     assert d.report.losses == {} and set(seen) == {None}
     assert d.report.loss_end < d.report.loss_start / 2
+
+
+def _deep(width: int, seed: int) -> nn.Sequential:
+    """Two hidden layers of `width` (modules "1" and "3" return them) before the logits."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(FEATURES, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, CLASSES))
+
+
+def _hidden_gap(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    """Relative MSE between the student's first hidden layer and the teacher's second."""
+    with torch.no_grad():
+        s, t = student[:2](x), teacher[:4](x)
+        return float(F.mse_loss(s, t) / t.pow(2).mean())
+
+
+def test_hidden_states_are_matched_by_module_name_where_output_only_does_not():
+    teacher, data = _deep(16, seed=0).eval(), _data()
+    student = nn.Sequential(nn.Linear(FEATURES, 16), nn.Tanh(), nn.Linear(16, CLASSES))
+    x = _all(data)
+    plain = distill(teacher, student, data, epochs=60, lr=1e-2, progress=False)
+    runs = [distill(teacher, student, data, epochs=60, lr=1e-2, hidden={"1": "3"}, progress=False) for _ in range(2)]
+    matched = runs[0]
+    assert matched.report.hidden == {"1": "3"} and plain.report.hidden == {}
+    assert "1 x hidden-state relative mse on 1 module pair" in str(matched.report)
+    gaps = [_hidden_gap(m, teacher, x) for m in (student, plain.model, matched.model)]
+    assert gaps[2] < gaps[0] / 4 and gaps[2] < gaps[1] / 4      # only the hidden loss brings the layer closer
+    assert _kl(matched.model, teacher, x) < _kl(student, teacher, x) / 4   # and the outputs are still learned
+    assert _same(runs[0].model.state_dict(), runs[1].model.state_dict())  # deterministic per seed
+    heavier = distill(teacher, student, data, epochs=60, lr=1e-2, hidden={"1": "3"}, hidden_weight=10,
+                      progress=False)
+    assert _hidden_gap(heavier.model, teacher, x) < gaps[2]
+    for m in (teacher, matched.model, heavier.model):               # no hook is left behind
+        assert all(not mod._forward_hooks for mod in m.modules())
+
+
+def test_hidden_names_and_shapes_are_checked_with_what_to_do():
+    teacher, data = _deep(16, seed=0).eval(), _data()
+    student = nn.Sequential(nn.Linear(FEATURES, 6), nn.Tanh(), nn.Linear(6, CLASSES))
+    with pytest.raises(InputError, match=r"the student \(Sequential\) has no submodule '7'.*named_modules"):
+        distill(teacher, student, data, max_steps=1, hidden={"7": "3"}, progress=False)
+    with pytest.raises(InputError, match=r"teacher \(Sequential\) has no submodule 'layer.3'; did you mean '3'"):
+        distill(teacher, student, data, max_steps=1, hidden={"1": "layer.3"}, progress=False)
+    with pytest.raises(InputError, match=r"student's '1' returns \(32, 6\) but the teacher's '3' \(32, 16\); map "
+                                         r"modules whose outputs have the same shape"):
+        distill(teacher, student, data, max_steps=1, hidden={"1": "3"}, progress=False)
+    with pytest.raises(InputError, match="non-empty dict"):
+        distill(teacher, student, data, max_steps=1, hidden=["1", "3"], progress=False)
+    with pytest.raises(InputError, match="hidden_weight must be positive"):
+        distill(teacher, student, data, max_steps=1, hidden={"1": "3"}, hidden_weight=0, progress=False)
+    assert all(not m._forward_hooks for m in teacher.modules())     # refused calls leave no hook either
+
+
+def _counted(model: nn.Module) -> list[int]:
+    """Rows the model has been called on, one entry per call."""
+    calls: list[int] = []
+    model.register_forward_hook(lambda m, args, out: calls.append(len(out)))
+    return calls
+
+
+def test_the_teacher_runs_once_per_sample_not_at_every_step(monkeypatch):
+    module = importlib.import_module("compilers.optimize.distill")   # the package exports the function as distill
+    teacher, student, data = _mlp(32).eval(), _mlp(6, seed=1), _data()
+    calls = _counted(teacher)
+    cached = distill(teacher, student, data, epochs=10, progress=False)
+    assert cached.report.teacher_cached and "teacher computed once per sample" in str(cached.report)
+    # first batch (the loss kinds) + the probe before training + one pass over the 96 rows; nothing per step,
+    # nor for the probe after training
+    assert sum(calls) == 32 + ROWS + ROWS and cached.report.steps == 10 * 3
+    calls.clear()
+    monkeypatch.setattr(module, "CACHE_BYTES", 0)                  # too big to keep: run at every step
+    every = distill(teacher, student, data, epochs=10, progress=False)
+    assert not every.report.teacher_cached and sum(calls) == 32 + ROWS + 10 * ROWS + ROWS
+    for a, b in zip(cached.model.state_dict().values(), every.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5)
+    g = torch.Generator().manual_seed(3)
+    items = [{"tokens": torch.randn(4, length, FEATURES, generator=g)} for length in (3, 5, 7)]
+    monkeypatch.undo()
+    encoder = Encoder(16, "embedding").eval()
+    calls = _counted(encoder)
+    d = distill(encoder, Encoder(8, "embedding", seed=1), items, epochs=5, progress=False)
+    assert d.report.teacher_cached and len(calls) == 1 + 3 + 3      # items as given: each item once

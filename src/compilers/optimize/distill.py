@@ -24,6 +24,20 @@ the items agree in structure and in every tensor's shape but dim 0 (the batch), 
 epoch draws `batch_size` rows at a time in a seeded random order; otherwise (e.g. token batches padded to
 different lengths) each item stays one batch and only their order is shuffled.
 
+Hidden states (`hidden={student module: teacher module}`, by dotted name, as in DistilBERT, TinyBERT and MiniLM):
+forward hooks keep what each named module returns (its first floating-point tensor, e.g. an encoder layer's
+hidden states), and the relative MSE of each pair (mean squared error / the teacher's mean square, so 1 means "no
+better than zeros" at any scale) is averaged over the pairs, times `hidden_weight`, and added to the output loss.
+For a student made by `drop_layers(keep=...)`, map its layer i to the teacher's layer keep[i]. The pairs must
+return the same shapes (checked on the first batch: an InputError says which pair differs): a student whose
+hidden width was pruned cannot be matched this way; one with heads pruned or layers dropped can. The hooks are
+removed when training ends.
+
+The teacher runs once per sample, not at every step: its outputs (and hidden states) for a sample are kept from
+the first time the sample is drawn, when those for all the data fit in CACHE_BYTES (1 GiB) and every output has
+the batch dim; otherwise it runs on each batch. The teacher is in eval mode, so both give the same targets (up to
+float rounding); after the first epoch a step costs the student's forward and backward pass only.
+
 Training is bounded (epochs, steps and/or seconds: at least one; the first reached stops it), deterministic for
 a seed when bounded by epochs or steps (`torch.manual_seed` inside a forked RNG, a seeded generator for the
 order, one thread by default, so the weights do not depend on the core count), quiet unless on a terminal.
@@ -33,9 +47,10 @@ not held out: it measures how well the student fits the teacher there) before an
 from __future__ import annotations
 
 import copy
+import difflib
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +67,8 @@ from ..state import restore_modes, train_modes
 KINDS = ("kl", "mse", "cosine")
 #: rows of the data the report's before/after objective is measured on
 PROBE_ROWS = 256
+#: the most bytes of teacher outputs (and hidden states) kept to compute them once per sample, not every step
+CACHE_BYTES = 1 << 30
 #: how close to 1 every row's L2 norm must be for "auto" to read an output as normalised embeddings
 UNIT_NORM_TOLERANCE = 1e-3
 
@@ -70,6 +87,9 @@ class DistillReport:
     losses: dict[str, str]      # output leaf -> "kl" | "mse" | "cosine" | "ignored" ({} for a callable loss)
     labels: bool
     batching: str               # how batches were drawn from the data
+    hidden: dict[str, str]      # student module -> teacher module whose outputs were matched ({} for none)
+    hidden_weight: float
+    teacher_cached: bool        # the teacher's outputs kept from a sample's first use (True) or run every step
     loss_start: float
     loss_end: float
     probe_rows: int
@@ -80,9 +100,12 @@ class DistillReport:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {v}" for k, v in self.losses.items()) or "custom loss"
+        hidden = (f" + {self.hidden_weight:g} x hidden-state relative mse on {len(self.hidden)} module pair"
+                  f"{'s' if len(self.hidden) != 1 else ''}" if self.hidden else "")
         return (f"distilled {self.steps} steps ({self.epochs:.2f} epochs, {self.seconds:.1f} s, stopped by "
-                f"{self.stopped_by}); {kinds}{' + cross-entropy on labels' if self.labels else ''}; objective on "
-                f"{self.probe_rows} probe rows {self.loss_start:.4g} -> {self.loss_end:.4g}")
+                f"{self.stopped_by}); {kinds}{' + cross-entropy on labels' if self.labels else ''}{hidden}; "
+                f"teacher {'computed once per sample' if self.teacher_cached else 'run at every step'}; "
+                f"objective on {self.probe_rows} probe rows {self.loss_start:.4g} -> {self.loss_end:.4g}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,7 @@ class Distilled:
 
 def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, labels: Any = None,
             loss: str | Loss = "auto", temperature: float = 2.0, alpha: float = 0.5,
+            hidden: Mapping[str, str] | None = None, hidden_weight: float = 1.0,
             epochs: int | None = None, max_steps: int | None = None, max_seconds: float | None = None,
             batch_size: int = 32, lr: float = 1e-3, seed: int = 0, threads: int | None = 1,
             progress: bool = True) -> Distilled:
@@ -105,6 +129,11 @@ def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, labe
     loss: "auto" (see the module's docstring), "kl", "mse", "cosine", or `fn(student_out, teacher_out, labels)`.
     temperature: softens both distributions for "kl" (the term is scaled by its square).
     alpha: with labels, the weight of the distillation term; the cross-entropy gets 1 - alpha.
+    hidden: hidden-state distillation: {student module: teacher module} by dotted name (as named_modules()
+        lists them), e.g. {"bert.encoder.layer.1": "bert.encoder.layer.2"} for a student that kept teacher layer 2
+        as its layer 1. Each pair's outputs (the first floating-point tensor a module returns) must have the same
+        shape; their relative MSE (mean squared error / the teacher's mean square) is averaged over the pairs,
+        weighted by hidden_weight and added to the output loss. Each module must run once per forward call.
     epochs / max_steps / max_seconds: bounds, at least one; the first reached stops training. A time bound
         stops at a step that depends on the machine's speed, so only the other two give repeatable weights.
     batch_size: rows per step when the items can be pooled (otherwise each item is one step).
@@ -116,7 +145,8 @@ def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, labe
         raise InputError("distill needs a bound: give epochs=, max_steps= and/or max_seconds= (the first reached "
                          "stops training)")
     for name, value in (("epochs", epochs), ("max_steps", max_steps), ("max_seconds", max_seconds),
-                        ("batch_size", batch_size), ("temperature", temperature), ("lr", lr)):
+                        ("batch_size", batch_size), ("temperature", temperature), ("lr", lr),
+                        ("hidden_weight", hidden_weight)):
         if value is not None and not value > 0:
             raise InputError(f"distill: {name} must be positive, not {value!r}")
     if not 0.0 <= alpha <= 1.0:
@@ -125,6 +155,10 @@ def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, labe
     if not callable(loss) and loss not in ("auto", *KINDS):
         raise InputError(f"distill: unknown loss {loss!r}; use 'auto', {', '.join(map(repr, KINDS))} or a callable "
                          "fn(student_output, teacher_output, labels) -> scalar tensor")
+    if hidden is not None and not (isinstance(hidden, Mapping) and hidden
+                                   and all(isinstance(k, str) and isinstance(v, str) for k, v in hidden.items())):
+        raise InputError(f"distill hidden must be a non-empty dict {{student module name: teacher module name}}, "
+                         f"e.g. {{'encoder.layer.0': 'encoder.layer.1'}}, not {hidden!r}")
     batches = _Batches(data, labels, batch_size)
     student = copy.deepcopy(student)
     teacher_modes = train_modes(teacher)
@@ -136,8 +170,12 @@ def distill(teacher: nn.Module, student: nn.Module, data: Iterable[Any], *, labe
             torch.set_num_threads(threads)
         with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
-            objective = _Objective(teacher, student, batches, loss, temperature, alpha)
-            report = _train(student, batches, objective, epochs, max_steps, max_seconds, lr, seed, progress)
+            objective = _Objective(teacher, student, batches, loss, temperature, alpha, dict(hidden or {}),
+                                   hidden_weight)
+            try:
+                report = _train(student, batches, objective, epochs, max_steps, max_seconds, lr, seed, progress)
+            finally:
+                objective.close()
     finally:
         torch.set_num_threads(old_threads)
         restore_modes(teacher_modes)
@@ -258,22 +296,95 @@ def _to(tree: Any, device: torch.device) -> Any:
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
+class _Taps:
+    """Forward hooks that keep what named submodules return during one call of the model."""
+
+    def __init__(self, model: nn.Module, names: list[str], who: str):
+        modules = dict(model.named_modules())
+        for name in names:
+            if name not in modules or not name:
+                raise InputError(f"distill hidden: the {who} ({type(model).__name__}) has no submodule {name!r}"
+                                 f"{_did_you_mean(name, [n for n in modules if n])}. Give dotted names as "
+                                 f"{who}.named_modules() lists them")
+        self.names, self.who = names, who
+        self.seen: dict[str, list[Any]] = {}
+        self.handles = [modules[n].register_forward_hook(self._hook(n)) for n in dict.fromkeys(names)]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            self.seen.setdefault(name, []).append(output)
+        return keep
+
+    def take(self) -> list[torch.Tensor]:
+        """Each name's output tensor of the call just made (the first floating-point tensor it returned)."""
+        seen, self.seen = self.seen, {}
+        got = []
+        for name in self.names:
+            calls = seen.get(name, [])
+            if len(calls) != 1:
+                raise InputError(f"distill hidden: the {self.who}'s {name!r} ran {len(calls)} times in one forward "
+                                 "call; map modules that run exactly once per call (e.g. one encoder layer)")
+            tensor = next((x for x in pytree.tree_leaves(calls[0])
+                           if isinstance(x, torch.Tensor) and x.is_floating_point()), None)
+            if tensor is None:
+                raise InputError(f"distill hidden: the {self.who}'s {name!r} returns no floating-point tensor "
+                                 f"({_describe(calls[0])}); map modules that return hidden states")
+            got.append(tensor)
+        return got
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.seen = {}
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    """'; did you mean 'encoder.layer.3'?' from the names that end like `name` or are spelled closest to it."""
+    last = name.rsplit(".", 1)[-1]
+    close = [n for n in names if n.endswith("." + name) or name.endswith("." + n) or n.rsplit(".", 1)[-1] == last]
+    close = list(dict.fromkeys(close[:3] + difflib.get_close_matches(name, names, n=3)))[:3]
+    if close:
+        return f"; did you mean {' or '.join(map(repr, close))}?"
+    return f" (it has e.g. {', '.join(map(repr, names[:3]))})" if names else " (it has no submodules)"
+
+
 class _Objective:
-    """The loss of a student's outputs against the teacher's (and the labels), kinds fixed on the first batch."""
+    """The loss of a student's outputs (and hidden states) against the teacher's (and the labels), kinds fixed on
+    the first batch; the teacher's side computed once per sample when it fits in CACHE_BYTES."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, batches: _Batches, loss: str | Loss,
-                 temperature: float, alpha: float):
-        self.teacher, self.student = teacher, student
+                 temperature: float, alpha: float, hidden: dict[str, str], hidden_weight: float):
+        self.teacher, self.student, self.batches = teacher, student, batches
         self.custom = loss if callable(loss) else None
         self.temperature, self.alpha, self.with_labels = temperature, alpha, batches.labels is not None
-        args, kwargs, _ = batches.get(batches.probe()[0])
+        self.hidden, self.hidden_weight = hidden, hidden_weight
+        self.cache: Any = None
+        self.student_taps = _Taps(student, list(hidden), "student")
+        try:
+            self.teacher_taps = _Taps(teacher, list(hidden.values()), "teacher")
+        except InputError:
+            self.student_taps.close()
+            raise
+        try:
+            self._setup(loss)
+        except BaseException:
+            self.close()                    # no hook may stay on the user's teacher
+            raise
+
+    def _setup(self, loss: str | Loss) -> None:
+        """Read the teacher's outputs on the first batch: the loss of each, the logits leaf, the hidden shapes."""
+        teacher, batches = self.teacher, self.batches
+        first = batches.probe()[0]
+        args, kwargs, _ = batches.get(first)
         try:
             with torch.no_grad():
                 out = teacher(*_to(args, _device(teacher)), **_to(kwargs, _device(teacher)))
         except Exception as e:
+            self.teacher_taps.seen = {}
             raise InputError(f"distill: the teacher fails on the data's first batch ({brief(e)}): each item must be "
                              "shaped like the model's example inputs (a tuple of positional arguments, a dict of "
                              "keyword arguments, or one tensor)") from e
+        states = self.teacher_taps.take()
         named, self.spec = flatten_with_path(out)
         self.names = [path_name("output", path) for path, _ in named]
         self.kinds: list[str] = [] if self.custom else [_kind(name, path, leaf, loss)
@@ -289,29 +400,110 @@ class _Objective:
                                  f"{self.described()}: give loss='kl' for a classifier with one output, or a callable "
                                  "loss that uses the labels")
             self.logits = kl[0]
+        if self.hidden:
+            self._check_hidden(args, kwargs, states)
+        self.row_bytes = sum(x.numel() * x.element_size() for x in (*pytree.tree_leaves(out), *states)
+                             if isinstance(x, torch.Tensor)) / max(1, len(first) if batches.pooled
+                                                                   else (batches.rows[first] or 1))
+
+    def _check_hidden(self, args: tuple, kwargs: dict, states: list[torch.Tensor]) -> None:
+        """The student's mapped modules must return the shapes of the teacher's they are matched to."""
+        modes = train_modes(self.student)
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                device = _device(self.student)
+                self.student(*_to(args, device), **_to(kwargs, device))
+        except Exception:
+            self.student_taps.seen = {}
+            return                          # the output check of the first step says what is wrong
+        finally:
+            restore_modes(modes)
+        for (s_name, t_name), s, t in zip(self.hidden.items(), self.student_taps.take(), states):
+            if s.shape != t.shape:
+                raise InputError(f"distill hidden: the student's {s_name!r} returns {tuple(s.shape)} but the "
+                                 f"teacher's {t_name!r} {tuple(t.shape)}; map modules whose outputs have the same "
+                                 "shape (e.g. student layer i to the teacher layer it was kept from)")
+
+    def close(self) -> None:
+        self.student_taps.close()
+        self.teacher_taps.close()
 
     def described(self) -> str:
         return ", ".join(f"{n} {k}" for n, k in zip(self.names, self.kinds))
 
-    def __call__(self, args: tuple, kwargs: dict, labels: torch.Tensor | None) -> torch.Tensor:
+    def _teach(self, args: tuple, kwargs: dict) -> tuple[list[Any], list[torch.Tensor]]:
+        """The teacher's output leaves and hidden states for one batch."""
         with torch.no_grad():
-            wanted = self.teacher(*_to(args, _device(self.teacher)), **_to(kwargs, _device(self.teacher)))
+            out = self.teacher(*_to(args, _device(self.teacher)), **_to(kwargs, _device(self.teacher)))
+        leaves, spec = pytree.tree_flatten(out)
+        if spec != self.spec:
+            raise InputError(f"distill: the teacher's outputs are structured differently on different batches "
+                             f"({_describe(out)} here): distill matches a fixed structure, leaf by leaf")
+        return leaves, self.teacher_taps.take()
+
+    def remember(self) -> bool:
+        """From now on keep the teacher's side of each sample from its first use, if all of it fits in CACHE_BYTES;
+        True when it will be kept."""
+        batches = self.batches
+        rows = batches.total if batches.pooled else sum(r or 1 for r in batches.rows)
+        self.cache = {} if self.row_bytes * rows <= CACHE_BYTES else None
+        return self.cache is not None
+
+    def _wanted(self, selection: Any, args: tuple, kwargs: dict) -> tuple[list[Any], list[torch.Tensor]]:
+        """The teacher's output leaves and hidden states for a selection: kept ones, or computed (and kept)."""
+        if self.cache is None:
+            return self._teach(args, kwargs)
+        if not self.batches.pooled:
+            if selection not in self.cache:
+                self.cache[selection] = self._teach(args, kwargs)
+            return self.cache[selection]
+        if not self.cache:                  # the first batch: allocate a row-indexed store per tensor
+            leaves, states = self._teach(args, kwargs)
+            tensors = [x for x in (*leaves, *states) if isinstance(x, torch.Tensor)]
+            if any(x.dim() == 0 or x.shape[0] != len(selection) for x in tensors):
+                self.cache = None           # an output without the batch dim: rows cannot be kept apart
+                return leaves, states
+            total = self.batches.total
+            self.cache = {"seen": torch.zeros(total, dtype=torch.bool), "leaves": leaves,
+                          "store": [x.new_empty((total, *x.shape[1:])) for x in tensors]}
+            self._keep(selection, tensors)
+        missing = selection[~self.cache["seen"][selection]]
+        if len(missing):
+            leaves, states = (self._teach(args, kwargs) if len(missing) == len(selection)
+                              else self._teach(*self.batches.get(missing)[:2]))
+            self._keep(missing, [x for x in (*leaves, *states) if isinstance(x, torch.Tensor)])
+        kept = iter([x[selection] for x in self.cache["store"]])
+        leaves = [next(kept) if isinstance(x, torch.Tensor) else x for x in self.cache["leaves"]]
+        return leaves, list(kept)
+
+    def _keep(self, rows: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        for store, x in zip(self.cache["store"], tensors):
+            store[rows] = x
+        self.cache["seen"][rows] = True
+
+    def __call__(self, selection: Any) -> torch.Tensor:
+        args, kwargs, labels = self.batches.get(selection)
+        leaves_wanted, states = self._wanted(selection, args, kwargs)
         device = _device(self.student)
         got = self.student(*_to(args, device), **_to(kwargs, device))
-        wanted = _to(wanted, device)
+        leaves_wanted = _to(leaves_wanted, device)
+        wanted = pytree.tree_unflatten(leaves_wanted, self.spec)
         labels = None if labels is None else labels.to(device)
+        total = torch.zeros((), device=device)
+        if self.hidden:
+            total = total + self.hidden_weight * torch.stack(
+                [_relative_mse(s, t.to(device)) for s, t in zip(self.student_taps.take(), states)]).mean()
         if self.custom:
             value = self.custom(got, wanted, labels)
             if not isinstance(value, torch.Tensor) or value.dim() != 0:
                 raise InputError(f"distill: the loss callable must return a scalar tensor, not {value!r}")
-            return value
+            return total + value
         leaves_got, spec_got = pytree.tree_flatten(got)
-        leaves_wanted, spec_wanted = pytree.tree_flatten(wanted)
-        if spec_got != spec_wanted or spec_wanted != self.spec:
+        if spec_got != self.spec:
             raise InputError(f"distill: the student's outputs are structured differently from the teacher's: teacher "
                              f"{_describe(wanted)}, student {_describe(got)}. The student must return the same "
                              "containers and keys (outputs are matched leaf by leaf)")
-        total = torch.zeros((), device=device)
         for i, (name, kind, s, t) in enumerate(zip(self.names, self.kinds, leaves_got, leaves_wanted)):
             if kind == "ignored":
                 continue
@@ -357,6 +549,11 @@ def _cosine(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tenso
     return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
 
 
+def _relative_mse(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the teacher's mean square: 1 for a student that returns zeros, whatever the scale."""
+    return F.mse_loss(s, t) / t.pow(2).mean().clamp_min(1e-12)
+
+
 _LOSSES = {"kl": _kl, "mse": _mse, "cosine": _cosine}
 
 
@@ -379,9 +576,8 @@ def _probe_loss(objective: _Objective, batches: _Batches) -> float:
     try:
         with torch.no_grad():
             for selection in batches.probe():
-                args, kwargs, labels = batches.get(selection)
                 n = len(selection) if batches.pooled else (batches.rows[selection] or 1)
-                total += float(objective(args, kwargs, labels)) * n
+                total += float(objective(selection)) * n
                 rows += n
     finally:
         restore_modes(modes)
@@ -397,6 +593,7 @@ def _train(student: nn.Module, batches: _Batches, objective: _Objective, epochs:
     optimizer = torch.optim.Adam(params, lr=lr)
     order = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
+    cached = objective.remember()
     student.train()
     steps, epoch, done, stopped_by = 0, 0, 0.0, None
     while stopped_by is None:
@@ -406,9 +603,8 @@ def _train(student: nn.Module, batches: _Batches, objective: _Objective, epochs:
         selections = batches.epoch(order)
         what = f"distilling, epoch {epoch + 1}" + (f"/{epochs}" if epochs else "")
         for i, selection in enumerate(track(selections, len(selections), what) if progress else selections):
-            args, kwargs, labels = batches.get(selection)
             optimizer.zero_grad()
-            value = objective(args, kwargs, labels)
+            value = objective(selection)
             if not torch.isfinite(value):
                 raise CompilerError(f"distill: the loss became {float(value)} at step {steps + 1}: lower lr (now {lr}) "
                                     "or the temperature, or check the data for NaN/Inf")
@@ -427,5 +623,6 @@ def _train(student: nn.Module, batches: _Batches, objective: _Objective, epochs:
     student.eval()
     return DistillReport(steps=steps, epochs=done, seconds=seconds, stopped_by=stopped_by,
                          losses=dict(zip(objective.names, objective.kinds)), labels=batches.labels is not None,
-                         batching=batches.batching, loss_start=loss_start, loss_end=_probe_loss(objective, batches),
-                         probe_rows=batches.probe_rows(), seed=seed)
+                         batching=batches.batching, hidden=dict(objective.hidden),
+                         hidden_weight=objective.hidden_weight, teacher_cached=cached, loss_start=loss_start,
+                         loss_end=_probe_loss(objective, batches), probe_rows=batches.probe_rows(), seed=seed)
