@@ -225,8 +225,8 @@ def _speed(model: torch.nn.Module | Pipeline, smaller: CompiledModel | CompiledP
            calibration: list[Any] | None, options: dict[str, Any]) -> dict[str, Any]:
     """What the smaller model gains: `model` compiled for the same target as `smaller` (not validated: it is only
     timed), both timed on example_inputs in one interleaved `compilers.benchmark` (a Pipeline's compiled modules
-    on the tensors its pre-processing makes of them). An unpruned model that does
-    not build is recorded as such (the smaller one was judged already)."""
+    on the tensors its pre-processing makes of them). An unpruned model that does not build is recorded as such
+    (the smaller one was judged already)."""
     from .bench import benchmark
     try:
         unpruned = compile(model, smaller.target, example_inputs, calibration=calibration, validate=False,
