@@ -22,6 +22,11 @@ def devices_of(model: torch.nn.Module, *inputs: Any) -> list[str]:
     return sorted({str(t.device) for t in tensors if t.device.type != "cpu"})
 
 
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """A tree of inputs (tuples, lists, dicts) with every tensor moved to `device`, the rest as it is."""
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
 def on_cpu(model: torch.nn.Module, example_inputs: Any, calibration: Iterable[Any] | None,
            samples: Iterable[Any] | None, metric: Metric | None) -> tuple[torch.nn.Module, Any, Any, Any, Metric | None,
                                                                           list[str]]:
@@ -46,7 +51,6 @@ def on_cpu(model: torch.nn.Module, example_inputs: Any, calibration: Iterable[An
     if isinstance(metric, Metric):
         score = metric.fn
         metric = replace(metric, fn=lambda m: score(model if m is cpu_model else m))
-    to_cpu = lambda tree: pytree.tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x, tree)  # noqa: E731
     listed = lambda items: items if items is None or isinstance(items, (torch.Tensor, dict)) \
-        else [to_cpu(s) for s in items]     # noqa: E731  (a tensor or dict: refused by name later, as on the CPU)
-    return cpu_model, to_cpu(example_inputs), listed(calibration), listed(samples), metric, devices
+        else [to_device(s, "cpu") for s in items]   # noqa: E731  (a tensor or dict: refused by name later)
+    return cpu_model, to_device(example_inputs, "cpu"), listed(calibration), listed(samples), metric, devices

@@ -59,6 +59,7 @@ from torch.utils import _pytree as pytree
 
 from ..calibration import guarded
 from ..capture import flatten_with_path, path_name
+from ..devices import to_device
 from ..errors import CompilerError, InputError, brief
 from ..progress import track
 from ..signature import as_call
@@ -292,10 +293,6 @@ def _device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def _to(tree: Any, device: torch.device) -> Any:
-    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
-
-
 class _Taps:
     """Forward hooks that keep what named submodules return during one call of the model."""
 
@@ -378,7 +375,7 @@ class _Objective:
         args, kwargs, _ = batches.get(first)
         try:
             with torch.no_grad():
-                out = teacher(*_to(args, _device(teacher)), **_to(kwargs, _device(teacher)))
+                out = teacher(*to_device(args, _device(teacher)), **to_device(kwargs, _device(teacher)))
         except Exception as e:
             self.teacher_taps.seen = {}
             raise InputError(f"distill: the teacher fails on the data's first batch ({brief(e)}): each item must be "
@@ -413,7 +410,7 @@ class _Objective:
         try:
             with torch.no_grad():
                 device = _device(self.student)
-                self.student(*_to(args, device), **_to(kwargs, device))
+                self.student(*to_device(args, device), **to_device(kwargs, device))
         except Exception:
             self.student_taps.seen = {}
             return                          # the output check of the first step says what is wrong
@@ -435,7 +432,7 @@ class _Objective:
     def _teach(self, args: tuple, kwargs: dict) -> tuple[list[Any], list[torch.Tensor]]:
         """The teacher's output leaves and hidden states for one batch."""
         with torch.no_grad():
-            out = self.teacher(*_to(args, _device(self.teacher)), **_to(kwargs, _device(self.teacher)))
+            out = self.teacher(*to_device(args, _device(self.teacher)), **to_device(kwargs, _device(self.teacher)))
         leaves, spec = pytree.tree_flatten(out)
         if spec != self.spec:
             raise InputError(f"distill: the teacher's outputs are structured differently on different batches "
@@ -486,8 +483,8 @@ class _Objective:
         args, kwargs, labels = self.batches.get(selection)
         leaves_wanted, states = self._wanted(selection, args, kwargs)
         device = _device(self.student)
-        got = self.student(*_to(args, device), **_to(kwargs, device))
-        leaves_wanted = _to(leaves_wanted, device)
+        got = self.student(*to_device(args, device), **to_device(kwargs, device))
+        leaves_wanted = to_device(leaves_wanted, device)
         wanted = pytree.tree_unflatten(leaves_wanted, self.spec)
         labels = None if labels is None else labels.to(device)
         total = torch.zeros((), device=device)
