@@ -145,8 +145,8 @@ def prune(model: nn.Module, example_inputs: Any, *, flops: float | None = None, 
     round_to: keep channel counts multiples of this (None: any count). "auto" (the default), with flops=:
         multiples of 16, else of 8, else any: the first that reaches the target (`report.round_to` says which).
         ONNX Runtime's blocked convolutions pad a width up to 16 on AVX-512 (8 on AVX2): with any count the
-        pruned digits CNN ran 0.44x as fast on ort-cpu at batch 256, with multiples of 16 1.3x-1.6x faster
-        on every CPU target (benchmarks/optimize.py). With ratio= or heads= alone, "auto" is None.
+        pruned digits CNN ran 0.44x-0.79x as fast on ort-cpu at batch 256 (two runs), with multiples of 16
+        1.2x-1.6x faster on every CPU target (benchmarks/optimize.py). With ratio= or heads= alone, "auto" is None.
     """
     _check_arguments(flops, ratio, heads, importance, calibration, round_to)
     if heads and not _attention_modules(model):
