@@ -53,7 +53,7 @@ def test_compile_records_whether_rows_are_independent(make, independent, batch):
     cm = compilers.compile(make().eval(), "ort-cpu", (torch.randn(batch, 6),))
     assert cm.signature.batch_independent is independent
     assert type(cm.signature).from_dict(cm.signature.to_dict()).batch_independent is independent
-    assert any("rows of a batch depend on each other" in n for n in cm.report.notes) == (not independent)
+    assert any("runs each request alone" in n for n in cm.report.notes) == (not independent)
 
 
 def test_a_model_without_batch_dim_in_its_outputs_is_unknown():

@@ -16,7 +16,10 @@ import torch
 from .backends import get_backend, unavailable_reason
 from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
-from .capture import Captured, batch_independence, capture, padding_independence
+from .analysis.batch import rows_verdict
+from .analysis.graph import Exported, export
+from .analysis.probes import padding_independence
+from .capture import Captured, capture
 from .devices import devices_of, on_cpu
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
@@ -306,12 +309,16 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
             _check_calibration(request, sig, plan, calib.digest)
         extra = flat_samples(sig, request.samples, request.example_inputs, "validation") \
             if request.samples is not None else list(calib.samples if calib else ())
-        independent, why = batch_independence(model, sig, [captured.runs[0].inputs, *extra])
-        sig = replace(sig, batch_independent=independent)
+        exported = _exported(request, sig, captured.runs[0].inputs)
+        rows = rows_verdict(model, sig, exported, [captured.runs[0].inputs, *extra])
+        sig = replace(sig, batch_independent=rows.independent, batch_evidence=rows.why)
         captured = replace(captured, signature=sig)
-        if independent is False:
-            captured.notes.append(f"the rows of a batch depend on each other ({why}): a server runs each request "
-                                  "alone, never with other clients' rows")
+        if sig.batch is not None and rows.independent is not True:
+            captured.notes.append(f"{rows.why}: a server runs each request alone, never with other clients' rows "
+                                  "(serving.toml [batching] rows_independent = true overrides this)")
+        if rows.unknown_ops:
+            captured.notes.append(f"ops without a rule in the batch analysis (each counted as coupling the rows of "
+                                  f"a batch): {', '.join(rows.unknown_ops)}")
         seconds["capture"] = time.perf_counter() - t0
 
         reference = None
@@ -321,7 +328,7 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
                                    r.target.tolerance.noise is not None)
             reference = _with_metric(reference, request.metric, model)
             seconds["reference"] = time.perf_counter() - t1
-        cm = _cached_or_built(request, r, captured, plan, calib, reference, seconds)
+        cm = _cached_or_built(request, r, captured, plan, calib, reference, seconds, exported)
     finally:
         restore_modes(modes)
     if mode_note and mode_note not in cm.report.notes:
@@ -330,9 +337,18 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
     return cm
 
 
+def _exported(request: Request, signature: Signature, example: list[Any]) -> Exported:
+    """The model's exported graph (`analysis.graph.export`) on the example, made once per request and signature
+    (an auto target's candidates share it)."""
+    key = ("exported", signature.inputs, tuple(signature.dims.items()), id(example))
+    if key not in request._memo:
+        request._memo[key] = export(request.model, signature, example)
+    return request._memo[key]
+
+
 def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: CalibrationPlan | None,
                      calib: Calibration | None, reference: Reference | None,
-                     seconds: dict[str, float]) -> CompiledModel:
+                     seconds: dict[str, float], exported: Exported | None = None) -> CompiledModel:
     """The build from the cache when there is one that passes validation (one that fails is removed and
     rebuilt, and the rebuild's report says so), else a new build; validated, and cached when it passes."""
     sig, cache = captured.signature, request.cache
@@ -360,7 +376,7 @@ def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: Ca
     judged = None     # the accuracy loop's verdict on the model it returns, where it ran
     judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
     cm = _build(request.model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge,
-                request.accept_traced_branches)
+                request.accept_traced_branches, exported)
     judged = cm.report.validation
     cm.report.notes.extend(captured.notes)
     if rebuilt:
@@ -479,9 +495,10 @@ def _refusal_advice(target: Target) -> str:
 def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: list[Any],
            calibration: CalibrationPlan | None, seconds: dict[str, float], versions: dict[str, str],
            judge: Callable[[CompiledModel], ValidationReport] | None = None,
-           accept_traced_branches: bool = False) -> CompiledModel:
+           accept_traced_branches: bool = False, exported: Exported | None = None) -> CompiledModel:
     """Lower, optimize and build; for int8 with a `judge` (the validation), run the accuracy loop, whose
-    verdict on the model returned is left in its report."""
+    verdict on the model returned is left in its report. `exported`: the model already exported on `example`,
+    for the ONNX route to lower instead of exporting again."""
     report = Report(target=r.target.name, backend=r.backend.name, precision=r.target.precision, versions=versions)
     report.seconds = seconds
     with tempfile.TemporaryDirectory(prefix="compilers-") as work:
@@ -489,7 +506,8 @@ def _build(model: torch.nn.Module, r: Resolved, signature: Signature, example: l
         t = time.perf_counter()
         lowered = run_ladder(r.backend.routes_for(r.settings),
                              lambda route, flat, examples: r.backend.lower(route, flat, examples, spec),
-                             model, signature, example, spec.workdir, accept_traced_branches)
+                             model, signature, example, spec.workdir, accept_traced_branches,
+                             exported.program_for(example) if exported is not None else None)
         seconds["lower"] = time.perf_counter() - t
         if lowered.dims:   # the lowered model holds for part of these dims' ranges: calls outside are InputErrors
             signature = replace(signature, dims={**signature.dims, **lowered.dims})

@@ -52,7 +52,8 @@ FROZEN_NOTE = "data-dependent control flow frozen by tracing, accepted with acce
 
 
 def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Module, signature: Signature,
-               examples: Sequence[torch.Tensor], workdir: Path, accept_traced_branches: bool = False) -> Lowered:
+               examples: Sequence[torch.Tensor], workdir: Path, accept_traced_branches: bool = False,
+               program: Any = None) -> Lowered:
     """Lower `model` by the first of `routes` that works; ExportError listing every failure if none does.
 
     The ONNX routes are this module's; any other route is the backend's own, run by `own_route(route,
@@ -63,15 +64,19 @@ def run_ladder(routes: Sequence[str], own_route: OwnRoute, model: torch.nn.Modul
     probe) says whether that path holds for other inputs: when it refuses the model for data-dependent control
     flow, the traced branch is frozen: ExportError quoting it, unless `accept_traced_branches`; when its guards
     keep a dynamic dim to part of its range, the lowered model's `dims` narrow it; when they fit no range, as
-    for a frozen branch. Attributes a route sets on the model while tracing are undone after it."""
+    for a frozen branch. Attributes a route sets on the model while tracing are undone after it.
+
+    `program`: the model's ExportedProgram on `examples`, made as torch.onnx.export makes it
+    (`analysis.graph.export`): the onnx-dynamo route converts it instead of exporting again."""
     flat = FlatModule(model, signature).eval()
     with fast_paths_off():
-        return _ladder(routes, own_route, flat, model, signature, examples, workdir, accept_traced_branches)
+        return _ladder(routes, own_route, flat, model, signature, examples, workdir, accept_traced_branches,
+                       program)
 
 
 def _ladder(routes: Sequence[str], own_route: OwnRoute, flat: FlatModule, model: torch.nn.Module,
-            signature: Signature, examples: Sequence[torch.Tensor], workdir: Path, accept_traced_branches: bool
-            ) -> Lowered:
+            signature: Signature, examples: Sequence[torch.Tensor], workdir: Path, accept_traced_branches: bool,
+            program: Any) -> Lowered:
     attempts: list[tuple[str, str]] = []
     refused: str | None = None    # torch.export's refusal of the path a trace takes (data-dependent control flow)
     exported = False              # whether a torch.export route ran (its verdict on the control flow is known)
@@ -80,7 +85,9 @@ def _ladder(routes: Sequence[str], own_route: OwnRoute, flat: FlatModule, model:
         try:
             with quiet(), warnings.catch_warnings(record=True) as caught, attributes_kept(flat):
                 warnings.simplefilter("always", torch.jit.TracerWarning)
-                if route in ONNX_ROUTES:
+                if route == "onnx-dynamo" and program is not None:
+                    lowered = _onnx_dynamo(program, signature, tuple(examples), workdir / f"{route}.onnx")
+                elif route in ONNX_ROUTES:
                     lowered = ONNX_ROUTES[route](flat, signature, tuple(examples), workdir / f"{route}.onnx")
                 else:
                     lowered = own_route(route, flat, tuple(examples))
@@ -371,7 +378,8 @@ def export_dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tupl
     return dims, per_input
 
 
-def _onnx_dynamo(flat: FlatModule, signature: Signature, examples: tuple, path: Path) -> Lowered:
+def _onnx_dynamo(flat: FlatModule | Any, signature: Signature, examples: tuple, path: Path) -> Lowered:
+    """torch.export -> ONNX; `flat` may be the module's ExportedProgram already (`analysis.graph.export`)."""
     _, per_input = export_dims(signature)
     program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
                                 input_names=signature.input_names, output_names=signature.output_names)

@@ -209,10 +209,12 @@ class Signature:
     #: integer inputs that index a fixed-size table directly (an nn.Embedding, `weight[idx]`): input name ->
     #: (low, high, what the table is); a value outside [low, high) is an InputError, as eager raises IndexError
     index_bounds: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
-    #: whether each row of a batch is answered as if it came alone (`capture.batch_independence`: eager's
-    #: answer to rows run together equals its answer to each row run alone): only then may a server run several
-    #: requests in one call. None: not known (no batch dim, or an artifact from before the check)
+    #: whether each row of a batch is answered as if it came alone, proven from the exported graph and confirmed
+    #: by eager (`analysis.batch.rows_verdict`): only then may a server run several requests in one call. False:
+    #: rows are coupled; None: not proven (no batch dim, no graph, or an artifact from before the check)
     batch_independent: bool | None = None
+    #: what shows it, in a sentence (the op that couples rows and the model's line, or why nothing is proven)
+    batch_evidence: str = ""
     #: padding masks: input name -> "keep" (nonzero marks a real position: Hugging Face's attention_mask) or
     #: "pad" (nonzero/True marks padding: PyTorch's key_padding_mask). An output that has the mask's (batch,
     #: sequence) dims is judged at the real positions only (`judged`): nobody reads what a model leaves at padding
@@ -435,6 +437,7 @@ class Signature:
             "batch": self.batch,
             "index_bounds": {k: list(v) for k, v in self.index_bounds.items()},
             "batch_independent": self.batch_independent,
+            "batch_evidence": self.batch_evidence,
             "masks": dict(self.masks),
         }
 
@@ -463,6 +466,7 @@ class Signature:
                           for k, v in from_json(dict[str, tuple[int, int, str] | tuple[int, str]],
                                                 d.get("index_bounds") or {}, f"{w}.index_bounds").items()},
             batch_independent=from_json(bool | None, d.get("batch_independent"), f"{w}.batch_independent"),
+            batch_evidence=from_json(str, d.get("batch_evidence") or "", f"{w}.batch_evidence"),
             masks=from_json(dict[str, str], d.get("masks") or {}, f"{w}.masks"),
         )
         sig._check_consistent()
