@@ -40,6 +40,8 @@ class Batching:
                                                         "waiting out the delay", minimum=1)
     queue_size: int = option(256, "requests waiting at most; one more is refused at once (HTTP 503)", minimum=1)
     instances: int = option(1, "engine calls running at once for this model (workers)", minimum=1)
+    rows_independent: bool = option(False, "let requests share calls even where compile did not prove the rows of "
+                                           "a batch independent (the server logs that this overrides compile)")
     pad: Mapping[str, float] = field(default_factory=dict)   # input name -> pad value ([batching.pad])
 
 
@@ -93,6 +95,7 @@ class Combiner:
                 raise ConfigError(f"output(s) {', '.join(lacking)} have no batch dim, so batched requests could not "
                                   "be told apart: set [batching] max_batch_size = 1")
         self.alone = alone(signature, config)     # why requests never share a call; None: they may
+        self.overridden = overridden(signature, config)    # serving.toml's word against compile's, to be logged
 
     def admit(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int, tuple, dict[str, int]]:
         """A request checked against the signature: its flat arrays, rows, compatibility key and the sizes of its
@@ -287,15 +290,24 @@ class Batcher:
 
 def alone(signature: Signature, config: Batching) -> str | None:
     """Why this model's requests must each run alone, never in one call with other clients' rows (None: they may
-    share calls, up to max_batch_size rows): its rows depend on each other, or its artifact does not say."""
-    if config.max_batch_size <= 1 or signature.batch_independent:
+    share calls, up to max_batch_size rows): compile did not prove its rows independent (they are coupled, it could
+    not tell, or the artifact predates the proof), and serving.toml does not say `rows_independent = true`."""
+    if config.max_batch_size <= 1 or signature.batch_independent or config.rows_independent:
         return None
-    if signature.batch_independent is False:
-        return ("each request runs alone: compile found that the rows of a batch depend on each other (eager's "
-                "answer to a row changes with the rows beside it), so batching would answer a client with "
-                "something that depends on other clients' requests")
-    return ("each request runs alone: the artifact does not record whether the rows of a batch are independent "
-            "(it was compiled before compilers checked); recompile it to let requests share calls")
+    evidence = signature.batch_evidence or ("the artifact does not record whether the rows of a batch are "
+                                            "independent (it was compiled before compilers checked)")
+    return (f"each request runs alone, so that no client is answered with something that depends on another "
+            f"client's request: {evidence}. Recompile after changing the model, or set [batching] "
+            "rows_independent = true in serving.toml if you know better")
+
+
+def overridden(signature: Signature, config: Batching) -> str | None:
+    """What serving.toml's `rows_independent = true` overrides (None: nothing, compile proved it or it is unset)."""
+    if not config.rows_independent or signature.batch_independent or config.max_batch_size <= 1:
+        return None
+    return (f"requests share engine calls because serving.toml says rows_independent = true, although compile did "
+            f"not prove the rows of a batch independent ({signature.batch_evidence or 'no record'}): a client may "
+            "be answered with something that depends on other clients' requests if serving.toml is wrong")
 
 
 def _paddable_dims(signature: Signature, pad: Mapping[str, float]) -> set[str]:

@@ -153,8 +153,9 @@ class RayEngines:
         # batches in flight: BATCHES_PER_REPLICA for each replica there may be (one running, the next waiting)
         workers = BATCHES_PER_REPLICA * entry.config.replicas.max
         batcher = Batcher(run, signature, replace(batching, instances=workers), on_batch=observe, check=check)
-        if batcher.combiner.alone:
-            log.warning("model %s version %s: %s", entry.name, number, batcher.combiner.alone)
+        for said in (batcher.combiner.alone, batcher.combiner.overridden):
+            if said:
+                log.warning("model %s version %s: %s", entry.name, number, said)
         await batcher.start()
         return Version(number, signature, target, batching, batcher.infer, batcher.stop)
 

@@ -140,8 +140,9 @@ class LocalEngines:
                 raise ConfigError("serving.toml [batching.pad] pads a pipeline whose answers change with padding "
                                   "(compile's report says how): remove it; requests then share calls at equal lengths")
         batcher = Batcher(cm.run_flat, cm.signature, batching, on_batch=observe, check=cm.check_inputs)
-        if batcher.combiner.alone:
-            log.warning("model %s version %s: %s", entry.name, number, batcher.combiner.alone)
+        for said in (batcher.combiner.alone, batcher.combiner.overridden):
+            if said:
+                log.warning("model %s version %s: %s", entry.name, number, said)
         version = Version(number, cm.signature, cm.target, batching, batcher.infer, batcher.stop, steps)
         if entry.config.handler is not None:
             if not self.handlers:
