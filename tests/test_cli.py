@@ -198,3 +198,35 @@ def test_serve_limits_are_checked_and_not_silently_dropped_on_ray(tmp_path, caps
                           "--grpc-max-rpcs sets a limit of compilers serve's own")):
         code, _, err = run(capsys, "serve", str(tmp_path), *flags)
         assert code == 2 and words in err and one_paragraph(err), err
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Where `compilers serve` would start its server: recorded instead, so that a check that lets a malformed
+    address through fails the test rather than serving until killed."""
+    import compilers.serve.server
+    calls = []
+    monkeypatch.setattr(compilers.serve.server, "serve", lambda repository, host, port, **kw: calls.append((host, port)))
+    return calls
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--port", "99999"], "--port must be a port number (0-65535; 0 picks a free one), not 99999"),
+    (["--port", "-1"], "--port must be a port number (0-65535; 0 picks a free one), not -1"),
+    (["--host", ""], "--host is empty; expected an IP address of this machine or a name for one"),
+    (["--host", "[::1]"], "--host '[::1]' is neither an IP address nor a name; expected"),
+    (["--host", "127.0.0.1:8000"], "--host '127.0.0.1:8000' is neither an IP address nor a name"),
+    (["--host", "http://127.0.0.1"], "--host 'http://127.0.0.1' is neither an IP address nor a name"),
+    (["--host", "nosuchhost.invalid"], "--host 'nosuchhost.invalid' does not resolve")])
+def test_serve_refuses_a_malformed_listen_address(tmp_path, capsys, started, flags, words):
+    """uvicorn bound port 99999 as 34463 (modulo 65536) while logging 99999, listened on every interface for an
+    empty --host, and ended the others in its own log lines with exit 3."""
+    code, _, err = run(capsys, "serve", str(tmp_path), *flags)
+    assert code == 2 and words in err and one_paragraph(err) and len(err.splitlines()) == 1, err
+    assert not started
+
+
+@pytest.mark.parametrize("host, port", [("127.0.0.1", "0"), ("localhost", "8000"), ("::1", "65535"), ("0.0.0.0", "1")])
+def test_serve_takes_the_usual_listen_addresses(tmp_path, capsys, started, host, port):
+    assert run(capsys, "serve", str(tmp_path), "--host", host, "--port", port)[0] == 0
+    assert started == [(host, int(port))]

@@ -1,7 +1,7 @@
 """`compilers perf` against a real server on free loopback ports (HTTP and gRPC): each concurrency level measured
 over both protocols side by side, bounded in time and count, with the server's split read from /metrics, a
 BYTES text pipeline too; errors counted over both; a model the server lacks, an unknown protocol, a gRPC run
-without its address and a missing gRPC client are refused clearly (exit 2)."""
+without its address, a malformed address and a missing gRPC client are refused clearly (exit 2)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ from torch import nn
 
 from compilers.cli import main
 from compilers.pipeline import MeanPool, Pipeline, Text
+from compilers.serve.addresses import grpc_address, http_url
 from compilers.serve.perf import Inputs, parse_shapes, split
 from compilers.serve.repository import publish
 from compilers.serve.server import running
@@ -138,11 +139,56 @@ def test_a_model_the_server_lacks_is_exit_2(server, capsys, protocol):
     (["--protocol", "ws"], "--protocol takes http or grpc (both: http,grpc), not ws"),
     (["--protocol", "http,grpc"], "--protocol grpc needs --grpc-url host:port"),
     (["--grpc-url", "127.0.0.1:1"], "--grpc-url is the address for --protocol grpc"),
-    (["--protocol", "grpc", "--grpc-url", "127.0.0.1"], "--grpc-url '127.0.0.1' must look like host:port"),
-    (["--protocol", "grpc", "--grpc-url", "http://127.0.0.1:1"], "must look like host:port")])
+    (["--protocol", "grpc", "--grpc-url", "127.0.0.1"], "--grpc-url '127.0.0.1' has no port; expected HOST:PORT"),
+    (["--protocol", "grpc", "--grpc-url", "http://127.0.0.1:1"], "has scheme http://, not grpc://; expected HOST:PORT")])
 def test_protocol_settings_are_refused_before_any_load(args, message, capsys):
     assert main(["perf", "127.0.0.1:1", "--model", "mlp", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, message", [
+    ("http://[::1", "URL 'http://[::1' is malformed (Invalid IPv6 URL)"),
+    ("http://127.0.0.1:99999", "URL 'http://127.0.0.1:99999' has port '99999', which is not a number in 1-65535"),
+    ("http://127.0.0.1:abc", "has port 'abc', which is not a number in 1-65535")])
+def test_a_malformed_url_is_one_paragraph_and_builds_no_client(url, message):
+    """In a process of its own: a tritonclient client half-built from such a URL used to end in "unexpected
+    ValueError" and print "Exception ignored ... '_closed'" from its __del__ when collected."""
+    r = subprocess.run([sys.executable, "-m", "compilers.cli", "perf", url, "-m", "mlp", "--timeout", "5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [r.stderr.strip()] and r.stderr.startswith("compilers: InputError: "), r.stderr
+    assert message in r.stderr and "expected http://HOST:PORT, e.g. http://127.0.0.1:8000" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["http://:8000"], "URL 'http://:8000' names no host"),
+    (["http://::1:8000"], "URL 'http://::1:8000' names no host"),
+    (["ftp://x"], "URL 'ftp://x' has scheme ftp://, not http:// or https://"),
+    ([""], "URL '' is empty"),
+    (["127.0.0.1:0"], "URL '127.0.0.1:0' has port '0'"),
+    (["127.0.0.1:"], "URL '127.0.0.1:' has port ''"),
+    (["http://a b:1"], "URL 'http://a b:1' has host 'a b', which is neither a name nor an IP address"),
+    (["http://[zz]:1"], "URL 'http://[zz]:1' is malformed"),
+    (["http://127.0.0.1:1/v2?x=1"], "has a query or a fragment"),
+    (["http://user:secret@127.0.0.1:1"], "has a user or password, which is never sent"),
+    (["127.0.0.1:1", "--protocol", "grpc", "--grpc-url", "[::1"], "--grpc-url '[::1' is malformed"),
+    (["127.0.0.1:1", "--protocol", "grpc", "--grpc-url", "127.0.0.1:99999"], "--grpc-url '127.0.0.1:99999' has port"),
+    (["127.0.0.1:1", "--protocol", "grpc", "--grpc-url", "grpc://127.0.0.1:1/x"], "has a path, /x"),
+    (["127.0.0.1:1", "--metrics-url", "http://[::1"], "--metrics-url 'http://[::1' is malformed")])
+def test_malformed_addresses_are_refused_with_the_expected_form(args, message, capsys):
+    assert main(["perf", *args, "-m", "mlp", "--timeout", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("compilers: InputError: ") and err.count("\n") == 1, err
+    assert message in err and "; expected " in err and ", e.g. " in err
+
+
+def test_the_usual_address_forms_are_accepted():
+    assert http_url("localhost:8000").geturl() == "http://localhost:8000"
+    assert http_url("https://[::1]:8443/prefix/").netloc == "[::1]:8443"
+    assert http_url("HTTP://Example.com").port is None                # the scheme's port
+    assert http_url("localhost:8000/metrics", "--metrics-url").geturl() == "http://localhost:8000/metrics"
+    assert grpc_address("127.0.0.1:8001") == grpc_address("grpc://127.0.0.1:8001/") == "127.0.0.1:8001"
+    assert grpc_address("[::1]:8001") == "[::1]:8001"
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])

@@ -417,8 +417,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise InputError(f"compilers serve needs the serve extra ({e.name} is missing): "
                          f"pip install 'compilers[serve]'") from None
+    from .serve.addresses import listen_address
     from .serve.limits import Limits
     from .serve.repository import Repository
+    listen_address(a.host, a.port, resolve=not a.address)   # a remote Ray cluster's nodes resolve theirs
     if a.max_body_mb <= 0:
         raise InputError(f"--max-body-mb must be positive, not {a.max_body_mb}")
     try:

@@ -36,7 +36,8 @@ words. Or a JSON file in perf_analyzer's `--input-data` form, its entries cycled
               {"INPUT": {"content": [1, 2, 3, 4, 5, 6], "shape": [1, 6]}},  (explicit shape, batch dim included)
               {"TEXT": ["a sentence", "another one"]}]}                     (BYTES: strings)
 
-Client side only: nothing here imports the server.
+The addresses are checked (`addresses`) before any client is built. Client side only: nothing here imports
+the server.
 """
 from __future__ import annotations
 
@@ -47,7 +48,6 @@ import math
 import sys
 import threading
 import time
-import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +58,7 @@ import numpy as np
 from ..bench import text_table
 from ..errors import InputError, brief
 from ..files import replacing
+from .addresses import METRICS_FORM, grpc_address, http_url
 
 STAGES = {    # the server's split: key in the report -> its histogram in /metrics
     "queue": "compilers_queue_seconds", "inference": "compilers_inference_seconds",
@@ -81,7 +82,7 @@ class HttpClient:
         except ImportError as e:
             raise InputError(f"compilers perf needs tritonclient's HTTP client ({e.name} is missing): "
                              "pip install 'tritonclient[http]'") from None
-        parsed = _parse_url(url)
+        parsed = http_url(url)
         self.module, self.model, self.version = http, model, version
         self.client = http.InferenceServerClient(parsed.netloc + parsed.path.rstrip("/"),
                                                  ssl=parsed.scheme == "https", connection_timeout=timeout,
@@ -112,7 +113,7 @@ class GrpcClient:
             raise InputError(f"compilers perf --protocol grpc needs tritonclient's gRPC client ({e.name} is "
                              "missing): pip install 'compilers[grpc]'") from None
         self.module, self.model, self.version, self.timeout = grpc, model, version, timeout
-        self.client = grpc.InferenceServerClient(_grpc_address(address))
+        self.client = grpc.InferenceServerClient(grpc_address(address))
 
     def metadata(self) -> dict[str, Any]:
         """The model's metadata as HTTP gives it (shapes as ints; gRPC's has no `parameters`). ConnectionError
@@ -147,25 +148,6 @@ def _prepare(module: Any, arrays: dict[str, np.ndarray], datatypes: dict[str, st
         t.set_data_from_numpy(x, **how)
         made.append(t)
     return made
-
-
-def _parse_url(url: str) -> urllib.parse.SplitResult:
-    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise InputError(f"URL {url!r} must look like http://host:port (or host:port)")
-    return parsed
-
-
-def _grpc_address(address: str) -> str:
-    """host:port (or grpc://host:port) -> host:port, as tritonclient.grpc takes it."""
-    parsed = urllib.parse.urlsplit(address if "://" in address else f"grpc://{address}")
-    try:
-        port = parsed.port
-    except ValueError:
-        port = None
-    if parsed.scheme != "grpc" or not parsed.hostname or port is None or parsed.path.strip("/"):
-        raise InputError(f"--grpc-url {address!r} must look like host:port (the server's --grpc-port)")
-    return parsed.netloc
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
@@ -531,8 +513,9 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Perf:
     """Load the server at `url` (HTTP; `grpc_url`, host:port, its gRPC address) with each concurrency in turn,
     over each of `protocols` in turn (see the module's docstring); `metrics_url` defaults to URL/metrics.
-    InputError for settings out of range, a server that can't be reached, a model it doesn't serve, inputs that
-    don't fit, or a level where every request failed."""
+    InputError for an address not of its form (before any client is built), settings out of range, a server
+    that can't be reached, a model it doesn't serve, inputs that don't fit, or a level where every request
+    failed."""
     protocols = list(dict.fromkeys(protocols))
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if not protocols or unknown:
@@ -551,9 +534,12 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
     for flag, value in (("--max-requests", max_requests), ("--batch", batch)):
         if value < 1:
             raise InputError(f"{flag} must be positive, not {value}")
-    parsed = _parse_url(url)
-    addresses = {p: url if p == "http" else _grpc_address(grpc_url) for p in protocols}
-    metrics_url = metrics_url or f"{parsed.scheme}://{parsed.netloc}/metrics"
+    parsed = http_url(url)                              # every address checked before any client is built
+    addresses = {p: url if p == "http" else grpc_address(grpc_url) for p in protocols}
+    if metrics_url:
+        metrics_url = http_url(metrics_url, "--metrics-url", METRICS_FORM).geturl()
+    else:
+        metrics_url = f"{parsed.scheme}://{parsed.netloc}/metrics"
     probes: dict[str, Any] = {}
     try:
         metadata = {}
