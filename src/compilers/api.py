@@ -110,7 +110,8 @@ def compile(model: torch.nn.Module | Pipeline, target: str | Path | Target | Aut
     validate: True raises ValidationError on a mismatch, "warn" warns, False skips.
     metric: a task metric (e.g. accuracy on labelled data) the compiled model must also keep, within its
         `max_drop` of eager's score; the int8 accuracy loop keeps layers in float until it does.
-    cache_dir: reuse a build when weights, code, signature, target, versions and CPU ISA match.
+    cache_dir: reuse a build when weights, code, signature, target, versions and CPU ISA match and it still
+        agrees with eager (validated, or with validate=False checked on the example).
     accept_traced_branches: a lowering route that traces (TorchScript tracing, OpenVINO's direct import)
         records only the branch the example takes through data-dependent control flow (`if x.sum() > 0:`);
         compile refuses such a build with ExportError naming the line, unless this is True (the branch is
@@ -349,8 +350,9 @@ def _exported(request: Request, signature: Signature, example: list[Any]) -> Exp
 def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: CalibrationPlan | None,
                      calib: Calibration | None, reference: Reference | None,
                      seconds: dict[str, float], exported: Exported | None = None) -> CompiledModel:
-    """The build from the cache when there is one that passes validation (one that fails is removed and
-    rebuilt, and the rebuild's report says so), else a new build; validated, and cached when it passes."""
+    """The build from the cache when there is one that passes validation, or without validation one made from a
+    model whose eager outputs on the example are this model's (an entry that fails either is removed and
+    rebuilt, and the rebuild's report says so); else a new build: validated, and cached when it passes."""
     sig, cache = captured.signature, request.cache
     versions = library_versions(r.backend.versions())
     entry, cm, rebuilt = None, None, None
@@ -365,14 +367,22 @@ def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: Ca
             cm.report.validation = check(cm, reference)
             cm.report.seconds["validate"] = time.perf_counter() - t
             if cm.report.validation.passed:
+                cache.keep_example_outputs(entry, captured.runs[0].outputs)
                 return cm
             rebuilt = (f"the cached build {entry.name} disagreed with eager ({_first_failure(cm.report.validation)}) "
                        "and was removed; this build replaces it")
+        elif cm is not None:
+            stored = cache.example_outputs(entry)
+            if stored is not None and _same_outputs([stored], [captured.runs[0].outputs]):
+                return cm
+            rebuilt = (f"the cached build {entry.name} was made from a model whose eager outputs on the example "
+                       "differ from this model's (it changed in a way its fingerprint cannot see)" if stored is not None
+                       else f"the cached build {entry.name} has no eager outputs on the example to check it against")
+            rebuilt += " and was removed; this build replaces it"
+        if rebuilt:
             log.warning("%s: %s", r.target.name, rebuilt)
             cache.drop_build(entry)
             cm = None
-        elif cm is not None:
-            return cm
     judged = None     # the accuracy loop's verdict on the model it returns, where it ran
     judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
     cm = _build(request.model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge,
@@ -398,7 +408,7 @@ def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: Ca
                 raise ValidationError(msg, result)
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
     if entry is not None and (reference is None or cm.report.validation.passed):
-        cache.save_build(entry, cm)
+        cache.save_build(entry, cm, captured.runs[0].outputs)
     return cm
 
 
@@ -441,7 +451,11 @@ def _reference(request: Request, captured: Captured, extra: list[list[Any]], flo
 
 def _same_outputs(cached: Sequence[Sequence[torch.Tensor]], fresh: Sequence[Sequence[torch.Tensor]]) -> bool:
     """Eager's outputs agree with themselves, up to the last bits that another thread count may change."""
-    for a, b in zip((t for run in cached for t in run), (t for run in fresh for t in run)):
+    cached, fresh = [t for run in cached for t in run], [t for run in fresh for t in run]
+    if len(cached) != len(fresh):
+        return False
+    for a, b in zip(cached, fresh):
+        a, b = a.cpu(), b.cpu()         # kept on the CPU, made on the model's device
         if a.shape != b.shape or a.dtype != b.dtype:
             return False
         if a.dtype.is_floating_point:

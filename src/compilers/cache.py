@@ -1,12 +1,14 @@
-"""The cache in `cache_dir`, behind one object: builds, eager References (outputs on the validation samples),
-the marks left once eager ran over calibration data, and auto targets' choices.
+"""The cache in `cache_dir`, behind one object: builds with the eager outputs on the example of the model each
+was made from, eager References (outputs on the validation samples), the marks left once eager ran over
+calibration data, and auto targets' choices.
 
 Every entry is keyed on the model's `fingerprint`: what it computes, as far as Python can see it (every
-module's parameters, buffers, plain tensor attributes and other Python attributes, hooks, the code of its
-classes with the data globals that code reads), plus what else decides the entry (signature, target,
-library versions, CPU ISA, the data's digest). A cache hit is still validated against eager, and the cached
-References are checked against the eager run compile makes anyway: an entry that disagrees is rebuilt, never
-served. What the cache cannot protect against: whoever can write the cache directory can change what
+module's parameters, buffers, plain tensor attributes and other Python attributes, hooks, torch's global
+forward hooks, the code of its classes with the globals that code reads), plus what else decides the entry
+(signature, target, library versions, CPU ISA, the data's digest). A cache hit is still validated against
+eager, or without validation its stored eager outputs on the example are compared with those of the eager run
+compile makes anyway, and the cached References are checked against that run too: an entry that disagrees is
+rebuilt, never served. What the cache cannot protect against: whoever can write the cache directory can change what
 compile returns, as with any build cache (keep it private, like a build directory).
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ from .target import Auto, Target
 
 log = logging.getLogger("compilers")
 
-#: Python objects a fingerprint walks at most (a model holding a whole dataset is not hashed object by object)
+#: Python objects a fingerprint walks at most (a model holding a whole dataset is not hashed object by object);
+#: the parameters, buffers and tensor attributes of every module are hashed whatever this budget
 MAX_OBJECTS = 200_000
 #: the layout of a cached Reference: references of another layout are remade (2: the perturbed-rounding outputs)
 REFERENCE_FORMAT = 2
@@ -74,12 +77,43 @@ class Cache:
         cm.report.seconds = {}
         return cm
 
-    def save_build(self, path: Path, cm: CompiledModel) -> None:
+    def save_build(self, path: Path, cm: CompiledModel, example_outputs: Sequence[torch.Tensor]) -> None:
+        """Save the build with the eager outputs on the example of the model it was made from."""
+        self._save_example_outputs(path, example_outputs)
         cm.save(path)
 
     def drop_build(self, path: Path) -> None:
-        """Remove a build that failed validation, so no later compile finds it."""
+        """Remove a build that failed its check against eager, so no later compile finds it."""
         remove(path)
+        self._example_outputs_path(path).unlink(missing_ok=True)
+
+    def example_outputs(self, path: Path) -> list[torch.Tensor] | None:
+        """The eager outputs on the example of the model the build at `path` was made from, or None when there
+        are none (an entry made before they were kept, or a file that cannot be read)."""
+        where = self._example_outputs_path(path)
+        if not where.is_file():
+            return None
+        try:
+            outputs = torch.load(where, weights_only=True)
+            if not isinstance(outputs, list) or not all(isinstance(t, torch.Tensor) for t in outputs):
+                raise ValueError("not a list of tensors")
+            return outputs
+        except Exception as e:
+            log.warning("cached eager outputs %s are unusable (%s)", where, e)
+            return None
+
+    def keep_example_outputs(self, path: Path, outputs: Sequence[torch.Tensor]) -> None:
+        """Store `outputs` as the build's eager outputs on the example where none are stored (a build made
+        before they were kept, since validated against this model)."""
+        if not self._example_outputs_path(path).is_file():
+            self._save_example_outputs(path, outputs)
+
+    def _save_example_outputs(self, path: Path, outputs: Sequence[torch.Tensor]) -> None:
+        with replacing(self._example_outputs_path(path)) as tmp:
+            torch.save([t.detach().cpu() for t in outputs], tmp)
+
+    def _example_outputs_path(self, path: Path) -> Path:
+        return self.directory / "example-outputs" / f"{path.name}.pt"
 
     # -- references ----------------------------------------------------------------------------------
     def reference_path(self, fingerprint: str, signature: Signature, labels: Sequence[str],
@@ -159,18 +193,30 @@ def _key(fingerprint: str, meta: dict[str, Any]) -> str:
 # -- what a model computes -------------------------------------------------------------------------------
 def fingerprint(model: torch.nn.Module) -> str:
     """sha256 over everything in `model` that can change what it computes, as far as Python can see it: each
-    module's type with the code of its class (bytecode, constants and the data globals it reads, so no source
-    file is needed), its parameters and buffers (names, dtypes, shapes, bytes), and every other attribute
-    (numbers, strings, flags, plain tensors, containers and objects holding them, hooks and other functions
-    with their closures and defaults). Code of installed packages (transformers, torch) enters by the package's
-    version. Memory addresses never enter it, so the same model gives the same fingerprint in another
-    process."""
+    module's type with the code of its class (bytecode, constants and the globals it reads, so no source file
+    is needed), its parameters and buffers (names, dtypes, shapes, bytes), and every other attribute (numbers,
+    strings, flags, plain tensors, containers and objects holding them, hooks and other functions with their
+    closures and defaults), and torch's global forward hooks. Every module's parameters, buffers and tensor
+    attributes are hashed; the other Python objects, up to MAX_OBJECTS of them. Code of installed packages
+    (transformers, torch) enters by the package's version. Memory addresses never enter it, so the same model
+    gives the same fingerprint in another process."""
     walker = _Walker()
     walker.feed(f"packages {sorted(_packages(model).items())};")
+    walker.feed("global forward hooks:")
+    walker.walk(_global_forward_hooks())
     for name, module in model.named_modules(remove_duplicate=False):
         walker.feed(f"module {name}:")
         walker.walk(module)
     return walker.h.hexdigest()
+
+
+def _global_forward_hooks() -> list[Any]:
+    """The hooks `torch.nn.modules.module.register_module_forward_(pre_)hook` installed for every module, in
+    the order they run, each with how it is called."""
+    m = torch.nn.modules.module
+    return [list(m._global_forward_pre_hooks.values()),
+            [(hook, handle in m._global_forward_hooks_with_kwargs, handle in m._global_forward_hooks_always_called)
+             for handle, hook in m._global_forward_hooks.items()]]
 
 
 class _Walker:
@@ -181,6 +227,7 @@ class _Walker:
         self.seen: dict[int, int] = {}      # id -> order first seen: cycles and shared objects by reference
         self.keep: list[Any] = []           # what `seen` refers to, alive until the walk ends (ids stay unique)
         self.count = 0
+        self.modules: set[tuple[int, tuple[str, ...]]] = set()     # (module, names) followed from code
 
     def feed(self, text: str) -> None:
         self.h.update(text.encode("utf-8", "backslashreplace"))
@@ -203,11 +250,11 @@ class _Walker:
             return
         self.seen[id(x)] = len(self.seen)
         self.keep.append(x)
-        if self.count > MAX_OBJECTS or depth > 64:
-            self.feed(f"{_qualname(type(x))}:…;")       # the bounded rest: the eager checks still judge it
-            return
+        bounded = self.count > MAX_OBJECTS or depth > 64
         if isinstance(x, torch.nn.Module):
-            self._module(x, depth)
+            self._module(x, depth, bounded)
+        elif bounded:
+            self.feed(f"{_qualname(type(x))}:…;")       # the bounded rest: the eager checks still judge it
         elif isinstance(x, (list, tuple)):
             self.feed(f"{type(x).__name__}[{len(x)}](")
             for v in x:
@@ -240,11 +287,13 @@ class _Walker:
                 self.feed(_ADDRESS.sub("", repr(x))[:1000])
             self.feed(")")
 
-    def _module(self, m: torch.nn.Module, depth: int) -> None:
-        """A module's class code, its parameters and buffers by name, its other attributes (hooks included);
-        its submodules by name only: `fingerprint` walks each of them itself."""
+    def _module(self, m: torch.nn.Module, depth: int, bounded: bool) -> None:
+        """A module's class code, its parameters, buffers and tensor attributes by name, its other attributes
+        (hooks included); its submodules by name only: `fingerprint` walks each of them itself. Past the
+        walk's bounds, its tensors only (they are hashed whatever the budget)."""
         self.feed(f"nn.Module {_qualname(type(m))}(")
-        self._class(type(m), depth)
+        if not bounded:
+            self._class(type(m), depth)
         for key, value in sorted(vars(m).items()):
             if key == "_modules":
                 self.feed(f"children {[(n, _qualname(type(c))) for n, c in value.items()]};")
@@ -252,13 +301,17 @@ class _Walker:
                 for name, t in value.items():
                     self.feed(f"{key} {name} {'frozen' if t is not None and not t.requires_grad else ''}:")
                     self.walk(None if t is None else t.detach(), depth + 1)
+            elif bounded:
+                if isinstance(value, torch.Tensor):
+                    self.feed(f"{key}=")
+                    self.walk(value, depth + 1)
             elif "hooks" in key and isinstance(value, dict):      # keyed by handle ids, which vary by process
                 self.feed(f"{key}=")
                 self.walk(list(value.values()), depth + 1)
             elif key != "training":          # compile always runs and builds the eval-mode model
                 self.feed(f"{key}=")
                 self.walk(value, depth + 1)
-        self.feed(")")
+        self.feed("…)" if bounded else ")")
 
     def _class(self, cls: type, depth: int) -> None:
         """A class by name and the code of the functions its own namespace and its bases' define (below
@@ -290,7 +343,12 @@ class _Walker:
         if isinstance(f, types.MethodType):
             self.feed("method(")
             self._function(f.__func__, depth + 1)
-            self.feed(f"bound to {_qualname(type(f.__self__))})")      # its object is walked where it is held
+            if _followed(f.__self__):
+                self.feed("bound to ")
+                self.walk(f.__self__, depth + 1)        # a reference where the object was walked already
+                self.feed(")")
+            else:
+                self.feed(f"bound to {_qualname(type(f.__self__))})")
             return
         if _library(getattr(f, "__module__", "") or ""):
             self.feed(f"function {_qualname(f)};")
@@ -307,7 +365,7 @@ class _Walker:
         self.feed(")")
 
     def _code(self, code: types.CodeType, globals_: dict[str, Any], depth: int) -> None:
-        """Bytecode, constants (nested code too) and the globals it reads that hold data or functions."""
+        """Bytecode, constants (nested code too) and the globals it reads (`_followed`)."""
         self.h.update(code.co_code)
         self.feed(f"names {code.co_names};")
         for const in code.co_consts:
@@ -316,10 +374,23 @@ class _Walker:
             else:
                 self.walk(const, depth + 1)
         for name in code.co_names:
-            value = globals_.get(name, _MISSING)
-            if _data(value) or isinstance(value, (types.FunctionType, functools.partial)):
-                self.feed(f"global {name}=")
-                self.walk(value, depth + 1)
+            self._global(name, globals_.get(name, _MISSING), code.co_names, depth)
+
+    def _global(self, name: str, value: Any, names: tuple[str, ...], depth: int) -> None:
+        """A global the code reads, when it is `_followed`; of a module of the user's own code, the attributes
+        the code can reach (`module.attribute`: the attribute's name is among the code's `names`)."""
+        if isinstance(value, types.ModuleType):
+            if _library(value.__name__) or (id(value), names) in self.modules:
+                return
+            self.modules.add((id(value), names))
+            self.keep.append(value)
+            attributes = vars(value)
+            for attribute in names:
+                if attribute in attributes:
+                    self._global(f"{name}.{attribute}", attributes[attribute], names, depth)
+        elif _followed(value):
+            self.feed(f"global {name}=")
+            self.walk(value, depth + 1)
 
 
 _MISSING = object()
@@ -327,9 +398,27 @@ _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torc
             np.dtype, torch.Tensor, np.ndarray)
 
 
+def _followed(x: Any) -> bool:
+    """A global the fingerprint follows: data (`_data`), functions, torch modules, the classes of the user's own
+    code and their instances (a config object), and objects that hold only data (a SimpleNamespace); not a
+    logger, a lock, an imported module or a library's class, whose code the library's version pins and whose
+    state is no part of what the model computes."""
+    if x is _MISSING:
+        return False
+    if _data(x) or isinstance(x, (types.FunctionType, types.MethodType, functools.partial, torch.nn.Module)):
+        return True
+    if isinstance(x, type):
+        return _users(x)
+    if isinstance(x, types.ModuleType):
+        return False
+    if _users(type(x)):
+        return True
+    state = getattr(x, "__dict__", None)
+    return isinstance(state, dict) and _data(dict(state))
+
+
 def _data(x: Any, depth: int = 0) -> bool:
-    """A global worth hashing: numbers, strings, tensors, and containers holding only those (not a logger, a
-    lock, a class or a module, whose state is no part of what the code computes)."""
+    """Plain data: numbers, strings, tensors, and containers holding only those."""
     if isinstance(x, _SCALARS):
         return True
     if depth < 3 and isinstance(x, (list, tuple, set, frozenset)) and len(x) <= 10_000:
@@ -337,6 +426,12 @@ def _data(x: Any, depth: int = 0) -> bool:
     if depth < 3 and isinstance(x, dict) and len(x) <= 10_000:
         return all(_data(k, depth + 1) and _data(v, depth + 1) for k, v in x.items())
     return False
+
+
+def _users(cls: type) -> bool:
+    """Whether `cls` is defined in the user's own code, neither Python's nor an installed package's."""
+    module = getattr(cls, "__module__", None)
+    return isinstance(module, str) and bool(module) and not _library(module)
 
 
 @functools.lru_cache(maxsize=None)
