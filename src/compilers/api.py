@@ -310,16 +310,6 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
             _check_calibration(request, sig, plan, calib.digest)
         extra = flat_samples(sig, request.samples, request.example_inputs, "validation") \
             if request.samples is not None else list(calib.samples if calib else ())
-        exported = _exported(request, sig, captured.runs[0].inputs)
-        rows = rows_verdict(model, sig, exported, [captured.runs[0].inputs, *extra])
-        sig = replace(sig, batch_independent=rows.independent, batch_evidence=rows.why)
-        captured = replace(captured, signature=sig)
-        if sig.batch is not None and rows.independent is not True:
-            captured.notes.append(f"{rows.why}: a server runs each request alone, never with other clients' rows "
-                                  "(serving.toml [batching] rows_independent = true overrides this)")
-        if rows.unknown_ops:
-            captured.notes.append(f"ops without a rule in the batch analysis (each counted as coupling the rows of "
-                                  f"a batch): {', '.join(rows.unknown_ops)}")
         seconds["capture"] = time.perf_counter() - t0
 
         reference = None
@@ -329,7 +319,7 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
                                    r.target.tolerance.noise is not None)
             reference = _with_metric(reference, request.metric, model)
             seconds["reference"] = time.perf_counter() - t1
-        cm = _cached_or_built(request, r, captured, plan, calib, reference, seconds, exported)
+        cm = _cached_or_built(request, r, captured, plan, calib, reference, seconds, extra)
     finally:
         restore_modes(modes)
     if mode_note and mode_note not in cm.report.notes:
@@ -347,12 +337,33 @@ def _exported(request: Request, signature: Signature, example: list[Any]) -> Exp
     return request._memo[key]
 
 
+def _rows_of_batch(request: Request, captured: Captured, extra: list[list[Any]]) -> tuple[Captured, Exported]:
+    """`captured` with its signature saying whether the rows of a batch are independent (`analysis.batch.
+    rows_verdict`: proven from the exported graph, confirmed in eager on the example and `extra`), and the report
+    notes that say what couples them; and the exported graph, for the ONNX route to lower."""
+    sig, example = captured.signature, captured.runs[0].inputs
+    exported = _exported(request, sig, example)
+    rows = rows_verdict(request.model, sig, exported, [example, *extra])
+    notes = list(captured.notes)
+    if sig.batch is not None and rows.independent is not True:
+        notes.append(f"{rows.why}: a server runs each request alone, never with other clients' rows "
+                     "(serving.toml [batching] rows_independent = true overrides this)")
+    if rows.unknown_ops:
+        notes.append(f"ops without a rule in the batch analysis (each counted as coupling the rows of a batch): "
+                     f"{', '.join(rows.unknown_ops)}")
+    sig = replace(sig, batch_independent=rows.independent, batch_evidence=rows.why)
+    return replace(captured, signature=sig, notes=notes), exported
+
+
 def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: CalibrationPlan | None,
                      calib: Calibration | None, reference: Reference | None,
-                     seconds: dict[str, float], exported: Exported | None = None) -> CompiledModel:
+                     seconds: dict[str, float], extra: list[list[Any]]) -> CompiledModel:
     """The build from the cache when there is one that passes validation, or without validation one made from a
     model whose eager outputs on the example are this model's (an entry that fails either is removed and
-    rebuilt, and the rebuild's report says so); else a new build: validated, and cached when it passes."""
+    rebuilt, and the rebuild's report says so); else a new build: validated, and cached when it passes. A cached
+    build keeps the verdict on the rows of a batch it was built with (entries are keyed on the model's fingerprint,
+    which decides its graph); a new build has the graph analysed first (`_rows_of_batch`, on the example and
+    `extra`)."""
     sig, cache = captured.signature, request.cache
     versions = library_versions(r.backend.versions())
     entry, cm, rebuilt = None, None, None
@@ -383,9 +394,12 @@ def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: Ca
             log.warning("%s: %s", r.target.name, rebuilt)
             cache.drop_build(entry)
             cm = None
+    t = time.perf_counter()
+    captured, exported = _rows_of_batch(request, captured, extra)
+    seconds["rows"] = time.perf_counter() - t
     judged = None     # the accuracy loop's verdict on the model it returns, where it ran
     judge = None if plan is None or reference is None else lambda candidate: check(candidate, reference)
-    cm = _build(request.model, r, sig, captured.runs[0].inputs, plan, seconds, versions, judge,
+    cm = _build(request.model, r, captured.signature, captured.runs[0].inputs, plan, seconds, versions, judge,
                 request.accept_traced_branches, exported)
     judged = cm.report.validation
     cm.report.notes.extend(captured.notes)
