@@ -21,6 +21,7 @@ LAYERS = [
     {"signature"},
     {"pipeline"},
     {"state"},
+    {"determinism"},
     {"capture"},
     {"calibration", "reference", "lower"},
     {"validate", "quantize"},
@@ -120,11 +121,11 @@ def test_eager_runs_once_per_sample():
     """Capture's eager runs (the example, and the example grown along its dynamic dims) are reused by
     validation: each sample costs one fp32 eager run (and one of the float64 twin), one with perturbed rounding
     (`compilers.roundoff`), plus one NaN/Inf probe per float input, plus the batch-independence check (4 rows
-    alone, then together)."""
+    alone, then together), plus one more run of the example (eager must repeat itself: `compilers.determinism`)."""
     model = Counted().eval()
     samples = [(torch.randn(3, 6),), (torch.randn(5, 6),)]
     cm = compilers.compile(model, "ort-cpu", (torch.randn(2, 6),), samples=samples)
-    assert model.fp32_calls == 4 + 4 + 1 + (4 + 1) and cm.report.validation.samples == 4
+    assert model.fp32_calls == 4 + 4 + 1 + (4 + 1) + 1 and cm.report.validation.samples == 4
     assert cm.report.validation.reference == "float64 eager"
 
 

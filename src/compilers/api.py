@@ -9,7 +9,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -20,6 +20,7 @@ from .analysis.batch import rows_verdict
 from .analysis.graph import Exported, export
 from .analysis.probes import padding_independence
 from .capture import Captured, capture
+from .determinism import same_outputs
 from .devices import devices_of, on_cpu
 from .errors import (BackendUnavailable, CompilerError, ExportError, InputError, TargetError,
                      ValidationError, brief)
@@ -27,7 +28,7 @@ from .host import library_versions
 from .lower import FROZEN_NOTE, run_ladder
 from .pipeline import CompiledPipeline, Pipeline
 from .quantize import CalibrationPlan, accuracy_loop, check_in_eager, plan_calibration
-from .reference import Reference, compute_reference
+from .reference import Reference, compute_reference, repeatable_run
 from .report import Report
 from .request import Request
 from .runtime import CompiledModel
@@ -384,7 +385,7 @@ def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: Ca
                        "and was removed; this build replaces it")
         elif cm is not None:
             stored = cache.example_outputs(entry)
-            if stored is not None and _same_outputs([stored], [captured.runs[0].outputs]):
+            if stored is not None and same_outputs(stored, captured.runs[0].outputs):
                 return cm
             rebuilt = (f"the cached build {entry.name} was made from a model whose eager outputs on the example "
                        "differ from this model's (it changed in a way its fingerprint cannot see)" if stored is not None
@@ -452,7 +453,8 @@ def _reference(request: Request, captured: Captured, extra: list[list[Any]], flo
         request.fingerprint(), captured.signature, [label for label, _ in runs + samples],
         [run.inputs for _, run in runs] + extra, float64)
     reference = None if path is None else cache.load_reference(path)
-    if reference is not None and not _same_outputs(reference.outputs[:len(runs)], [r.outputs for _, r in runs]):
+    fresh = [run.outputs for _, run in runs]
+    if reference is not None and not all(map(same_outputs, reference.outputs[:len(runs)], fresh)):
         log.warning("cached reference %s disagrees with eager on the example: the model changed in a way its "
                     "fingerprint cannot see; running eager again", path)
         reference = None
@@ -461,25 +463,6 @@ def _reference(request: Request, captured: Captured, extra: list[list[Any]], flo
         if path is not None:
             cache.save_reference(path, reference)
     return reference
-
-
-def _same_outputs(cached: Sequence[Sequence[torch.Tensor]], fresh: Sequence[Sequence[torch.Tensor]]) -> bool:
-    """Eager's outputs agree with themselves, up to the last bits that another thread count may change."""
-    cached, fresh = [t for run in cached for t in run], [t for run in fresh for t in run]
-    if len(cached) != len(fresh):
-        return False
-    for a, b in zip(cached, fresh):
-        a, b = a.cpu(), b.cpu()         # kept on the CPU, made on the model's device
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if a.dtype.is_floating_point:
-            a, b = a.double(), b.double()
-            scale = float(b.nan_to_num(0, 0, 0).abs().max()) if b.numel() else 0.0
-            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6 * scale, equal_nan=True):
-                return False
-        elif not torch.equal(a, b):
-            return False
-    return True
 
 
 def _check_calibration(request: Request, signature: Signature, plan: CalibrationPlan, digest: str) -> None:
@@ -645,7 +628,10 @@ def validate(cm: CompiledModel | CompiledPipeline, model: torch.nn.Module | Pipe
     modes = train_modes(model)
     model.eval()
     try:
-        reference = compute_reference(model, cm.signature, (), [(f"sample {i + 1}", f) for i, f in enumerate(flats)],
+        sig = cm.signature
+        first = repeatable_run(model, sig, "sample 1", flats[0])
+        reference = compute_reference(model, sig, [("sample 1", first)],
+                                      [(f"sample {i + 1}", f) for i, f in enumerate(flats[1:], 1)],
                                       float64=tolerance.noise is not None)
         return check(cm, _with_metric(reference, metric, model), tolerance)
     finally:

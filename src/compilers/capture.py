@@ -1,7 +1,7 @@
 """Eager capture: run the model on its example inputs (and on them grown along their dynamic dims) to find
 its Signature (`signature.py`): the inputs' names, dtypes and dynamic dims, the output structure and the dims
 each output follows, the batch dim, and the fixed-size tables integer inputs index; and keep those eager runs
-for validation to reuse.
+for validation to reuse (after checking that eager answers the example twice alike: `determinism.py`).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from .determinism import check_repeatable
 from .errors import CompilerError, ExportError, InputError, TargetError
 from .state import restore_modes, train_modes, unchanged_state
 from .signature import JSON_SCALARS, Leaf, Signature, TensorSpec, Tree, as_call, detect_masks
@@ -110,6 +111,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
                                  f"tensors and None/bool/int/float/str constants only{hint}")
         if not outputs:
             raise InputError("the model returns no tensor; there is nothing to compile")
+        # before any other eager run: every later one (the reference, its perturbed-rounding noise estimate)
+        # takes the model's outputs for a function of its inputs, and would absorb its randomness as noise
+        check_repeatable(model, lambda: [leaf for _, leaf in flatten_with_path(model(*args, **kwargs))[0]],
+                         [leaf for _, leaf in out_leaves], [path_name("output", path) for path, _ in out_leaves])
         sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
                         Tree(out_spec, tuple(leaves)), batch=_batch_name(inputs, dims),
                         index_bounds=_index_bounds(inputs, tensors, lookups), masks=detect_masks(inputs))

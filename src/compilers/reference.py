@@ -28,6 +28,7 @@ from .errors import CompilerError, InputError
 from .progress import track
 from .roundoff import perturbed
 from .capture import EagerRun
+from .determinism import check_repeatable
 from .signature import FlatModule, Signature
 from .state import unchanged_state
 
@@ -56,13 +57,18 @@ def compute_reference(model: torch.nn.Module, signature: Signature, runs: Sequen
                       samples: Sequence[tuple[str, Sequence[Any]]] = (), *, float64: bool = True) -> Reference:
     """The Reference over eager `runs` already made and fresh flat `samples` (each with its label): eager
     outputs, plus the float64 twin's where `float64` is set and the model runs in float64.
-    InputError if eager fails on a sample."""
+    InputError if eager fails on a sample. The first input must be one eager was seen to answer twice alike
+    (`determinism.check_repeatable`)."""
     labels = [label for label, _ in runs] + [label for label, _ in samples]
     inputs = [run.inputs for _, run in runs] + [list(flat) for _, flat in samples]
     outputs = [list(run.outputs) for _, run in runs]
     outputs += eager_outputs(model, signature, samples, "validation", "eager reference")
     exact, note = _float64_outputs(model, signature, inputs) if float64 else (None, "no float64 reference asked for")
     exact = list(exact) if exact is not None else [None] * len(inputs)
+    # Callers first check that eager repeats itself on the first input (capture, `repeatable_run`), and the order
+    # matters: a random model's randomness would show here as the perturbed run's distance from float64, and the
+    # allowance, twice that distance, would grow to fit any compiled output (and the float64 twin draws other
+    # random numbers, so eager's own noise would swell too).
     varied = _perturbed_outputs(model, signature, inputs)
     probes, probe_notes = nonfinite_probes(model, signature, inputs[0]) if inputs else ([], [])
     for label, flat, out in probes:
@@ -116,6 +122,16 @@ def nonfinite_probes(model: torch.nn.Module, signature: Signature, flat: Sequenc
             continue
         probes.append((probe_label(name), inputs, out))
     return probes, notes
+
+
+def repeatable_run(model: torch.nn.Module, signature: Signature, label: str, flat: Sequence[Any]) -> EagerRun:
+    """Eager on the validation sample `flat`, called twice: the run, or InputError where the two calls differ
+    (`determinism.check_repeatable`). Made before `compute_reference`, whose noise estimate would absorb a random
+    model's randomness."""
+    run = EagerRun(list(flat), eager_outputs(model, signature, [(label, flat)], "validation", "eager")[0])
+    eager = FlatModule(model, signature).eval()
+    check_repeatable(model, lambda: eager(*run.inputs), run.outputs, [s.name for s in signature.outputs])
+    return run
 
 
 def eager_outputs(model: torch.nn.Module, signature: Signature, samples: Sequence[tuple[str, Sequence[Any]]],
