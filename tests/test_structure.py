@@ -16,7 +16,7 @@ import compilers
 PACKAGE = Path(compilers.__file__).parent
 # lowest first: a module may import only modules of its own or a lower layer
 LAYERS = [
-    {"errors", "quiet", "host", "progress", "records", "files", "roundoff"},
+    {"errors", "quiet", "host", "progress", "records", "files", "roundoff", "compat"},
     {"target", "settings", "treespec"},
     {"signature"},
     {"pipeline"},
@@ -24,6 +24,7 @@ LAYERS = [
     {"determinism"},
     {"capture"},
     {"calibration", "reference", "lower"},
+    {"analysis"},
     {"validate", "quantize"},
     {"report"},
     {"artifact"},
