@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import compilers  # noqa: E402
+from timing import alternating  # noqa: E402
 
 OVERHEAD_LIMIT_US = 25.0
 TARGETS = ("ort-cpu", "openvino-cpu", "torchscript-cpu", "inductor-cpu")
@@ -67,21 +65,8 @@ def minilm_speed() -> tuple[bool, compilers.Benchmark]:
 def against(rev: str, rounds: int = 3) -> int:
     """Print the call overhead per target of this tree's package and of `rev`'s, measured in alternating
     processes (this script with PYTHONPATH on each tree's src/); medians over the rounds."""
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        other = Path(tmp) / "tree"
-        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(other), rev], check=True,
-                       capture_output=True)
-        try:
-            trees = {"this tree": root / "src", rev: other / "src"}
-            got: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
-            for _ in range(rounds):
-                for name, src in trees.items():
-                    run = subprocess.run([sys.executable, __file__, "--overhead-only"], capture_output=True, text=True,
-                                         env={**os.environ, "PYTHONPATH": str(src)}, check=True)
-                    got[name].append(json.loads(run.stdout.splitlines()[-1]))
-        finally:
-            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(other)], capture_output=True)
+    got = alternating(__file__, ["--overhead-only"], rev, rounds)
+    trees = list(got)
     print(f"call overhead, 64-wide MLP, batch 1, median of {rounds} alternating processes per tree (us):")
     print(f"{'target':18s}" + "".join(f"{name:>14s}" for name in trees))
     for target in got["this tree"][0]:
