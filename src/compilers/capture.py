@@ -113,8 +113,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
             raise InputError("the model returns no tensor; there is nothing to compile")
         # before any other eager run: every later one (the reference, its perturbed-rounding noise estimate)
         # takes the model's outputs for a function of its inputs, and would absorb its randomness as noise
-        check_repeatable(model, lambda: [leaf for _, leaf in flatten_with_path(model(*args, **kwargs))[0]],
-                         [leaf for _, leaf in out_leaves], [path_name("output", path) for path, _ in out_leaves])
+        check_repeatable(model, lambda: _again(model, args, kwargs), [leaf for _, leaf in out_leaves],
+                         [path_name("output", path) for path, _ in out_leaves])
         sig = Signature(positional, keyword_only, trees, defaults, tuple(inputs), dims, tuple(outputs),
                         Tree(out_spec, tuple(leaves)), batch=_batch_name(inputs, dims),
                         index_bounds=_index_bounds(inputs, tensors, lookups), masks=detect_masks(inputs))
@@ -142,6 +142,13 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
     if grown_leaves is not None:
         sig = _constants_that_vary(sig, out_leaves, grown_leaves, runs)
     return Captured(sig, [EagerRun(flat, outs) for flat, outs in runs], notes)
+
+
+def _again(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+    """The flat outputs of eager called again as capture first called it (under the same lookup recording, which
+    switches PyTorch's native fast paths off: nn.TransformerEncoder's nested tensors fill padding otherwise)."""
+    with _lookups(model):
+        return [leaf for _, leaf in flatten_with_path(model(*args, **kwargs))[0]]
 
 
 def _constants_that_vary(sig: Signature, example: list[tuple[tuple, Any]], grown: list[tuple[tuple, Any]],

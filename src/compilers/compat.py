@@ -4,7 +4,8 @@ Checked against torch 2.13.0. Each function falls back to public API where the p
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -18,7 +19,25 @@ def export_as_onnx_does(module: torch.nn.Module, args: tuple, dynamic_shapes: An
         from torch.onnx._internal.exporter._capture_strategies import TorchExportNonStrictStrategy
     except ImportError:     # another torch: public torch.export, narrowed as torch.onnx does
         return _export_refined(module, args, dynamic_shapes)
-    return TorchExportNonStrictStrategy()._capture(module, args, {}, dynamic_shapes)
+    with rnn_kernels_kept():
+        return TorchExportNonStrictStrategy()._capture(module, args, {}, dynamic_shapes)
+
+
+@contextlib.contextmanager
+def rnn_kernels_kept() -> Iterator[None]:
+    """Leaves torch's LSTM and GRU kernels as the block found them. torch.onnx.export swaps in while-loop
+    decompositions of them for the export and swaps them back, but the op's dispatch cache keeps the swapped
+    kernel (torch 2.13): every later export in the process, torch.export's for AOTInductor included, would then
+    decompose an LSTM into a loop, so that what one compile does would depend on the compiles before it."""
+    ops = [op for op in (getattr(torch.ops.aten.lstm, "input", None), getattr(torch.ops.aten.gru, "input", None))
+           if op is not None]
+    try:
+        yield
+    finally:
+        for op in ops:
+            cache = getattr(op, "_dispatch_cache", None)
+            if cache is not None:
+                cache.clear()
 
 
 def _export_refined(module: torch.nn.Module, args: tuple, dynamic_shapes: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .compat import rnn_kernels_kept
 from .errors import ExportError
 from .quiet import quiet
 from .signature import FlatModule, Signature
@@ -381,8 +382,9 @@ def export_dims(signature: Signature) -> tuple[dict[str, torch.export.Dim], tupl
 def _onnx_dynamo(flat: FlatModule | Any, signature: Signature, examples: tuple, path: Path) -> Lowered:
     """torch.export -> ONNX; `flat` may be the module's ExportedProgram already (`analysis.graph.export`)."""
     _, per_input = export_dims(signature)
-    program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
-                                input_names=signature.input_names, output_names=signature.output_names)
+    with rnn_kernels_kept():
+        program = torch.onnx.export(flat, examples, dynamo=True, dynamic_shapes=(per_input,), verbose=False,
+                                    input_names=signature.input_names, output_names=signature.output_names)
     program.save(str(path))
     lowered = _described("onnx-dynamo", path, signature)
     # torch.onnx relaxes the Dims it is given where the model's code keeps them to part of their range
