@@ -76,7 +76,9 @@ def rows_verdict(model: torch.nn.Module, signature: Signature, exported: Exporte
     probed, why = batch_independence(model, signature, flats)
     if probed is False:
         return Verdict(False, f"eager answers a row otherwise beside other rows ({why}), although the graph "
-                              "analysis found no op that mixes rows: please report this model", [why])
+                              "analysis found no op that mixes rows: the model's code takes another path for a "
+                              "batch of one row (a branch on the batch size), or the analysis missed an op "
+                              "(please report it)", [why])
     return Verdict(True, graph.why + (f"; confirmed by eager: {why}" if probed else ""))
 
 
@@ -114,7 +116,27 @@ def batch_verdict(exported: Exported, signature: Signature) -> Verdict:
         return Verdict(False, f"the rows of a batch are coupled: {walk.couplings[0]}"
                               + (f" (and {len(walk.couplings) - 1} more)" if len(walk.couplings) > 1 else ""),
                        walk.couplings, walk.unknown)
+    branch = _batch_branch(exported.program, batch, signature.dims[signature.batch])
+    if branch is not None:
+        return Verdict(None, f"the model's code takes another path for some batch sizes ({branch}), and the "
+                             "graph holds for the others only, so nothing is proven about how a row is answered "
+                             "alone and in a batch")
     return Verdict(True, f"proven from the graph: none of its {walk.ops} ops mixes rows of the batch")
+
+
+def _batch_branch(program: Any, batch: Any, declared: Any) -> str | None:
+    """Where the graph holds for part of the declared batch range only, because the model's code branches on the
+    batch size: the range torch.export keeps the batch to, narrower than declared; None otherwise. (A branch on
+    the batch size being 1 shows only as a runtime check `Ne(batch, 1)`, as torch's own size-oblivious checks do:
+    the eager probe of rows alone against rows together is what sees that one.)"""
+    from torch.utils._sympy.numbers import int_oo
+    vr = program.range_constraints.get(batch)
+    if vr is None:
+        return None
+    lo, hi = int(vr.lower), None if vr.upper == int_oo else int(vr.upper)
+    if lo > declared.min or (hi is not None and (declared.max is None or hi < declared.max)):
+        return f"torch.export keeps the batch to {lo}..{hi if hi is not None else ''}"
+    return None
 
 
 def _describe(state: Any) -> str:
