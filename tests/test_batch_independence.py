@@ -343,3 +343,21 @@ def test_serving_toml_can_say_rows_are_independent_and_the_server_logs_it(tmp_pa
         meta = triton.InferenceServerClient(f"{server.host}:{server.port}").get_model_metadata("centered")
     assert meta["parameters"]["requests_share_calls"] is True
     assert any("rows_independent = true" in r.message and "aten.mean" in r.message for r in caplog.records)
+
+
+def _branch_on_batch(limit):
+    return _coupled(lambda s, x: s.l(x) * 2 if x.shape[0] > limit else s.l(x))
+
+
+def test_a_graph_that_holds_for_some_batch_sizes_only_proves_nothing():
+    """`if x.shape[0] > 8:` on a 4-row example: torch.export keeps the batch to 0..8, where the graph holds; a server
+    batching nine rows would take the other path."""
+    found = verdict(_branch_on_batch(8)(), (torch.randn(4, 6),))
+    assert found.independent is None and "keeps the batch to 0..8" in found.why
+
+
+def test_a_branch_on_a_batch_of_one_row_is_caught_by_the_probe():
+    """`if x.shape[0] == 1:` shows in the graph only as a runtime check, as torch's own size checks do: the eager
+    probe (rows alone against rows together) sees the other path."""
+    found = verdict(_coupled(lambda s, x: s.l(x) * 2 if x.shape[0] == 1 else s.l(x))(), (torch.randn(4, 6),))
+    assert found.independent is False and "batch of one row" in found.why
