@@ -139,6 +139,8 @@ def test_int64_inputs_outside_int32_are_refused_not_wrapped(tmp_path):
         # inside int32, but 3x + 1 is not: the plugin answered -2147483647 where eager gives -6442450943
         with pytest.raises(compilers.InputError, match=r"Multiply .* values in \[-6442450944, 15\].* int64 in int32"):
             cm(torch.tensor([[5, -7, -2 ** 31]]))
+        with pytest.raises(compilers.InputError, match="Multiply"):      # what a server checks per request
+            cm.check_inputs([np.array([[5, -7, -2 ** 31]])])
         with pytest.raises(compilers.InputError, match=r"holds 1099511627777, outside int32"):
             cm(torch.tensor([[2 ** 40 + 1, 0, 3]]))              # was computed in int32, silently, before
 
