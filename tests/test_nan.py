@@ -125,11 +125,14 @@ def test_openvino_fp32_accepts_bf16_the_model_asks_for():
 def test_openvino_fp32_still_refuses_bf16_the_plugin_chose():
     ov = pytest.importorskip("openvino")
     from compilers.backends.openvino.backend import OpenVinoEngine, OpenVinoSettings
+    from compilers.capture import capture
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
-    ov_model = ov.convert_model(model, example_input=(torch.randn(2, 16),))
+    x = torch.randn(2, 16)
+    ov_model = ov.convert_model(model, example_input=(x,))
+    signature = capture(model, (x,), None, {}).signature
     # the plugin told bf16 stands in for a plugin that ignores INFERENCE_PRECISION_HINT=f32
-    engine = OpenVinoEngine(ov_model, load_target("openvino-cpu-bf16"), OpenVinoSettings())
+    engine = OpenVinoEngine(ov_model, load_target("openvino-cpu-bf16"), OpenVinoSettings(), signature)
     if "bf16" not in {p.lower() for p in engine.layers()[2]}:
         pytest.skip("this CPU has no bf16: the plugin runs f32 whatever it is told")
     engine.check_precision(load_target("openvino-cpu-bf16"))

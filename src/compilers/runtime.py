@@ -60,9 +60,11 @@ class CompiledModel:
         return self.signature.unflatten(self.run_flat(flat, refuse_nonfinite=self._refused()))
 
     def check_inputs(self, flat: list[Any]) -> None:
-        """InputError unless `flat` are inputs this model takes: the Signature's checks, and no NaN/Inf where the
-        engine computes them otherwise than eager (`nonfinite_refused`). What a server checks per request."""
+        """InputError unless `flat` are inputs this model takes: the Signature's checks, the engine's own
+        (`Engine.check_inputs`), and no NaN/Inf where the engine computes them otherwise than eager
+        (`nonfinite_refused`). What a server checks per request, before requests share an engine call."""
         self.signature.check(flat)
+        self.engine.check_inputs(flat)
         refused = self._refused()
         if refused:
             self._check_finite(flat, refused)

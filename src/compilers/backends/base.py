@@ -60,6 +60,10 @@ class Engine(ABC):
     def save(self, directory: Path) -> None:
         """Write the engine's files into `directory` (which exists and is empty)."""
 
+    def check_inputs(self, inputs: Sequence[Any]) -> None:
+        """InputError when the engine would compute these flat inputs (numpy arrays or CPU tensors) otherwise than
+        eager for reasons of its own (OpenVINO's narrowed integers); run() refuses them too. Default: none."""
+
     def describe(self) -> dict[str, Any]:
         """What the engine is made of: node count and executed/fused operator types, where known, and the
         backend's runtime `config` (threads, precision hint, ...) so others can reproduce it."""

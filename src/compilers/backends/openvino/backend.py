@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ...errors import ExportError, InputError
+from ...errors import ExportError
 from ...lower import Lowered
 from ...quantize import CalibrationPlan
 from ...settings import MAX_THREADS, option
 from ...signature import FlatModule, Signature
 from ...target import Target
 from ..base import Backend, Engine, Optimized, Spec
+from .integers import plan
 
 MODEL_XML = "model.xml"
 # the precision the plugin computes in; int8 models compute their unquantized layers in f32, never silently bf16
-_INT32 = np.iinfo(np.int32)
 _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
@@ -107,8 +107,15 @@ class OpenVinoBackend(Backend):
                               "cast the model and its inputs to float32")
         model = self._model(optimized.lowered)
         name_inputs(model, spec.signature)
-        engine = OpenVinoEngine(model, spec.target, spec.settings)
+        engine = OpenVinoEngine(model, spec.target, spec.settings, spec.signature)
         engine.check_precision(spec.target)
+        problem = engine.integers.problem()
+        if problem:
+            raise ExportError(f"{problem}. It would answer otherwise than eager: use ort-cpu or torchscript-cpu, "
+                              "which compute integers as eager does")
+        note = engine.integers.describe()
+        if note and note not in optimized.notes:
+            optimized.notes.append(note)
         return engine
 
     @staticmethod
@@ -118,7 +125,8 @@ class OpenVinoBackend(Backend):
 
     def load(self, spec: Spec) -> Engine:
         import openvino as ov
-        return OpenVinoEngine(ov.Core().read_model(str(spec.workdir / MODEL_XML)), spec.target, spec.settings)
+        return OpenVinoEngine(ov.Core().read_model(str(spec.workdir / MODEL_XML)), spec.target, spec.settings,
+                              spec.signature)
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,7 @@ class OpenVinoEngine(Engine):
 
     array_kind = "numpy"
 
-    def __init__(self, model: Any, target: Target, settings: OpenVinoSettings):
+    def __init__(self, model: Any, target: Target, settings: OpenVinoSettings, signature: Signature):
         import openvino as ov
         config = {"INFERENCE_PRECISION_HINT": _HINTS[target.precision], "PERFORMANCE_HINT": settings.performance_hint,
                   "INFERENCE_NUM_THREADS": settings.threads or os.cpu_count() or 1}
@@ -176,9 +184,14 @@ class OpenVinoEngine(Engine):
         self.outputs = list(self.compiled.outputs)
         self._tensor = ov.Tensor
         self._local = threading.local()   # an infer request serves one call at a time: one per thread
-        # the CPU plugin computes int64 in int32: int64 inputs are checked to fit (results past int32 still wrap)
-        self._int64 = [(i, port.get_any_name() if port.get_names() else f"input {i}")
-                       for i, port in enumerate(self.compiled.inputs) if port.get_element_type().get_type_name() == "i64"]
+        # the CPU plugin computes int64 in int32, and some integer ops in float32: each call's integer inputs are
+        # checked to keep what it computes exact (integers.py)
+        self.integers = plan(model, signature)
+
+    def check_inputs(self, inputs: Sequence[Any]) -> None:
+        if self.integers.inputs:
+            self.integers.check([x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+                                 for x in inputs])
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         # The low-level request calls: InferRequest.infer(inputs) costs ~35 us more per call on a small model.
@@ -187,13 +200,8 @@ class OpenVinoEngine(Engine):
         if request is None:
             request = local.request = self.compiled.create_infer_request()
             local.bound = [None] * len(inputs)
-        for i, name in self._int64:
-            x = inputs[i]
-            if x.size and (x.min() < _INT32.min or x.max() > _INT32.max):
-                bad = int(x.min()) if x.min() < _INT32.min else int(x.max())
-                raise InputError(f"input {name!r} holds {bad}, outside int32: OpenVINO's CPU plugin computes int64 "
-                                 "in int32 and would give a wrong answer; use ort-cpu or torchscript-cpu for values "
-                                 "that need 64 bits")
+        if self.integers.inputs:
+            self.integers.check(inputs)
         bound, converted = local.bound, []
         for i, x in enumerate(inputs):   # shares the arrays' memory: no copy of the inputs
             # The request reads an input's memory when infer() runs: a tensor set on the same address with the
