@@ -332,7 +332,7 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
 def _exported(request: Request, signature: Signature, example: list[Any]) -> Exported:
     """The model's exported graph (`analysis.graph.export`) on the example, made once per request and signature
     (an auto target's candidates share it)."""
-    key = ("exported", signature.inputs, tuple(signature.dims.items()), id(example))
+    key = ("exported", signature.inputs, tuple(signature.dims.items()), tuple(map(id, example)))
     if key not in request._memo:
         request._memo[key] = export(request.model, signature, example)
     return request._memo[key]
