@@ -1,7 +1,8 @@
 """Eager capture: run the model on its example inputs (and on them grown along their dynamic dims) to find
 its Signature (`signature.py`): the inputs' names, dtypes and dynamic dims, the output structure and the dims
-each output follows, the batch dim, and the fixed-size tables integer inputs index; and keep those eager runs
-for validation to reuse (after checking that eager answers the example twice alike: `determinism.py`).
+each output follows, the batch dim, the fixed-size tables integer inputs index, and which outputs share memory
+with an input or another output; and keep those eager runs for validation to reuse (after checking that
+eager answers the example twice alike: `determinism.py`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from torch.utils import _pytree as pytree
 from .determinism import check_repeatable
 from .errors import CompilerError, ExportError, InputError, TargetError
 from .state import restore_modes, train_modes, unchanged_state
-from .signature import JSON_SCALARS, Leaf, Signature, TensorSpec, Tree, as_call, detect_masks
+from .signature import (JSON_SCALARS, Alias, Leaf, Signature, TensorSpec, Tree, as_call, detect_masks,
+                        storage_address)
 from .target import DimRange
 
 
@@ -138,7 +140,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Mapping
                              f"{str(e)[:200]}); output dims are taken from the example alone")
     finally:
         restore_modes(modes)
-    sig = dataclasses.replace(sig, outputs=_output_dims(sig, runs))
+    # the memory eager's outputs share in every eager run (one run may take a path the other does not)
+    first, *others = [shared_memory(flat, outs) for flat, outs in runs]
+    sig = dataclasses.replace(sig, outputs=_output_dims(sig, runs),
+                              aliases=tuple(a for a in first if all(a in other for other in others)))
     if grown_leaves is not None:
         sig = _constants_that_vary(sig, out_leaves, grown_leaves, runs)
     return Captured(sig, [EagerRun(flat, outs) for flat, outs in runs], notes)
@@ -174,6 +179,26 @@ def _constants_that_vary(sig: Signature, example: list[tuple[tuple, Any]], grown
                 "inputs, or compute it outside the model")
         leaves[j] = Leaf(size=where)
     return dataclasses.replace(sig, output=Tree(sig.output.spec, tuple(leaves)))
+
+
+def shared_memory(inputs: Sequence[Any], outputs: Sequence[torch.Tensor]) -> tuple[Alias, ...]:
+    """Each output that shares memory with an input or an earlier output: the first of those, inputs first."""
+    owners: dict[int, tuple[str, int, torch.Tensor]] = {}
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and storage_address(x):
+            owners.setdefault(storage_address(x), ("input", i, x))
+    aliases = []
+    for j, y in enumerate(outputs):
+        address = storage_address(y)
+        if not address:
+            continue
+        if address not in owners:
+            owners[address] = ("output", j, y)
+            continue
+        of, index, t = owners[address]
+        whole = (y.dtype, y.shape, y.stride(), y.storage_offset()) == (t.dtype, t.shape, t.stride(), t.storage_offset())
+        aliases.append(Alias(j, of, index, whole))
+    return tuple(aliases)
 
 
 _EMBEDDINGS = (torch.nn.Embedding, torch.nn.EmbeddingBag)

@@ -7,7 +7,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .reference import probe_label
 from .report import Report
 from .settings import runtime_options
 from .pipeline import FOLDER as PIPELINE_FOLDER, CompiledPipeline, Steps
-from .signature import Signature, numpy_dtype, to_numpy, to_torch
+from .signature import Signature, numpy_dtype, storage_address, to_numpy, to_torch
 from .target import Target
 from .validate import ValidationReport
 
@@ -53,6 +53,16 @@ class CompiledModel:
         self._out_to_torch = to_torch if bf16_out else torch.from_numpy
         self._out_to_numpy = to_numpy if bf16_out else torch.Tensor.numpy
         self._run = engine.run if engine.thread_safe else _serialized(engine.run)
+        # outputs in memory a caller may edit and a later call reads or returns again (`_own_memory`): none where
+        # the engine allocates every output for its call; else what eager's outputs share is all they may share
+        held = None if engine.fresh_outputs else engine.constants()
+        self._check_memory = not engine.fresh_outputs
+        self._engine_memory = None if held is None else frozenset(filter(None, map(storage_address, held)))
+        shares: list[set] = [set() for _ in signature.outputs]
+        for a in signature.aliases:
+            shares[a.output].add((a.of, a.index))
+        self._shares = tuple(map(frozenset, shares))
+        self._whole = tuple(a for a in signature.aliases if a.whole)
         self._refusals: tuple[Any, Any, tuple] = (None, None, ())      # (validation, target, nonfinite_refused)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -82,8 +92,10 @@ class CompiledModel:
     def run_flat(self, flat: list[Any], refuse_nonfinite: tuple[tuple[int, str], ...] = ()) -> list[Any]:
         """Run on checked flat inputs; outputs come back as torch tensors on the inputs' device (numpy
         arrays for numpy inputs), in the eager model's dtypes. CPU tensors and numpy arrays are handed
-        over without copies; a torch engine gets tensors on its own device. `refuse_nonfinite`
-        (`nonfinite_refused`): inputs checked for NaN/Inf on the arrays the engine gets (one conversion)."""
+        over without copies; a torch engine gets tensors on its own device. An output shares memory with an
+        input or another output only where eager's does (`Signature.aliases`), and never with the engine.
+        `refuse_nonfinite` (`nonfinite_refused`): inputs checked for NaN/Inf on the arrays the engine gets (one
+        conversion)."""
         device = next((x.device for x in flat if isinstance(x, torch.Tensor)), None)
         if device is None and not self._numpy_outputs:
             lacking = sorted({str(s.dtype) for s, d in zip(self.signature.outputs, self._out_np_dtypes) if d is None})
@@ -102,15 +114,69 @@ class CompiledModel:
             raise
         except Exception as e:
             raise self._engine_error(flat, e) from e
+        if self._check_memory:
+            outs = self._own_memory(outs, arrays)
         if self._numpy_engine:
             if device is not None:
                 outs = [self._out_to_torch(o) for o in outs]
         elif device is None:
             outs = [self._out_to_numpy(o.detach().cpu()) for o in outs]
         if device is not None:
-            return [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
+            outs = [o if o.dtype == dt and o.device == device else o.to(device=device, dtype=dt)
                     for o, dt in zip(outs, self._out_dtypes)]
-        return [o if o.dtype == dt else o.astype(dt) for o, dt in zip(outs, self._out_np_dtypes)]
+        else:
+            outs = [o if o.dtype == dt else o.astype(dt) for o, dt in zip(outs, self._out_np_dtypes)]
+        if self._whole:
+            self._as_eager(outs, flat, device)
+        return outs
+
+    def _own_memory(self, outs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The engine's outputs, each copied that shares memory with an input, an earlier output or the engine's
+        own constants where eager's output does not (`Signature.aliases`): no output is memory that a later call
+        reads or returns again, so a caller may edit it as eager's."""
+        held = self._engine_memory
+        if held is not None:
+            try:      # the common case, in one pass: no output shares memory with anything
+                seen = set()
+                for x in inputs:
+                    seen.add(x.untyped_storage().data_ptr())
+                for o in outs:
+                    address = o.untyped_storage().data_ptr()
+                    if address in seen or address in held or not address:
+                        break
+                    seen.add(address)
+                else:
+                    return outs
+            except (RuntimeError, NotImplementedError):    # a layout without storage (storage_address: 0)
+                pass
+        shares = self._shares
+        owners: dict[int, tuple[str, int]] = {}
+        for i, x in enumerate(inputs):
+            owners.setdefault(storage_address(x), ("input", i))
+        outs = list(outs)
+        for j, o in enumerate(outs):
+            address = storage_address(o)
+            if not address:
+                continue
+            owner = owners.get(address)
+            if owner is None and held is not None and address not in held:
+                owners[address] = ("output", j)      # memory of this call's own
+            elif owner is None or owner not in shares[j]:
+                outs[j] = o.clone()
+                owners[storage_address(outs[j])] = ("output", j)
+        return outs
+
+    def _as_eager(self, outs: list[Any], flat: Sequence[Any], device: torch.device | None) -> None:
+        """Each output that eager returns as an input or an earlier output itself made that object (the caller's
+        own input, as eager's), wherever the engine's answer holds its values."""
+        for a in self._whole:
+            same = flat[a.index] if a.of == "input" else outs[a.index]
+            if device is not None and isinstance(same, np.ndarray):
+                same = self._to_torch(same)
+            got = outs[a.output]
+            if got is not same and isinstance(got, torch.Tensor) == isinstance(same, torch.Tensor) \
+                    and (_same_view(got, same) or _same_values(got, same)):
+                outs[a.output] = same
 
     predict = __call__
 
@@ -202,6 +268,26 @@ def _finite(x: Any) -> bool:
         except (RuntimeError, TypeError):
             return bool(torch.isfinite(x).all())
     return cmath.isfinite(np.vdot(x, x)) or bool(np.isfinite(x).all())
+
+
+def _same_view(a: Any, b: Any) -> bool:
+    """Whether two arrays (or two tensors) are views of the same memory with the same layout."""
+    if isinstance(a, np.ndarray):
+        return a.__array_interface__ == b.__array_interface__
+    return (a.data_ptr(), a.shape, a.stride(), a.dtype, a.device) == (b.data_ptr(), b.shape, b.stride(), b.dtype, b.device)
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two arrays (or two tensors) hold the same elements, NaN equal to NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if isinstance(a, np.ndarray):
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    if a.device != b.device:
+        return False
+    if torch.equal(a, b):
+        return True
+    return (a.is_floating_point() or a.is_complex()) and bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _as_numpy(x: torch.Tensor) -> np.ndarray:

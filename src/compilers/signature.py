@@ -8,6 +8,7 @@ inputs (names, count, structure, dtype, rank, static sizes, dynamic ranges, inde
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -194,6 +195,26 @@ class Tree:
 
 
 @dataclass(frozen=True)
+class Alias:
+    """A flat output whose memory eager shares with input or earlier output `index` (`of`: "input" or
+    "output"); `whole`: it is that tensor itself (same view), not a view of part of it."""
+
+    output: int
+    of: str
+    index: int
+    whole: bool
+
+
+def storage_address(x: torch.Tensor) -> int:
+    """The address of the memory a tensor (or a view of it) lives in; 0 where there is none to share (no
+    elements, or a layout without storage)."""
+    try:
+        return x.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+@dataclass(frozen=True)
 class Signature:
     """The compiled model's call signature and output structure."""
 
@@ -219,6 +240,10 @@ class Signature:
     #: "pad" (nonzero/True marks padding: PyTorch's key_padding_mask). An output that has the mask's (batch,
     #: sequence) dims is judged at the real positions only (`judged`): nobody reads what a model leaves at padding
     masks: Mapping[str, str] = field(default_factory=dict)
+    #: outputs whose memory eager shares with an input or an earlier output (`capture.shared_memory`): the only
+    #: outputs a compiled model may return in memory it did not allocate for that call. Empty in artifacts from
+    #: before it was recorded: every output is then the call's own
+    aliases: tuple[Alias, ...] = ()
     _fast: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
@@ -439,6 +464,7 @@ class Signature:
             "batch_independent": self.batch_independent,
             "batch_evidence": self.batch_evidence,
             "masks": dict(self.masks),
+            "aliases": [dataclasses.asdict(a) for a in self.aliases],
         }
 
     @classmethod
@@ -468,6 +494,7 @@ class Signature:
             batch_independent=from_json(bool | None, d.get("batch_independent"), f"{w}.batch_independent"),
             batch_evidence=from_json(str, d.get("batch_evidence") or "", f"{w}.batch_evidence"),
             masks=from_json(dict[str, str], d.get("masks") or {}, f"{w}.masks"),
+            aliases=from_json(tuple[Alias, ...], d.get("aliases") or [], f"{w}.aliases"),
         )
         sig._check_consistent()
         return sig
@@ -496,6 +523,10 @@ class Signature:
         unknown = set(self.index_bounds) - {s.name for s in self.inputs}
         if unknown:
             raise ValueError(f"signature.index_bounds names no input {sorted(unknown)}")
+        for a in self.aliases:
+            count = len(self.inputs) if a.of == "input" else a.output
+            if not 0 <= a.output < len(self.outputs) or a.of not in ("input", "output") or not 0 <= a.index < count:
+                raise ValueError(f"signature.aliases: {a} names no input or earlier output")
         problem = mask_problem(self.inputs, self.masks)
         if problem:
             raise ValueError(f"signature.masks: {problem}")

@@ -51,6 +51,10 @@ class Engine(ABC):
     device: str = "cpu"
     #: whether run() may be called from several threads at once; if not, the runtime serializes calls
     thread_safe: bool = True
+    #: whether run() returns, by construction, only memory allocated for that call: no input, no constant or
+    #: buffer of the engine's own, no output twice. If not, the runtime copies each output that shares memory
+    #: with an input, an earlier output (where eager's do not) or one of `constants()`
+    fresh_outputs: bool = False
 
     @abstractmethod
     def run(self, inputs: Sequence[Any]) -> list[Any]:
@@ -63,6 +67,12 @@ class Engine(ABC):
     def check_inputs(self, inputs: Sequence[Any]) -> None:
         """InputError when the engine would compute these flat inputs (numpy arrays or CPU tensors) otherwise than
         eager for reasons of its own (OpenVINO's narrowed integers); run() refuses them too. Default: none."""
+
+    def constants(self) -> list[Any] | None:
+        """The tensors the engine holds whose memory run() may return, or views of them (its weights and folded
+        constants): what an output must not share, since a caller may edit it. None: the engine cannot list them,
+        and every output that does not share memory as eager's does is copied. Only read when not `fresh_outputs`."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What the engine is made of: node count and executed/fused operator types, where known, and the

@@ -200,6 +200,12 @@ class InductorEngine(Engine):
                 return runner(*inputs)
         return raw
 
+    def constants(self) -> list[Any]:
+        """None that run() returns: AOTInductor's generated code returns a copy of a constant (or of a view of one)
+        that is a graph output (torch._inductor.codegen.cpp_wrapper_cpu: generate_return, NOTE(return_constant)).
+        An input or an output it returns again is the runtime's to check."""
+        return []
+
     def save(self, directory: Path) -> None:
         if not self.path.is_file():
             raise ArtifactError(f"the package {self.path} this model was loaded from is gone; load it again or recompile")

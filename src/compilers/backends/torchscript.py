@@ -139,6 +139,7 @@ class TorchScriptEngine(Engine):
         self.call = FlatModule(_ScriptCall(runner), spec.signature).eval() if spec.settings.mode == "script" else runner
         kinds = graph_kinds(runner.inlined_graph)
         self.info = {"nodes": sum(kinds.values()), "fused": fused_kinds(portable_kinds, kinds), "ops": dict(kinds)}
+        self.frozen = spec.settings.freeze or spec.settings.optimize_for_inference
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         with torch.no_grad():   # not inference_mode: outputs must take in-place ops and autograd as eager's do
@@ -151,6 +152,12 @@ class TorchScriptEngine(Engine):
             with torch.no_grad():
                 return call(*inputs)
         return raw
+
+    def constants(self) -> list[Any] | None:
+        """The frozen graph's constants (weights and everything freezing folded: `table + 0` is one), which the
+        interpreter returns by reference. None for a module that is not frozen: the JIT executor folds
+        constants of its own while it runs one (`torch.ones(2) * 3`), which no graph lists."""
+        return held_tensors(self.runner) if self.frozen else None
 
     def save(self, directory: Path) -> None:
         (directory / MODEL_FILE).write_bytes(self.data)
@@ -189,6 +196,21 @@ def graph_nodes(graph: Any) -> list[Any]:
         for block in node.blocks():
             nodes.extend(graph_nodes(block))
     return nodes
+
+
+def held_tensors(module: torch.jit.ScriptModule) -> list[torch.Tensor]:
+    """The tensors a ScriptModule's graph holds as constants (in lists and tuples too), and its parameters and
+    buffers (a frozen module has none left)."""
+    found, stack = [], [n.output().toIValue() for n in graph_nodes(module.inlined_graph) if n.kind() == "prim::Constant"]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+    return found + list(module.parameters()) + list(module.buffers())
 
 
 def graph_kinds(graph: Any) -> collections.Counter:

@@ -226,6 +226,9 @@ class OrtEngine(Engine):
     """An InferenceSession on the CPU provider (its run() is thread-safe)."""
 
     array_kind = "numpy"
+    # session.run without IO binding returns each output in an OrtValue allocated for that run; an initializer
+    # or an input that is a graph output is copied into one (onnxruntime PR #3912)
+    fresh_outputs = True
 
     def __init__(self, model_bytes: bytes, settings: OrtSettings, optimized_path: Path | None = None):
         import onnxruntime as ort

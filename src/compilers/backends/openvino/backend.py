@@ -170,6 +170,7 @@ class OpenVinoEngine(Engine):
     """A CompiledModel on the CPU plugin; one infer request per calling thread makes run() thread-safe."""
 
     array_kind = "numpy"
+    fresh_outputs = True     # run() copies each output out of the infer request's buffers
 
     def __init__(self, model: Any, target: Target, settings: OpenVinoSettings, signature: Signature):
         import openvino as ov
