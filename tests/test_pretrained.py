@@ -86,3 +86,14 @@ def test_minilm_int8_whose_embeddings_collapse_is_refused(bert):
     assert _worst_pooled_cosine(cm, bert, parts["samples"]) < 0.99
     result = compilers.validate(cm, bert, parts["samples"])
     assert not result.passed and "cosine" in result.outputs[0].failure, str(result)
+
+
+def test_minilm_text_pipeline_is_proven_padding_safe():
+    """Issue 32, item 2: the real MiniLM masks its attention and pools over its mask, so a server may pad sentences
+    of different lengths into one call: proven from the graph (every reduction over the sequence reached by the
+    mask), and confirmed on each example sentence alone against it padded."""
+    parts = minilm.pipeline()
+    cm = compilers.compile(parts["model"], "ort-cpu", parts["example_inputs"], samples=parts["samples"][:1])
+    assert cm.steps.padded is True, cm.report.padding
+    why = cm.report.padding["why"]
+    assert why.startswith("proven from the graph: the mask reaches each of the") and "confirmed by eager" in why, why

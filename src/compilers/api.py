@@ -18,7 +18,7 @@ from .backends.base import Backend, Optimized, Spec
 from .calibration import Calibration, calibration_set, flat_samples
 from .analysis.batch import rows_verdict
 from .analysis.graph import Exported, export
-from .analysis.probes import padding_independence
+from .analysis.padding import mask_candidates, masks_by_flow, padded_verdict
 from .capture import Captured, capture
 from .determinism import same_outputs
 from .devices import devices_of, on_cpu
@@ -269,18 +269,13 @@ def _compile_pipeline(pipe: Pipeline, target: str | Path | Target | Auto, exampl
     example = steps.tensors(example_inputs)
     request = Request.of(pipe.module, example,
                          dynamic_shapes=steps.pre.dynamic_shapes if dynamic_shapes is None else dynamic_shapes,
-                         calibration=batches(calibration), samples=batches(samples), metric=metric, **options)
+                         calibration=batches(calibration), samples=batches(samples), metric=metric,
+                         pad=dict(steps.pre.pad), **options)
     cm = _compile(request, target)
-    modes = train_modes(pipe.module)
-    pipe.module.eval()
-    try:
-        padded, why = padding_independence(pipe.module, cm.signature, cm.signature.flatten((), example),
-                                           steps.pre.pad)
-    finally:
-        restore_modes(modes)
+    padded = bool(cm.report.padding and cm.report.padding["padded"])
     if not padded:
-        cm.report.notes.append(f"padding changes the model's answers ({why}): a server batches only requests of "
-                               "equal length")
+        cm.report.notes.append(f"padding is not proven harmless ({cm.report.padding['why']}): a server batches "
+                               "only requests of equal length")
     return CompiledPipeline(cm, replace(steps, padded=padded))
 
 
@@ -311,6 +306,11 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
             _check_calibration(request, sig, plan, calib.digest)
         extra = flat_samples(sig, request.samples, request.example_inputs, "validation") \
             if request.samples is not None else list(calib.samples if calib else ())
+        if request.masks is None and mask_candidates(sig, captured.runs[0].inputs):
+            # masks decide where outputs are judged (the reference, the cache key): found before either
+            exported = _exported(request, sig, captured.runs[0].inputs)
+            captured = replace(captured, signature=_masks_by_flow(sig, exported, captured.runs[0].inputs,
+                                                                  captured.notes))
         seconds["capture"] = time.perf_counter() - t0
 
         reference = None
@@ -321,6 +321,10 @@ def _compile(request: Request, target: str | Path | Target | Auto) -> CompiledMo
             reference = _with_metric(reference, request.metric, model)
             seconds["reference"] = time.perf_counter() - t1
         cm = _cached_or_built(request, r, captured, plan, calib, reference, seconds, extra)
+        if request.pad is not None:
+            cm.report.padding = _padding(request, cm.signature, _exported(request, captured.signature,
+                                                                          captured.runs[0].inputs),
+                                         captured.runs[0].inputs)
     finally:
         restore_modes(modes)
     if mode_note and mode_note not in cm.report.notes:
@@ -354,6 +358,31 @@ def _rows_of_batch(request: Request, captured: Captured, extra: list[list[Any]])
                      f"{', '.join(rows.unknown_ops)}")
     sig = replace(sig, batch_independent=rows.independent, batch_evidence=rows.why)
     return replace(captured, signature=sig, notes=notes), exported
+
+
+def _masks_by_flow(signature: Signature, exported: Exported, example: list[Any], notes: list[str]) -> Signature:
+    """`signature` with the padding masks found by where the inputs flow (`analysis.padding.masks_by_flow`) added
+    to those found by name (the flow decides the meaning where both see one), each new one said in `notes`."""
+    found = masks_by_flow(exported, signature, example)
+    masks = dict(signature.masks)
+    for name, (meaning, where) in found.items():
+        if masks.get(name) != meaning:
+            notes.append(f"input {name!r} is taken for a padding mask ({meaning!r}: "
+                         f"{'nonzero marks a real position' if meaning == 'keep' else 'nonzero marks padding'}) "
+                         f"because it masks the {where}; outputs with its (batch, sequence) dims are judged at its "
+                         f"real positions (masks= says otherwise)")
+            masks[name] = meaning
+    return replace(signature, masks=masks)
+
+
+def _padding(request: Request, signature: Signature, exported: Exported, example: list[Any]) -> dict[str, Any]:
+    """Whether a server may pad this request's inputs with `request.pad` (`analysis.padding.padded_verdict`),
+    decided once per request (an auto target's candidates share it)."""
+    key = ("padding", id(exported))
+    if key not in request._memo:
+        padded, why = padded_verdict(request.model, signature, exported, example, request.pad)
+        request._memo[key] = {"padded": padded, "why": why}
+    return dict(request._memo[key])
 
 
 def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: CalibrationPlan | None,
@@ -417,7 +446,8 @@ def _cached_or_built(request: Request, r: Resolved, captured: Captured, plan: Ca
         if not result.passed:
             tried = "".join(f"; {route} failed: {why[:200]}" for route, why in cm.report.attempts)
             msg = (f"{r.target.name}: compiled model (lowered by {cm.report.route}{tried}) disagrees with eager "
-                   f"beyond tolerance{_int8_advice(cm)}\n{result}\n{_refusal_advice(r.target)}"
+                   f"beyond tolerance{_int8_advice(cm)}\n{result}\n{_mask_advice(sig, result)}"
+                   f"{_refusal_advice(r.target)}"
                    + (f"\nBefore this build, {rebuilt}." if rebuilt else ""))
             if request.validate is True:
                 raise ValidationError(msg, result)
@@ -491,6 +521,24 @@ def _build_failed(target: Target, signature: Signature, e: Exception) -> str:
             "cast to float32 around the model (openvino-cpu-bf16 computes in bf16 from float32), or use "
             "torchscript-cpu / inductor-cpu" if bf16 else " Try another target (`compilers targets`).")
     return f"{target.name}: {target.backend} could not build an engine for this model: {brief(e)}.{hint}"
+
+
+def _mask_advice(signature: Signature, result: ValidationReport) -> str:
+    """How to declare a padding mask, where a failing output has the (batch, sequence) dims of an integer or bool
+    input that is not one: values a model leaves at padding are nobody's answer, and are then not judged."""
+    failing = {o.name for o in result.outputs if not o.passed}
+    for spec in signature.outputs:
+        if spec.name not in failing or signature.mask_axes(spec) is not None:
+            continue
+        likely = sorted(signature.inputs, key=lambda i: (i.dtype != torch.bool, "mask" not in i.name.lower()))
+        for given in likely:
+            if given.name in signature.masks or mask_problem(signature.inputs, {given.name: "keep"}) is not None:
+                continue
+            if replace(signature, masks={given.name: "keep"}).mask_axes(spec) is not None:
+                return (f"If input {given.name!r} marks padding, declare it and {spec.name} is judged at the real "
+                        f"positions only: compile(..., masks={{{given.name!r}: \"pad\"}}) where nonzero/True marks "
+                        f"padding, or masks={{{given.name!r}: \"keep\"}} where nonzero marks a real position.\n")
+    return ""
 
 
 def _refusal_advice(target: Target) -> str:

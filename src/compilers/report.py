@@ -28,6 +28,9 @@ class Report:
     cache: str | None = None                                        # "hit", "miss" or None (no cache_dir)
     quantization: dict[str, Any] | None = None                      # the int8 accuracy loop (quantize.LoopReport)
     optimization: dict[str, Any] | None = None                      # compile(prune=, distill=): figures and scores
+    # a pipeline's padding: {"padded": whether a server may pad requests of different lengths into one call,
+    # "why": what proves it, or what is not proven} (`analysis.padding.padded_verdict`)
+    padding: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     # auto targets: every candidate (select.Candidate.to_dict: target, verdict, reason, compile_s, p50_ms,
@@ -66,6 +69,9 @@ class Report:
             lines.append("time        " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         if self.optimization is not None:
             lines.extend(_optimization_lines(self.optimization))
+        if self.padding is not None:
+            lines.append(f"padding     {'harmless' if self.padding.get('padded') else 'not proven harmless'}: "
+                         f"{self.padding.get('why')}")
         for note in self.notes:
             lines.append(f"note        {note}")
         if self.auto is not None:

@@ -28,6 +28,9 @@ class Request:
     cache: Cache | None = None
     accept_traced_branches: bool = False
     masks: Mapping[str, str] | None = None
+    #: what a server pads each input with along its non-batch dynamic dims (a pipeline's pre-processing's): compile
+    #: then decides whether padding is harmless (`Report.padding`); None: nothing is padded
+    pad: Mapping[str, float] | None = None
     _memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod

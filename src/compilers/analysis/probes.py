@@ -59,51 +59,97 @@ def batch_independence(model: torch.nn.Module, signature: Signature,
     return True, f"{len(rows)} rows answered alike together and alone"
 
 
-#: positions appended by `padding_independence`
-PADDING_CHECKED = 5
+#: items of the example `padding_independence` runs alone, at most
+PADDING_ITEMS = 8
+#: positions beyond the longest item of the example that `padding_independence` pads the batch to (and twice it)
+PADDING_CHECKED = (1, 5)
 
 
 def padding_independence(model: torch.nn.Module, signature: Signature, flat: Sequence[Any],
                          pad: Mapping[str, float]) -> tuple[bool, str]:
-    """Whether eager answers inputs padded along their dynamic dims (other than the batch) as it answers them
-    unpadded, and what shows it: `flat` (one batch), then `flat` with PADDING_CHECKED positions of each input's
-    `pad` value appended along each such dim of the inputs in `pad`; outputs compared at the unpadded positions.
-    Only then may a server pad requests of different lengths into one call (`[batching.pad]`): a model that
-    reads the padding (one ignoring its attention mask, a mean over every position) answers a client otherwise
-    for the length of other clients' requests."""
+    """Whether eager answers each item of the example batch `flat` alone and unpadded as it answers it inside the
+    batch padded further, and what shows it: each item (up to PADDING_ITEMS) cut to its real length (one past its
+    last position where a padded input differs from its `pad` value) and run alone; the batch padded to the
+    longest item plus each of PADDING_CHECKED positions, and to twice the longest (within the padded dim's
+    range); each item's outputs compared at its real positions. Only then may a server pad requests of
+    different lengths into one call: a model that reads its padding (a mean or max over every position, a
+    model ignoring its mask) answers a client otherwise for the length of other clients' requests."""
     dims = {d for spec in signature.inputs if spec.name in pad for d in spec.shape
             if isinstance(d, str) and d != signature.batch}
     if not dims:
         return True, "nothing is padded"
-    padded = []
-    for spec, x in zip(signature.inputs, flat):
-        for axis, d in enumerate(spec.shape):
-            if d in dims:
-                if spec.name not in pad:
-                    return False, f"input {spec.name!r} has the padded dim {d!r} but no pad value"
-                shape = list(x.shape)
-                shape[axis] = PADDING_CHECKED
-                x = torch.cat([x, torch.full(shape, pad[spec.name], dtype=x.dtype)], dim=axis)
-        padded.append(x)
+    if len(dims) > 1 or signature.batch is None:
+        return False, ("padding along several dims is not checked" if len(dims) > 1 else
+                       "the inputs have no batch dim to tell the items apart")
+    dim = dims.pop()
+    where: list[tuple[int, int] | None] = []       # (batch axis, padded axis) of each input that is padded
+    for spec in signature.inputs:
+        if dim not in spec.shape:
+            where.append(None)
+            continue
+        if spec.name not in pad:
+            return False, f"input {spec.name!r} has the padded dim {dim!r} but no pad value"
+        if signature.batch_axis(spec) is None:
+            return False, f"input {spec.name!r} has the padded dim {dim!r} but no batch dim"
+        where.append((signature.batch_axis(spec), spec.shape.index(dim)))
+    out_axes = [signature.batch_axis(s) for s in signature.outputs]
+    if any(a is None for a in out_axes):
+        return False, "an output has no batch dim, so a padded batch cannot be split back into items"
+    lengths = _real_lengths(signature, flat, where, pad)
+    longest = max(lengths)
+    high = signature.dims[dim].max if dim in signature.dims else None
+    targets = sorted({n for n in [*(longest + k for k in PADDING_CHECKED), 2 * longest]
+                      if high is None or n <= high} | {longest})
+    items = [b for b, n in enumerate(lengths) if n > 0][:PADDING_ITEMS]
     eager = FlatModule(model, signature).eval()
     try:
         with torch.inference_mode(), unchanged_state(model):
-            plain, longer = list(eager(*flat)), list(eager(*padded))
+            alone = [list(eager(*[x if w is None else x.narrow(w[0], b, 1).narrow(w[1], 0, lengths[b])
+                                  for x, w in zip(flat, where)])) for b in items]
+            padded = {n: list(eager(*[x if w is None else _padded_to(x, w[1], longest, n, pad[spec.name])
+                                      for x, w, spec in zip(flat, where, signature.inputs)])) for n in targets}
     except CompilerError:
         raise
-    except Exception as e:      # eager refuses the longer inputs (more positions than it has embeddings, say)
-        return False, f"eager fails on padded inputs ({type(e).__name__}: {str(e)[:160]})"
-    for spec, a, b in zip(signature.outputs, longer, plain):
-        for axis, d in enumerate(spec.shape):
-            if d in dims:
-                a = a.narrow(axis, 0, b.shape[axis])
-        if a.shape != b.shape:
-            return False, f"{spec.name} has shape {tuple(a.shape)} padded, {tuple(b.shape)} unpadded"
-        differs = relative_difference(a, b)
-        if differs > INDEPENDENCE_RTOL * EPS_RATIO.get(spec.dtype, 1.0):
-            return False, (f"{spec.name} differs by {differs:.2g} (relative) with {PADDING_CHECKED} positions of "
-                           f"padding appended along {', '.join(sorted(dims))}")
-    return True, f"{PADDING_CHECKED} positions of padding along {', '.join(sorted(dims))} changed no output"
+    except Exception as e:      # eager refuses an item alone, or the longer inputs (more positions than it embeds)
+        return False, f"eager fails on an item alone or padded ({type(e).__name__}: {str(e)[:160]})"
+    for n, outputs in padded.items():
+        for k, b in enumerate(items):
+            for spec, axis, together, own in zip(signature.outputs, out_axes, outputs, alone[k]):
+                part = together.narrow(axis, b, 1)
+                for d, name in enumerate(spec.shape):
+                    if name == dim:
+                        part = part.narrow(d, 0, lengths[b])
+                if part.shape != own.shape:
+                    return False, (f"{spec.name} of item {b} has shape {tuple(part.shape)} in a batch padded to {n}, "
+                                   f"{tuple(own.shape)} alone")
+                differs = relative_difference(part, own)
+                if differs > INDEPENDENCE_RTOL * EPS_RATIO.get(spec.dtype, 1.0):
+                    return False, (f"{spec.name} of item {b} ({lengths[b]} long) differs by {differs:.2g} (relative) "
+                                   f"between the item alone and in a batch padded to {n} along {dim}")
+    return True, (f"{len(items)} item(s) answered alike alone and in batches padded to "
+                  f"{', '.join(map(str, targets))} along {dim}")
+
+
+def _real_lengths(signature: Signature, flat: Sequence[Any], where: list[tuple[int, int] | None],
+                  pad: Mapping[str, float]) -> list[int]:
+    """Each item's real length: one past its last position where some padded input differs from its pad value."""
+    rows = int(signature.dim_sizes(flat)[signature.batch])
+    lengths = [0] * rows
+    for x, w, spec in zip(flat, where, signature.inputs):
+        if w is None:
+            continue
+        real = (x != pad[spec.name]).movedim((w[0], w[1]), (0, 1)).reshape(rows, x.shape[w[1]], -1).any(-1)
+        positions = torch.arange(1, real.shape[1] + 1)
+        lengths = [max(n, int((positions * r).max())) for n, r in zip(lengths, real)]
+    return lengths
+
+
+def _padded_to(x: torch.Tensor, axis: int, longest: int, size: int, value: float) -> torch.Tensor:
+    """`x` cut to `longest` along `axis`, then padded with `value` to `size`."""
+    x = x.narrow(axis, 0, min(longest, x.shape[axis]))
+    shape = list(x.shape)
+    shape[axis] = size - x.shape[axis]
+    return torch.cat([x, torch.full(shape, value, dtype=x.dtype)], dim=axis)
 
 
 EPS_RATIO = {torch.float16: 2.0 ** 13, torch.bfloat16: 2.0 ** 16}

@@ -41,8 +41,9 @@ class Steps:
     pre: Pre
     labels: tuple[str, ...] | None = None
     labels_of: str = "indices"
-    #: whether the model answers padded inputs as unpadded ones (`capture.padding_independence`, run by compile):
-    #: only then may a server pad requests of different lengths into one call
+    #: whether the model answers padded inputs as unpadded ones, proven from its graph and confirmed by eager
+    #: (`analysis.padding.padded_verdict`, run by compile): only then may a server pad requests of different
+    #: lengths into one call
     padded: bool = False
 
     def __post_init__(self):

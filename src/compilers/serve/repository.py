@@ -283,8 +283,8 @@ def alone_reason(version_dir: str | os.PathLike) -> str | None:
     reason = alone(signature, batching) if signature.batch is not None else None
     pipeline = manifest.get("pipeline")
     if reason is None and isinstance(pipeline, dict) and pipeline.get("padded") is False:
-        reason = ("padding changes this pipeline's answers (compile's report says how): requests share engine calls "
-                  "only when their items pre-process to equal lengths")
+        reason = ("padding is not proven harmless for this pipeline (compile's report says why): requests share "
+                  "engine calls only when their items pre-process to equal lengths")
     return reason
 
 

@@ -134,11 +134,12 @@ class LocalEngines:
         steps, batching = None, entry.config.batching
         if isinstance(cm, CompiledPipeline):   # batched after pre-processing, padded as the pre-processing pads
             steps, cm = cm.steps, cm.model
-            if steps.padded:       # compile saw padding change no answer
+            if steps.padded:       # compile proved padding harmless (the graph) and eager confirmed it
                 batching = replace(batching, pad={**steps.pre.pad, **batching.pad})
             elif batching.pad:
-                raise ConfigError("serving.toml [batching.pad] pads a pipeline whose answers change with padding "
-                                  "(compile's report says how): remove it; requests then share calls at equal lengths")
+                raise ConfigError("serving.toml [batching.pad] pads a pipeline whose padding compile did not prove "
+                                  "harmless (its report says why): remove it; requests then share calls at equal "
+                                  "lengths")
         batcher = Batcher(cm.run_flat, cm.signature, batching, on_batch=observe, check=cm.check_inputs)
         for said in (batcher.combiner.alone, batcher.combiner.overridden):
             if said:
