@@ -24,9 +24,11 @@ import torch
 
 from ..signature import Signature
 from .graph import Exported, user_inputs, user_outputs
+from .ops import (LETTERS, SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, arg_of, aten_op, aten_ops, axis_size,
+                  dims_of, is_pointwise, leaves, matmul_labels, node_value, op_name, rank_of, same_size, size_expr,
+                  source_line, tensors_of, whole)
 from .probes import batch_independence
 
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -167,16 +169,16 @@ class _Walk:
                 self.ops += 1
                 states[node] = self.step(module, node, states)
             elif node.op == "output":
-                result = [self._state(a, states) for a in _flat(node.args[0])]
+                result = [self._state(a, states) for a in leaves(node.args[0])]
         return result
 
     def step(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
         """The state of one call_function node (COUPLED, recorded with its reason, where it mixes rows)."""
-        inputs = [self._state(a, states) for a in _flat((node.args, node.kwargs))]
+        inputs = [self._state(a, states) for a in leaves((node.args, node.kwargs))]
         if COUPLED in inputs:
             return self._out(node, COUPLED)
-        val = _val(node)
-        if node.target in _SYMBOLIC or (isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)) and
+        val = node_value(node)
+        if node.target in SYMBOLIC or (isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)) and
                                         node.target not in _RULES):
             return SIZE if self._has_batch(val) else FREE
         if node.target in _HIGHER_ORDER:
@@ -186,14 +188,14 @@ class _Walk:
                 return self.couple(node, str(e))
         if all(s == FREE for s in inputs) and not self._batch_sized(node):
             return self._out(node, FREE)      # whatever it does, it sees nothing of any row
-        if SIZE in inputs and node.target not in _SHAPE_OPS:
-            return self.couple(node, f"{_name(node.target)} computes with the batch size as a value")
-        rule = _RULES.get(node.target) or (_pointwise if _is_pointwise(node.target) else None)
+        if SIZE in inputs and node.target not in SHAPE_OPS:
+            return self.couple(node, f"{op_name(node.target)} computes with the batch size as a value")
+        rule = _RULES.get(node.target) or (_pointwise if is_pointwise(node.target) else None)
         if any(isinstance(x, Iota) for x in inputs) and rule not in _IOTA_RULES:
-            return self.couple(node, f"{_name(node.target)} computes with the positions of the rows in the batch "
+            return self.couple(node, f"{op_name(node.target)} computes with the positions of the rows in the batch "
                                      "(torch.arange over the batch size)")
         if rule is None:
-            name = _name(node.target)
+            name = op_name(node.target)
             if name not in self.unknown:
                 self.unknown.append(name)
             return self.couple(node, f"{name} has no rule in the batch analysis (an op it does not know counts as "
@@ -205,7 +207,7 @@ class _Walk:
         return self._checked(node, state)
 
     def couple(self, node: Any, why: str) -> Any:
-        where = _where(node)
+        where = source_line(node)
         self.couplings.append(f"{why}{where}")
         return self._out(node, COUPLED)
 
@@ -226,30 +228,30 @@ class _Walk:
 
     def _batch_sized(self, node: Any) -> bool:
         """Whether a value of the node has a dim whose size involves the batch."""
-        return any(self._has_batch(tuple(t.shape)) for t in _tensors(_val(node)))
+        return any(self._has_batch(tuple(t.shape)) for t in tensors_of(node_value(node)))
 
     def _out(self, node: Any, state: Any) -> Any:
         """`state` for every tensor the node gives (a tuple node gives a list of states)."""
-        val = _val(node)
+        val = node_value(node)
         return [state] * len(val) if isinstance(val, (list, tuple)) else state
 
     def _checked(self, node: Any, state: Any) -> Any:
         """`state` after checking each Rows against the output's real size: the dim must be batch * inner."""
-        vals = _val(node)
+        vals = node_value(node)
         many = isinstance(vals, (list, tuple))
         for s, v in zip(state if many else [state], vals if many else [vals]):
             if isinstance(s, Rows) and isinstance(v, torch.Tensor):
-                if s.axis >= v.dim() or not _same(_size(v, s.axis), s.outer * self.batch * s.inner):
-                    return self.couple(node, f"{_name(node.target)} leaves the rows of the batch out of line")
+                if s.axis >= v.dim() or not same_size(axis_size(v, s.axis), s.outer * self.batch * s.inner):
+                    return self.couple(node, f"{op_name(node.target)} leaves the rows of the batch out of line")
         return state
 
     def sizes(self, node_or_val: Any) -> list[Any]:
-        val = _val(node_or_val) if isinstance(node_or_val, torch.fx.Node) else node_or_val
-        return [_expr(s) for s in val.shape]
+        val = node_value(node_or_val) if isinstance(node_or_val, torch.fx.Node) else node_or_val
+        return [size_expr(s) for s in val.shape]
 
     def block(self, size: Any, outer: Any = 1) -> Any:
         """inner when `size` is outer * batch * inner with inner a whole number free of the batch, else None."""
-        return _whole(sympy.cancel(_expr(size) / (outer * self.batch)), self.batch)
+        return whole(sympy.cancel(size_expr(size) / (outer * self.batch)), self.batch)
 
     def creation(self, node: Any) -> Any:
         """The state of a tensor made from sizes alone (zeros, full, expand of a FREE value): the same for every
@@ -260,89 +262,8 @@ class _Walk:
             return FREE
         inner = self.block(shape[dims[0]]) if len(dims) == 1 else None
         if inner is None:
-            raise _Coupled(f"{_name(node.target)} makes a tensor whose shape holds the batch size more than once")
+            raise _Coupled(f"{op_name(node.target)} makes a tensor whose shape holds the batch size more than once")
         return Rows(dims[0], inner, made=True)
-
-
-# -- node utilities -----------------------------------------------------------------------------------------
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
-
-
-def _tensors(val: Any) -> list[torch.Tensor]:
-    if isinstance(val, torch.Tensor):
-        return [val]
-    if isinstance(val, (list, tuple)):
-        return [t for v in val for t in _tensors(v)]
-    return []
-
-
-def _flat(value: Any) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _flat(v)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flat(v)]
-    return [value]
-
-
-def _expr(size: Any) -> Any:
-    if isinstance(size, torch.SymInt):
-        return size.node.expr
-    return size if isinstance(size, sympy.Basic) else sympy.Integer(int(size))
-
-
-def _size(t: torch.Tensor, axis: int) -> Any:
-    return _expr(t.shape[axis])
-
-
-def _whole(q: Any, batch: Any) -> Any:
-    """`q` when it is a product of sizes (no fraction, no batch), else None."""
-    q = sympy.cancel(q)
-    numerator, denominator = sympy.fraction(q)
-    return q if denominator == 1 and q != 0 and not q.has(batch) else None
-
-
-def _same(a: Any, b: Any) -> bool:
-    return sympy.expand(_expr(a) - _expr(b)) == 0
-
-
-def _name(target: Any) -> str:
-    name = getattr(target, "__name__", None) or str(target)
-    return str(target) if isinstance(target, torch._ops.OpOverload) else name
-
-
-def _where(node: Any) -> str:
-    """` at file.py:12 (`code`)`: the model's own line that made the node, from its stack trace."""
-    trace = node.meta.get("stack_trace") or ""
-    sites = re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', trace)
-    user = [s for s in sites if "/torch/" not in s[0] and "/compilers/" not in s[0]]
-    shown = [site for site in (user[-1:] + sites[-1:]) if site][:2]
-    if len(shown) == 2 and shown[0] == shown[1]:
-        shown = shown[:1]
-    return "".join(f" {'at' if i == 0 else 'via'} {file.rsplit('/', 1)[-1]}:{line} (`{code.strip()[:80]}`)"
-                   for i, (file, line, code) in enumerate(shown))
-
-
-def _is_pointwise(target: Any) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
-
-
-def _arg(node: Any, index: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _dims(value: Any, rank: int) -> list[int] | None:
-    """Dims as non-negative ints; None for 'all dims' (None or [])."""
-    if value is None or value == []:
-        return None
-    dims = [value] if isinstance(value, int) else list(value)
-    return [d % rank if rank else 0 for d in dims]
-
-
-def _rank(node: Any) -> int:
-    return _val(node).dim()
 
 
 # -- rules -----------------------------------------------------------------------------------------------
@@ -362,27 +283,14 @@ def _rule(*ops: Any) -> Callable[[Rule], Rule]:
     return register
 
 
-def _op(name: str) -> Any:
-    """aten.<name> (`overload.name`), None where this torch has no such op."""
-    packet, _, overload = name.partition(".")
-    try:
-        return getattr(getattr(aten, packet), overload or "default")
-    except AttributeError:
-        return None
-
-
-def _ops(*names: str) -> list[Any]:
-    return [_op(n) for n in names]
-
-
 def _tensor_states(walk: _Walk, node: Any, states: dict) -> list[tuple[Any, Any]]:
     """(state, node) of each tensor argument; SIZE scalars among the arguments couple (the batch size as a value)."""
     found = []
-    for a in _flat((node.args, node.kwargs)):
+    for a in leaves((node.args, node.kwargs)):
         s = walk._state(a, states)
         if s == SIZE:
-            raise _Coupled(f"{_name(node.target)} computes with the batch size as a value")
-        if isinstance(a, torch.fx.Node) and isinstance(_val(a), torch.Tensor):
+            raise _Coupled(f"{op_name(node.target)} computes with the batch size as a value")
+        if isinstance(a, torch.fx.Node) and isinstance(node_value(a), torch.Tensor):
             found.append((s, a))
     return found
 
@@ -390,12 +298,12 @@ def _tensor_states(walk: _Walk, node: Any, states: dict) -> list[tuple[Any, Any]
 def _aligned(walk: _Walk, node: Any, states: dict, rank: int | None = None) -> Any:
     """Broadcasting: every Rows argument must land on the same output dim with the same blocks; FREE ones
     broadcast. The output's state (the creation state when only FREE values meet batch-sized sizes)."""
-    rank = _rank(node) if rank is None else rank
+    rank = rank_of(node) if rank is None else rank
     found = None
     for s, a in _tensor_states(walk, node, states):
         if isinstance(s, Rows):
-            found = _join(found, s.at(s.axis + rank - _rank(a)),
-                          f"{_name(node.target)} lines up the rows of one input with another dim of the other")
+            found = _join(found, s.at(s.axis + rank - rank_of(a)),
+                          f"{op_name(node.target)} lines up the rows of one input with another dim of the other")
     return found if found is not None else walk.creation(node)
 
 
@@ -413,44 +321,46 @@ def _pointwise(walk: _Walk, node: Any, states: dict) -> Any:
     return _aligned(walk, node, states)
 
 
-_rule(*_ops("dropout", "feature_dropout", "alpha_dropout", "zeros_like",
-            "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "expand_as", "native_dropout",
-            "masked_fill_.Scalar", "masked_fill_.Tensor", "add_.Tensor", "mul_.Tensor", "sub_.Tensor",
-            "div_.Tensor", "relu_", "copy_", "fill_.Scalar", "clamp_", "clamp_min_", "sigmoid_", "tanh_",
-            "hardtanh_", "leaky_relu_", "silu_", "gelu_", "bitwise_and.Tensor", "__and__.Tensor", "__or__.Tensor",
-            "bitwise_or.Tensor", "bitwise_not", "logical_and", "logical_or", "logical_not", "where.self",
-            "masked_fill.Scalar", "masked_fill.Tensor"))(_pointwise)
+_rule(*aten_ops("dropout", "feature_dropout", "alpha_dropout", "zeros_like",
+                "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "expand_as", "native_dropout",
+                "masked_fill_.Scalar", "masked_fill_.Tensor", "add_.Tensor", "mul_.Tensor", "sub_.Tensor",
+                "div_.Tensor", "relu_", "copy_", "fill_.Scalar", "clamp_", "clamp_min_", "sigmoid_", "tanh_",
+                "hardtanh_", "leaky_relu_", "silu_", "gelu_", "bitwise_and.Tensor", "__and__.Tensor", "__or__.Tensor",
+                "bitwise_or.Tensor", "bitwise_not", "logical_and", "logical_or", "logical_not", "where.self",
+                "masked_fill.Scalar", "masked_fill.Tensor"))(_pointwise)
 
 
-@_rule(*_ops("zeros", "ones", "empty.memory_format", "full", "new_zeros", "new_ones", "new_empty", "new_full",
-             "empty_strided"))
+@_rule(*aten_ops("zeros", "ones", "empty.memory_format", "full", "new_zeros", "new_ones", "new_empty", "new_full",
+                 "empty_strided"))
 def _made(walk: _Walk, node: Any, states: dict) -> Any:
     """A tensor made from sizes (which may hold the batch size), filled with a value that must not."""
-    value = {_op("full"): _arg(node, 1, "fill_value"), _op("new_full"): _arg(node, 2, "fill_value")}.get(node.target)
+    value = {aten_op("full"): arg_of(node, 1, "fill_value"),
+             aten_op("new_full"): arg_of(node, 2, "fill_value")}.get(node.target)
     if walk._state(value, states) == SIZE:
         raise _Coupled("fills a tensor with the batch size")
     return walk.creation(node)
 
 
-@_rule(_op("arange"), _op("arange.start"), _op("arange.start_step"))
+@_rule(aten_op("arange"), aten_op("arange.start"), aten_op("arange.start_step"))
 def _arange(walk: _Walk, node: Any, states: dict) -> Any:
     """torch.arange(batch): the rows' positions (Iota); any other range over the batch size couples."""
-    if node.target is _op("arange") and _same(_val(node.args[0]) if isinstance(node.args[0], torch.fx.Node)
-                                              else node.args[0], walk.batch):
+    end = node.args[0]
+    if node.target is aten_op("arange") and same_size(node_value(end) if isinstance(end, torch.fx.Node)
+                                                      else end, walk.batch):
         return Iota(0)
     raise _Coupled("numbers positions along the batch (torch.arange over the batch size): a row's answer depends "
                    "on where it lands in the batch")
 
 
-@_rule(*_ops("to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "contiguous", "clone",
-             "detach", "alias", "lift_fresh_copy"))
+@_rule(*aten_ops("to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "contiguous", "clone",
+                 "detach", "alias", "lift_fresh_copy"))
 def _unchanged(walk: _Walk, node: Any, states: dict) -> Any:
     """A copy or a conversion of its first argument (the others give a dtype)."""
     return walk._state(node.args[0], states)
 
 
-@_rule(*_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int", "squeeze",
-             "squeeze.dim", "squeeze.dims", "unsqueeze", "unsqueeze_copy", "squeeze_copy.dim"))
+@_rule(*aten_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int", "squeeze",
+                 "squeeze.dim", "squeeze.dims", "unsqueeze", "unsqueeze_copy", "squeeze_copy.dim"))
 def _view(walk: _Walk, node: Any, states: dict) -> Any:
     """A reshape keeps the flat (row-major) order: the rows stay blocks when some output dim j has everything
     before it equal to what was before the batch, and the batch as its leading factor."""
@@ -461,51 +371,51 @@ def _view(walk: _Walk, node: Any, states: dict) -> Any:
     ahead = s.outer * sympy.Mul(*before[:s.axis])
     behind = s.inner * sympy.Mul(*before[s.axis + 1:])
     for j, size in enumerate(out):
-        outer = _whole(ahead / sympy.Mul(*out[:j]), walk.batch)
+        outer = whole(ahead / sympy.Mul(*out[:j]), walk.batch)
         inner = None if outer is None else walk.block(size, outer)
-        if inner is not None and _same(inner * sympy.Mul(*out[j + 1:]), behind):
+        if inner is not None and same_size(inner * sympy.Mul(*out[j + 1:]), behind):
             return replace(s, axis=j, inner=inner, outer=outer)
-    raise _Coupled(f"{_name(node.target)} reshapes the batch dim in a way that no dim keeps its rows apart")
+    raise _Coupled(f"{op_name(node.target)} reshapes the batch dim in a way that no dim keeps its rows apart")
 
 
-@_rule(_op("permute"), _op("permute_copy"))
+@_rule(aten_op("permute"), aten_op("permute_copy"))
 def _permute(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     order = [d % len(node.args[1]) for d in node.args[1]]
     return s.at(order.index(s.axis)) if isinstance(s, Rows) else walk.creation(node)
 
 
-@_rule(_op("transpose.int"), _op("swapaxes"), _op("t"), _op("numpy_T"))
+@_rule(aten_op("transpose.int"), aten_op("swapaxes"), aten_op("t"), aten_op("numpy_T"))
 def _transpose(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    rank = _rank(node)
+    rank = rank_of(node)
     a, b = (node.args[1] % rank, node.args[2] % rank) if len(node.args) > 2 else (0, 1) if rank == 2 else \
         (rank - 1, 0)
-    if node.target is _op("numpy_T"):
+    if node.target is aten_op("numpy_T"):
         return s.at(rank - 1 - s.axis)
     return s.at(b if s.axis == a else a if s.axis == b else s.axis)
 
 
-@_rule(_op("movedim.int"))
+@_rule(aten_op("movedim.int"))
 def _movedim(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    rank = _rank(node)
+    rank = rank_of(node)
     src, dst = node.args[1] % rank, node.args[2] % rank
     order = list(range(rank))
     order.insert(dst, order.pop(src))
     return s.at(order.index(s.axis))
 
 
-@_rule(_op("expand"), _op("expand_copy"), _op("broadcast_to"))
+@_rule(aten_op("expand"), aten_op("expand_copy"), aten_op("broadcast_to"))
 def _expand(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    return s.at(s.axis + _rank(node) - _rank(node.args[0]))
+    return s.at(s.axis + rank_of(node) - rank_of(node.args[0]))
 
 
 def _along(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdim: bool, what: str) -> Any:
@@ -514,14 +424,14 @@ def _along(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdim
     (weights, running statistics) must be the same for every row."""
     s = walk._state(node.args[0], states)
     if any(t != FREE for t, a in _tensor_states(walk, node, states) if a is not node.args[0]):
-        raise _Coupled(f"{_name(node.target)} takes parameters that depend on the batch")
+        raise _Coupled(f"{op_name(node.target)} takes parameters that depend on the batch")
     if not isinstance(s, Rows):
         return walk.creation(node)
     if dims is None or s.axis in dims:
-        raise _Coupled(f"{_name(node.target)} {what} across the rows of the batch")
+        raise _Coupled(f"{op_name(node.target)} {what} across the rows of the batch")
     removed = 0 if keepdim else sum(1 for d in set(dims) if d < s.axis)
     state = s.at(s.axis - removed)
-    val = _val(node)
+    val = node_value(node)
     if isinstance(val, (list, tuple)):      # statistics beside the result (batch norm's) hold no batch dim
         return [state if isinstance(v, torch.Tensor) and walk._has_batch(tuple(v.shape)) else FREE for v in val]
     return state
@@ -529,70 +439,72 @@ def _along(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdim
 
 def _reduction(dim_index: int, keep_index: int) -> Rule:
     def rule(walk: _Walk, node: Any, states: dict) -> Any:
-        rank = _rank(node.args[0])
-        dims = _dims(_arg(node, dim_index, "dim"), rank)
-        return _along(walk, node, states, dims, bool(_arg(node, keep_index, "keepdim", False)), "reduces")
+        rank = rank_of(node.args[0])
+        dims = dims_of(arg_of(node, dim_index, "dim"), rank)
+        return _along(walk, node, states, dims, bool(arg_of(node, keep_index, "keepdim", False)), "reduces")
     return rule
 
 
-_rule(*_ops("sum.dim_IntList", "mean.dim", "amax", "amin", "prod.dim_int", "max.dim", "min.dim", "argmax",
-            "argmin", "logsumexp", "any.dim", "any.dims", "all.dim", "all.dims", "nansum", "nanmean",
-            "median.dim", "nanmedian.dim", "count_nonzero.dim_IntList"))(_reduction(1, 2))
-_rule(_op("var.dim"), _op("std.dim"))(_reduction(1, 3))
-_rule(_op("norm.ScalarOpt_dim"), _op("kthvalue"))(_reduction(2, 3))
-_rule(_op("mode"))(lambda walk, node, states: _along(walk, node, states, _dims(_arg(node, 1, "dim", -1),
-                                                                                  _rank(node.args[0])),
-                                                     bool(_arg(node, 2, "keepdim", False)), "reduces"))
-_rule(_op("aminmax"))(lambda walk, node, states: _along(walk, node, states, _dims(node.kwargs.get("dim"),
-                                                                                     _rank(node.args[0])),
-                                                        bool(node.kwargs.get("keepdim", False)), "reduces"))
-_rule(*_ops("var.correction", "std.correction", "var_mean.correction", "std_mean.correction"))(
-    lambda walk, node, states: _along(walk, node, states, _dims(_arg(node, 1, "dim"), _rank(node.args[0])),
+_rule(*aten_ops("sum.dim_IntList", "mean.dim", "amax", "amin", "prod.dim_int", "max.dim", "min.dim", "argmax",
+                "argmin", "logsumexp", "any.dim", "any.dims", "all.dim", "all.dims", "nansum", "nanmean",
+                "median.dim", "nanmedian.dim", "count_nonzero.dim_IntList"))(_reduction(1, 2))
+_rule(aten_op("var.dim"), aten_op("std.dim"))(_reduction(1, 3))
+_rule(aten_op("norm.ScalarOpt_dim"), aten_op("kthvalue"))(_reduction(2, 3))
+_rule(aten_op("mode"))(lambda walk, node, states: _along(walk, node, states, dims_of(arg_of(node, 1, "dim", -1),
+                                                                                     rank_of(node.args[0])),
+                                                         bool(arg_of(node, 2, "keepdim", False)), "reduces"))
+_rule(aten_op("aminmax"))(lambda walk, node, states: _along(walk, node, states, dims_of(node.kwargs.get("dim"),
+                                                                                        rank_of(node.args[0])),
+                                                            bool(node.kwargs.get("keepdim", False)), "reduces"))
+_rule(*aten_ops("var.correction", "std.correction", "var_mean.correction", "std_mean.correction"))(
+    lambda walk, node, states: _along(walk, node, states, dims_of(arg_of(node, 1, "dim"), rank_of(node.args[0])),
                                       bool(node.kwargs.get("keepdim", False)), "reduces"))
-_rule(_op("linalg_vector_norm"))(
-    lambda walk, node, states: _along(walk, node, states, _dims(_arg(node, 2, "dim"), _rank(node.args[0])),
-                                      bool(_arg(node, 3, "keepdim", False)), "reduces"))
-_rule(*_ops("sum", "mean", "max", "min", "prod", "any", "all", "std", "var", "norm.Scalar"))(
+_rule(aten_op("linalg_vector_norm"))(
+    lambda walk, node, states: _along(walk, node, states, dims_of(arg_of(node, 2, "dim"), rank_of(node.args[0])),
+                                      bool(arg_of(node, 3, "keepdim", False)), "reduces"))
+_rule(*aten_ops("sum", "mean", "max", "min", "prod", "any", "all", "std", "var", "norm.Scalar"))(
     lambda walk, node, states: _along(walk, node, states, None, False, "reduces"))
 
 
 def _scan(dim_index: int, what: str, default: int | None = None) -> Rule:
     def rule(walk: _Walk, node: Any, states: dict) -> Any:
-        dim = _arg(node, dim_index, "dim", default)
-        return _along(walk, node, states, _dims(dim, _rank(node.args[0])), True, what)
+        dim = arg_of(node, dim_index, "dim", default)
+        return _along(walk, node, states, dims_of(dim, rank_of(node.args[0])), True, what)
     return rule
 
 
-_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax", "_safe_softmax"))(_scan(1, "normalizes"))
-_rule(*_ops("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"))(_scan(1, "scans"))
-_rule(*_ops("sort", "argsort", "sort.stable", "argsort.stable"))(_scan(1, "sorts", -1))
-_rule(_op("topk"))(_scan(2, "ranks", -1))
-_rule(_op("flip"))(lambda walk, node, states: _along(walk, node, states, _dims(node.args[1], _rank(node)), True,
-                                                     "reverses"))
-_rule(_op("roll"))(lambda walk, node, states: _along(walk, node, states, _dims(_arg(node, 2, "dims"), _rank(node)),
-                                                     True, "rolls"))
+_rule(*aten_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax", "_safe_softmax"))(_scan(1, "normalizes"))
+_rule(*aten_ops("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"))(_scan(1, "scans"))
+_rule(*aten_ops("sort", "argsort", "sort.stable", "argsort.stable"))(_scan(1, "sorts", -1))
+_rule(aten_op("topk"))(_scan(2, "ranks", -1))
+_rule(aten_op("flip"))(lambda walk, node, states: _along(walk, node, states, dims_of(node.args[1], rank_of(node)), True,
+                                                         "reverses"))
+_rule(aten_op("roll"))(lambda walk, node, states: _along(walk, node, states,
+                                                         dims_of(arg_of(node, 2, "dims"), rank_of(node)),
+                                                         True, "rolls"))
 
 
-@_rule(_op("layer_norm"), _op("native_layer_norm"), _op("rms_norm"))
+@_rule(aten_op("layer_norm"), aten_op("native_layer_norm"), aten_op("rms_norm"))
 def _layer_norm(walk: _Walk, node: Any, states: dict) -> Any:
-    rank = _rank(node.args[0])
+    rank = rank_of(node.args[0])
     return _along(walk, node, states, list(range(rank - len(node.args[1]), rank)), True, "normalizes")
 
 
-@_rule(_op("group_norm"), _op("native_group_norm"))
+@_rule(aten_op("group_norm"), aten_op("native_group_norm"))
 def _group_norm(walk: _Walk, node: Any, states: dict) -> Any:
-    return _along(walk, node, states, list(range(1, _rank(node.args[0]))), True, "normalizes")
+    return _along(walk, node, states, list(range(1, rank_of(node.args[0]))), True, "normalizes")
 
 
-@_rule(_op("batch_norm"), _op("_native_batch_norm_legit_no_training"), _op("native_batch_norm"),
-       _op("instance_norm"))
+@_rule(aten_op("batch_norm"), aten_op("_native_batch_norm_legit_no_training"), aten_op("native_batch_norm"),
+       aten_op("instance_norm"))
 def _batch_norm(walk: _Walk, node: Any, states: dict) -> Any:
     """Inference batch norm is per channel (dim 1) with running statistics; in training mode, or for instance
     norm, statistics are taken over the batch or per sample."""
-    training = {_op("batch_norm"): _arg(node, 5, "training"), _op("native_batch_norm"): _arg(node, 5, "training"),
-                _op("instance_norm"): _arg(node, 5, "use_input_stats")}.get(node.target, False)
-    rank = _rank(node.args[0])
-    if node.target is _op("instance_norm"):
+    training = {aten_op("batch_norm"): arg_of(node, 5, "training"),
+                aten_op("native_batch_norm"): arg_of(node, 5, "training"),
+                aten_op("instance_norm"): arg_of(node, 5, "use_input_stats")}.get(node.target, False)
+    rank = rank_of(node.args[0])
+    if node.target is aten_op("instance_norm"):
         dims = list(range(2, rank)) if training else [1]
     else:
         dims = [d for d in range(rank) if d != 1] if training else [1]
@@ -603,40 +515,40 @@ def _only_first(walk: _Walk, node: Any, states: dict, what: str) -> Rows | None:
     """The first argument's Rows when every other tensor argument is FREE (weights)."""
     found = _tensor_states(walk, node, states)
     if any(s != FREE for s, a in found if a is not node.args[0]):
-        raise _Coupled(f"{_name(node.target)} takes {what} that depend on the batch")
+        raise _Coupled(f"{op_name(node.target)} takes {what} that depend on the batch")
     s = walk._state(node.args[0], states)
     return s if isinstance(s, Rows) else None
 
 
-@_rule(_op("linear"))
+@_rule(aten_op("linear"))
 def _linear(walk: _Walk, node: Any, states: dict) -> Any:
     s = _only_first(walk, node, states, "weights")
     if s is None:
         return walk.creation(node)
-    if s.axis == _rank(node.args[0]) - 1:
+    if s.axis == rank_of(node.args[0]) - 1:
         raise _Coupled("a linear layer contracts the batch dim")
     return s
 
 
-@_rule(*_ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding", "convolution",
-             "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input", "_convolution"))
+@_rule(*aten_ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding", "convolution",
+                 "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input", "_convolution"))
 def _conv(walk: _Walk, node: Any, states: dict) -> Any:
     s = _only_first(walk, node, states, "weights")
     if s is None:
         return walk.creation(node)
-    if s.axis != 0 or _rank(node.args[0]) != _rank(node.args[1]):
+    if s.axis != 0 or rank_of(node.args[0]) != rank_of(node.args[1]):
         raise _Coupled("a convolution runs across the batch dim (it is not the leading dim of a batched input)")
     return s
 
 
-@_rule(*_ops("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-             "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-             "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
-             "_adaptive_avg_pool2d", "upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
-             "upsample_bilinear2d.vec", "upsample_linear1d.vec", "upsample_bicubic2d.vec",
-             "upsample_trilinear3d.vec", "_upsample_bilinear2d_aa.vec", "_upsample_nearest_exact2d.vec",
-             "pixel_shuffle", "pixel_unshuffle", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
-             "replication_pad1d", "replication_pad2d", "replication_pad3d"))
+@_rule(*aten_ops("max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                 "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+                 "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+                 "_adaptive_avg_pool2d", "upsample_nearest1d.vec", "upsample_nearest2d.vec", "upsample_nearest3d.vec",
+                 "upsample_bilinear2d.vec", "upsample_linear1d.vec", "upsample_bicubic2d.vec",
+                 "upsample_trilinear3d.vec", "_upsample_bilinear2d_aa.vec", "_upsample_nearest_exact2d.vec",
+                 "pixel_shuffle", "pixel_unshuffle", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d",
+                 "replication_pad1d", "replication_pad2d", "replication_pad3d"))
 def _spatial(walk: _Walk, node: Any, states: dict) -> Any:
     """Pooling, resampling and padding of the trailing spatial dims, one channel at a time (pixel shuffle moves
     channels into them): the batch must lie before them."""
@@ -645,14 +557,14 @@ def _spatial(walk: _Walk, node: Any, states: dict) -> Any:
         return walk.creation(node)
     name = node.target.__name__
     spatial = int(m.group(1)) if (m := re.search(r"(\d)d", name)) else 2
-    first = _rank(node.args[0]) - spatial - (1 if "pixel" in name else 0)
+    first = rank_of(node.args[0]) - spatial - (1 if "pixel" in name else 0)
     if s.axis >= first:
-        raise _Coupled(f"{_name(node.target)} runs across the batch dim")
-    val = _val(node)
+        raise _Coupled(f"{op_name(node.target)} runs across the batch dim")
+    val = node_value(node)
     return [s] * len(val) if isinstance(val, (list, tuple)) else s
 
 
-@_rule(_op("embedding"))
+@_rule(aten_op("embedding"))
 def _embedding(walk: _Walk, node: Any, states: dict) -> Any:
     if walk._state(node.args[0], states) != FREE:
         raise _Coupled("an embedding table computed from the batch")
@@ -668,63 +580,47 @@ def _contract(walk: _Walk, node: Any, states: dict, labels: Sequence[str], outpu
     for lab, a in zip(labels, operands):
         s = walk._state(a, states)
         if s == SIZE:
-            raise _Coupled(f"{_name(node.target)} computes with the batch size as a value")
+            raise _Coupled(f"{op_name(node.target)} computes with the batch size as a value")
         if not isinstance(s, Rows):
             continue
         letter = lab[s.axis]
         if letter not in output:
-            raise _Coupled(f"{_name(node.target)} contracts the batch dim (sums over the rows)")
+            raise _Coupled(f"{op_name(node.target)} contracts the batch dim (sums over the rows)")
         found = _join(found, s.at(output.index(letter)),
-                      f"{_name(node.target)} multiplies rows of one operand with another dim of the other")
+                      f"{op_name(node.target)} multiplies rows of one operand with another dim of the other")
     return found if found is not None else walk.creation(node)
 
 
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-_LEAD = "abcdefghij"
-
-
-def _matmul_labels(ra: int, rb: int) -> tuple[str, str, str]:
-    """einsum labels of torch.matmul for operand ranks ra, rb (batch dims broadcast from the right)."""
-    if ra == 1 and rb == 1:
-        return "K", "K", ""
-    batch = max(ra, rb, 2) - 2
-    lead = _LEAD[:batch]
-    a = lead[batch - max(ra - 2, 0):] + ("NK" if ra > 1 else "K")
-    b = lead[batch - max(rb - 2, 0):] + ("KM" if rb > 1 else "K")
-    out = lead + ("N" if ra > 1 else "") + ("M" if rb > 1 else "")
-    return a, b, out
-
-
-@_rule(*_ops("matmul", "mm", "bmm", "mv", "dot", "vdot", "inner"))
+@_rule(*aten_ops("matmul", "mm", "bmm", "mv", "dot", "vdot", "inner"))
 def _matmul(walk: _Walk, node: Any, states: dict) -> Any:
     a, b = node.args[0], node.args[1]
-    la, lb, out = _matmul_labels(_rank(a), _rank(b))
+    la, lb, out = matmul_labels(rank_of(a), rank_of(b))
     return _contract(walk, node, states, [la, lb], out, [a, b])
 
 
-@_rule(_op("addmm"), _op("baddbmm"), _op("addmv"), _op("addbmm"))
+@_rule(aten_op("addmm"), aten_op("baddbmm"), aten_op("addmv"), aten_op("addbmm"))
 def _addmm(walk: _Walk, node: Any, states: dict) -> Any:
     bias, a, b = node.args[:3]
-    la, lb, out = _matmul_labels(_rank(a), _rank(b))
-    if node.target is _op("addbmm"):
+    la, lb, out = matmul_labels(rank_of(a), rank_of(b))
+    if node.target is aten_op("addbmm"):
         la, lb, out = "bNK", "bKM", "NM"
     product = _contract(walk, node, states, [la, lb], out, [a, b])
     s = walk._state(bias, states)
     if isinstance(s, Rows):
-        return _join(product if isinstance(product, Rows) else None, s.at(s.axis + len(out) - _rank(bias)),
-                     f"{_name(node.target)} adds rows to another dim")
+        return _join(product if isinstance(product, Rows) else None, s.at(s.axis + len(out) - rank_of(bias)),
+                     f"{op_name(node.target)} adds rows to another dim")
     return product
 
 
-@_rule(_op("einsum"))
+@_rule(aten_op("einsum"))
 def _einsum(walk: _Walk, node: Any, states: dict) -> Any:
     equation, operands = node.args[0].replace(" ", ""), list(node.args[1])
     given, arrow, output = equation.partition("->")
     labels = given.split(",")
     dots = ""
     if "..." in given:
-        spare = [c for c in _LETTERS.upper() if c not in equation]
-        widths = [_rank(o) - (len(l) - 3) if "..." in l else 0 for o, l in zip(operands, labels)]
+        spare = [c for c in LETTERS.upper() if c not in equation]
+        widths = [rank_of(o) - (len(l) - 3) if "..." in l else 0 for o, l in zip(operands, labels)]
         dots = "".join(spare[:max(widths)])
         labels = [l.replace("...", dots[len(dots) - w:]) for l, w in zip(labels, widths)]
     if arrow:
@@ -735,56 +631,56 @@ def _einsum(walk: _Walk, node: Any, states: dict) -> Any:
     return _contract(walk, node, states, labels, output, operands)
 
 
-@_rule(_op("scaled_dot_product_attention"))
+@_rule(aten_op("scaled_dot_product_attention"))
 def _attention(walk: _Walk, node: Any, states: dict) -> Any:
     """Attention over (..., L, E) queries and (..., S, E) keys: rows must lie in the leading dims, with the mask
     (broadcast to (..., L, S)) along the same dim."""
-    rank = _rank(node.args[0])
+    rank = rank_of(node.args[0])
     found = None
-    for a in _flat((node.args, node.kwargs)):
+    for a in leaves((node.args, node.kwargs)):
         s = walk._state(a, states)
         if not isinstance(s, Rows):
             continue
-        here = s.at(s.axis + rank - _rank(a))
+        here = s.at(s.axis + rank - rank_of(a))
         if here.axis >= rank - 2:
             raise _Coupled("attention attends across the batch dim")
         found = _join(found, here, "attention lines up the rows of its inputs along different dims")
     return found if found is not None else walk.creation(node)
 
 
-@_rule(*_ops("slice.Tensor", "slice_copy.Tensor", "narrow"))
+@_rule(*aten_ops("slice.Tensor", "slice_copy.Tensor", "narrow"))
 def _slice(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    dim = _arg(node, 1, "dim", 0) % _rank(node.args[0])
-    bounds = [_arg(node, 2, "start"), _arg(node, 3, "end" if node.target is not _op("narrow") else "length")]
+    dim = arg_of(node, 1, "dim", 0) % rank_of(node.args[0])
+    bounds = [arg_of(node, 2, "start"), arg_of(node, 3, "end" if node.target is not aten_op("narrow") else "length")]
     if dim != s.axis:
         if any(walk._state(b, states) == SIZE for b in bounds):
             raise _Coupled("slices a dim by the batch size")
         return s
-    if node.target is not _op("narrow"):
-        start, end, step = (_val(b) for b in (*bounds, _arg(node, 4, "step", 1)))
+    if node.target is not aten_op("narrow"):
+        start, end, step = (node_value(b) for b in (*bounds, arg_of(node, 4, "step", 1)))
         if start in (None, 0) and step == 1 and (end is None or (isinstance(end, int) and end >= 2 ** 62) or
-                                                 _same(end, _size(_val(node.args[0]), dim))):
+                                                 same_size(end, axis_size(node_value(node.args[0]), dim))):
             return s
     raise _Coupled("slices the batch dim (some rows are dropped or moved)")
 
 
-@_rule(_op("select.int"), _op("select_copy.int"))
+@_rule(aten_op("select.int"), aten_op("select_copy.int"))
 def _select(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    dim = node.args[1] % _rank(node.args[0])
+    dim = node.args[1] % rank_of(node.args[0])
     if dim == s.axis:
         raise _Coupled("selects one row of the batch")
     return s.at(s.axis - (dim < s.axis))
 
 
-@_rule(_op("cat"), _op("concat"))
+@_rule(aten_op("cat"), aten_op("concat"))
 def _cat(walk: _Walk, node: Any, states: dict) -> Any:
-    dim = _arg(node, 1, "dim", 0) % _rank(node)
+    dim = arg_of(node, 1, "dim", 0) % rank_of(node)
     found = None
     for t in node.args[0]:
         s = walk._state(t, states)
@@ -796,9 +692,9 @@ def _cat(walk: _Walk, node: Any, states: dict) -> Any:
     return found if found is not None else walk.creation(node)
 
 
-@_rule(_op("stack"))
+@_rule(aten_op("stack"))
 def _stack(walk: _Walk, node: Any, states: dict) -> Any:
-    dim = _arg(node, 1, "dim", 0) % _rank(node)
+    dim = arg_of(node, 1, "dim", 0) % rank_of(node)
     found = None
     for t in node.args[0]:
         s = walk._state(t, states)
@@ -808,17 +704,17 @@ def _stack(walk: _Walk, node: Any, states: dict) -> Any:
     return found.at(found.axis + (dim <= found.axis)) if found is not None else walk.creation(node)
 
 
-@_rule(*_ops("split.Tensor", "split_with_sizes", "chunk", "unsafe_split.Tensor", "tensor_split.sections",
-             "tensor_split.indices", "unsafe_split_with_sizes", "split_with_sizes_copy", "unbind.int"))
+@_rule(*aten_ops("split.Tensor", "split_with_sizes", "chunk", "unsafe_split.Tensor", "tensor_split.sections",
+                 "tensor_split.indices", "unsafe_split_with_sizes", "split_with_sizes_copy", "unbind.int"))
 def _split(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
-    count = len(_val(node))
+    count = len(node_value(node))
     if not isinstance(s, Rows):
         return [walk.creation(node)] * count
-    dim = _arg(node, 2 if node.target is not _op("unbind.int") else 1, "dim", 0) % _rank(node.args[0])
+    dim = arg_of(node, 2 if node.target is not aten_op("unbind.int") else 1, "dim", 0) % rank_of(node.args[0])
     if dim == s.axis:
         raise _Coupled("splits the batch dim")
-    state = s.at(s.axis - (dim < s.axis)) if node.target is _op("unbind.int") else s
+    state = s.at(s.axis - (dim < s.axis)) if node.target is aten_op("unbind.int") else s
     return [state] * count
 
 
@@ -828,46 +724,46 @@ def _getitem(walk: _Walk, node: Any, states: dict) -> Any:
     return s[node.args[1]] if isinstance(s, list) else s
 
 
-@_rule(_op("constant_pad_nd"), _op("pad"))
+@_rule(aten_op("constant_pad_nd"), aten_op("pad"))
 def _pad(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    pad, rank = list(node.args[1]), _rank(node.args[0])
+    pad, rank = list(node.args[1]), rank_of(node.args[0])
     padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
     if s.axis in padded:
         raise _Coupled("pads the batch dim")
     return s
 
 
-@_rule(_op("repeat"))
+@_rule(aten_op("repeat"))
 def _repeat(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
-    repeats = [_val(r) for r in node.args[1]]
-    axis = s.axis + len(repeats) - _rank(node.args[0])
+    repeats = [node_value(r) for r in node.args[1]]
+    axis = s.axis + len(repeats) - rank_of(node.args[0])
     if repeats[axis] != 1:
         raise _Coupled("tiles the batch dim")
     return s.at(axis)
 
 
-@_rule(_op("index_select"))
+@_rule(aten_op("index_select"))
 def _index_select(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk._state(node.args[0], states)
     if walk._state(node.args[2], states) != FREE:
         raise _Coupled("index_select with indices that depend on the batch")
     if not isinstance(s, Rows):
         return walk.creation(node)
-    if node.args[1] % _rank(node.args[0]) == s.axis:
+    if node.args[1] % rank_of(node.args[0]) == s.axis:
         raise _Coupled("index_select picks rows of the batch")
     return s
 
 
-@_rule(_op("gather"))
+@_rule(aten_op("gather"))
 def _gather(walk: _Walk, node: Any, states: dict) -> Any:
     src, index = walk._state(node.args[0], states), walk._state(node.args[2], states)
-    dim = node.args[1] % _rank(node.args[0])
+    dim = node.args[1] % rank_of(node.args[0])
     if isinstance(src, Rows) and src.axis == dim or isinstance(index, Rows) and index.axis == dim:
         raise _Coupled("gathers along the batch dim")
     if isinstance(src, Rows) and index != src:
@@ -875,7 +771,7 @@ def _gather(walk: _Walk, node: Any, states: dict) -> Any:
     return index if isinstance(index, Rows) else walk.creation(node)
 
 
-@_rule(_op("index.Tensor"))
+@_rule(aten_op("index.Tensor"))
 def _index(walk: _Walk, node: Any, states: dict) -> Any:
     """x[..., idx, ...] with indices the same for every row, none of them along the batch dim; or the batch dim
     indexed by the rows' own positions (`x[torch.arange(batch), idx]`), the other indices the same for every row."""
@@ -892,58 +788,42 @@ def _index(walk: _Walk, node: Any, states: dict) -> Any:
     if not (isinstance(own, Iota) and own.inner == own.outer == s.inner == s.outer == 1) or \
             any(g != FREE for i, g in enumerate(given) if i != k):
         raise _Coupled("indexes the batch dim")
-    rank = max(_rank(indices[i]) for i in where)
+    rank = max(rank_of(indices[i]) for i in where)
     adjacent = where == list(range(where[0], where[0] + len(where)))
-    return Rows((where[0] if adjacent else 0) + own.axis + rank - _rank(indices[s.axis]))
+    return Rows((where[0] if adjacent else 0) + own.axis + rank - rank_of(indices[s.axis]))
 
 
 def _located(walk: _Walk, node: Any, s: Rows) -> Rows:
     """The one output dim of size batch * inner: where rows went after an op that keeps them whole."""
     shape = walk.sizes(node)
     dims = [i for i, size in enumerate(shape) if size.has(walk.batch)]
-    if len(dims) != 1 or not _same(shape[dims[0]], s.outer * walk.batch * s.inner):
-        raise _Coupled(f"{_name(node.target)} leaves the rows out of line")
+    if len(dims) != 1 or not same_size(shape[dims[0]], s.outer * walk.batch * s.inner):
+        raise _Coupled(f"{op_name(node.target)} leaves the rows out of line")
     return s.at(dims[0])
 
 
-@_rule(_op("_local_scalar_dense"), _op("item"))
+@_rule(aten_op("_local_scalar_dense"), aten_op("item"))
 def _item(walk: _Walk, node: Any, states: dict) -> Any:
     raise _Coupled("reads a number out of a batch-sized tensor (.item()), which then depends on every row")
 
 
-@_rule(*_ops("gru.input", "lstm.input", "rnn_tanh.input", "rnn_relu.input"))
+@_rule(*aten_ops("gru.input", "lstm.input", "rnn_tanh.input", "rnn_relu.input"))
 def _rnn(walk: _Walk, node: Any, states: dict) -> Any:
     """Recurrent layers run along the sequence, each row alone: input (seq, batch, feature), or (batch, seq,
     feature) with batch_first; the initial states (layers, batch, hidden)."""
     batch_first = node.args[-1]
     axis = 0 if batch_first else 1
     x, hidden = node.args[0], node.args[1]
-    for h in _flat(hidden):
+    for h in leaves(hidden):
         hs = walk._state(h, states)
         if isinstance(hs, Rows) and hs.axis != 1 or hs == SIZE:
             raise _Coupled("a recurrent layer's state has rows along a dim other than the batch")
-    if any(walk._state(w, states) != FREE for w in _flat(node.args[2])):
+    if any(walk._state(w, states) != FREE for w in leaves(node.args[2])):
         raise _Coupled("a recurrent layer's weights depend on the batch")
     s = walk._state(x, states)
     if isinstance(s, Rows) and (s.axis != axis or s.inner != 1 or s.outer != 1):
         raise _Coupled("a recurrent layer runs along the batch dim")
-    return [Rows(axis) if i == 0 else Rows(1) for i in range(len(_val(node)))]
-
-
-#: nodes that are sizes or checks: their state is decided by their value (SIZE when it involves the batch)
-_SYMBOLIC = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten._assert_scalar.default,
-             aten.sym_constrain_range_for_size.default, aten._assert_tensor_metadata.default,
-             aten.sym_constrain_range.default, aten._assert_async.msg, torch.sym_not, torch.sym_max, torch.sym_min,
-             torch.sym_float, torch.sym_int, *[getattr(operator, n) for n in (
-                 "add", "sub", "mul", "floordiv", "truediv", "mod", "pow", "neg", "eq", "ne", "lt", "le", "gt", "ge",
-                 "and_", "or_")]}
-_SYMBOLIC = {op for op in _SYMBOLIC if op is not None}
-#: ops that may take the batch size as a size (their output's shape then says where the rows are); any other op
-#: that takes it computes with it
-_SHAPE_OPS = {op for op in _ops("view", "reshape", "_unsafe_view", "view_copy", "unflatten.int", "expand",
-                               "expand_copy", "broadcast_to", "zeros", "ones", "empty.memory_format", "full",
-                               "new_zeros", "new_ones", "new_empty", "new_full", "empty_strided", "slice.Tensor",
-                               "slice_copy.Tensor", "narrow", "arange") if op is not None}
+    return [Rows(axis) if i == 0 else Rows(1) for i in range(len(node_value(node)))]
 
 
 #: the rules that know what an Iota is (any other op computing with one couples)
@@ -953,18 +833,13 @@ _IOTA_RULES = {_view, _permute, _transpose, _movedim, _expand, _slice, _index, _
 def _wrapped(walk: _Walk, module: torch.fx.GraphModule, node: Any, states: dict) -> Any:
     """A higher-order op that runs a subgraph once on its operands (no_grad or autocast regions)."""
     sub_node, operands = node.args[1], node.args[2:]
-    if node.target is _WRAP_AUTOCAST:
+    if node.target is WRAP_AUTOCAST:
         sub_node, operands = node.args[4], node.args[5:]
     sub = getattr(module, sub_node.target)
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     inner = {p: walk._state(o, states) for p, o in zip(placeholders, operands)}
     out = walk.run(sub, inner)
-    return out if isinstance(_val(node), (list, tuple)) else out[0]
+    return out if isinstance(node_value(node), (list, tuple)) else out[0]
 
 
-_HIGHER_ORDER: dict[Any, Callable] = {}
-_WRAP_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
-_WRAP_AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
-for _op_ in (_WRAP_GRAD, _WRAP_AUTOCAST):
-    if _op_ is not None:
-        _HIGHER_ORDER[_op_] = _wrapped
+_HIGHER_ORDER: dict[Any, Callable] = {op: _wrapped for op in WRAPPERS}

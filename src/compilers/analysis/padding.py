@@ -44,9 +44,9 @@ import sympy
 import torch
 
 from ..signature import Signature, TensorSpec, mask_problem
-from .batch import (_HIGHER_ORDER as _BATCH_HIGHER_ORDER, _SHAPE_OPS, _SYMBOLIC, _WRAP_AUTOCAST, _arg, _dims,
-                    _expr, _flat, _is_pointwise, _matmul_labels, _name, _op, _ops, _rank, _same, _tensors, _val,
-                    _where, _whole)
+from .ops import (SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, arg_of, aten_op, aten_ops, dims_of, is_pointwise,
+                  leaves, matmul_labels, node_value, op_name, rank_of, same_size, size_expr, source_line, tensors_of,
+                  whole)
 from .graph import Exported, user_inputs, user_outputs
 from .probes import padding_independence
 
@@ -362,16 +362,16 @@ class _Walk:
                 if _in_place(node.target) and isinstance(node.args[0], torch.fx.Node):
                     states[node.args[0]] = states[node]
             elif node.op == "output":
-                result = [self.state(a, states) for a in _flat(node.args[0])]
+                result = [self.state(a, states) for a in leaves(node.args[0])]
         return result
 
     def step(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
-        val = _val(node)
+        val = node_value(node)
         if node.target is _ASSERT:
             self.asserted(node.args[0])
-        if node.target in _SYMBOLIC or (isinstance(val, _SYM) and node.target not in _RULES):
+        if node.target in SYMBOLIC or (isinstance(val, _SYM) and node.target not in _RULES):
             return LENGTH if self.has_length(val) else CLEAN      # a size: whatever the values it was read from
-        inputs = [self.state(a, states) for a in _flat((node.args, node.kwargs))]
+        inputs = [self.state(a, states) for a in leaves((node.args, node.kwargs))]
         lost = next((s for s in inputs if isinstance(s, Lost)), None)
         if lost is not None:
             return self.out(node, lost)
@@ -380,15 +380,15 @@ class _Walk:
                 return _HIGHER_ORDER[node.target](self, module, node, states)
             except _Lose as e:
                 return self.lose(node, str(e))
-        rule = _RULES.get(node.target) or (_pointwise if _is_pointwise(node.target) else None)
+        rule = _RULES.get(node.target) or (_pointwise if is_pointwise(node.target) else None)
         if all(isinstance(s, Seq) and not s.axes for s in inputs) and not self.seq_sized(node):
             if rule is _pointwise and any(s.value is not None for s in inputs):
                 return rule(self, node, states)      # a constant of the model, computed on
             return self.out(node, CLEAN)
-        if LENGTH in inputs and node.target not in _SHAPE_OPS:
-            return self.lose(node, f"{_name(node.target)} computes with the padded length as a value")
+        if LENGTH in inputs and node.target not in SHAPE_OPS:
+            return self.lose(node, f"{op_name(node.target)} computes with the padded length as a value")
         if rule is None:
-            name = _name(node.target)
+            name = op_name(node.target)
             if name not in self.unknown:
                 self.unknown.append(name)
             return self.lose(node, f"{name} has no rule in the padding analysis (an op it does not know is not "
@@ -401,7 +401,7 @@ class _Walk:
     def asserted(self, condition: Any) -> None:
         """Learn `a == symbol` from a runtime assertion of the graph (position ids sliced from a buffer of 64 are
         Min(64, S) long, and the graph asserts that equals S)."""
-        expr = getattr(getattr(_val(condition), "node", None), "expr", None)
+        expr = getattr(getattr(node_value(condition), "node", None), "expr", None)
         if isinstance(expr, sympy.Eq):
             for a, b in ((expr.lhs, expr.rhs), (expr.rhs, expr.lhs)):
                 if isinstance(b, sympy.Symbol) and not isinstance(a, sympy.Symbol):
@@ -409,14 +409,14 @@ class _Walk:
 
     def size(self, value: Any) -> Any:
         """A size as a sympy expression, simplified by what the graph asserts."""
-        expr = _expr(value)
+        expr = size_expr(value)
         return expr.xreplace(self.equal) if self.equal else expr
 
     def lose(self, node: Any, why: str) -> Any:
-        return self.out(node, Lost(f"{why}{_where(node)}"))
+        return self.out(node, Lost(f"{why}{source_line(node)}"))
 
     def reach(self, node: Any, what: str) -> None:
-        self.reached.setdefault(node.name, f"{what}{_where(node)}")
+        self.reached.setdefault(node.name, f"{what}{source_line(node)}")
 
     # -- helpers for the rules ---------------------------------------------------------------------------
     def state(self, value: Any, states: dict[Any, Any]) -> Any:
@@ -441,20 +441,20 @@ class _Walk:
         return False
 
     def seq_sized(self, node: Any) -> bool:
-        return any(self.size(size).has(self.length) for t in _tensors(_val(node)) for size in t.shape)
+        return any(self.size(size).has(self.length) for t in tensors_of(node_value(node)) for size in t.shape)
 
     def out(self, node: Any, state: Any) -> Any:
-        val = _val(node)
+        val = node_value(node)
         return [state] * len(val) if isinstance(val, (list, tuple)) else state
 
     def sizes(self, node_or_val: Any) -> list[Any]:
-        val = _val(node_or_val) if isinstance(node_or_val, torch.fx.Node) else node_or_val
+        val = node_value(node_or_val) if isinstance(node_or_val, torch.fx.Node) else node_or_val
         return [self.size(s) for s in val.shape]
 
     def checked(self, node: Any, state: Any) -> Any:
         """`state` after checking it against the node's sizes: each axis is a dim of size outer * S * inner, and
         every dim whose size involves S is an axis."""
-        vals = _val(node)
+        vals = node_value(node)
         many = isinstance(vals, (list, tuple))
         for s, v in zip(state if many else [state], vals if many else [vals]):
             if not (isinstance(s, Seq) and isinstance(v, torch.Tensor)):
@@ -462,10 +462,10 @@ class _Walk:
             shape = self.sizes(v)
             dims = [a.dim for a in s.axes]
             if len(set(dims)) != len(dims) or any(a.dim >= len(shape) or
-                                                  not _same(shape[a.dim], a.outer * self.length * a.inner)
+                                                  not same_size(shape[a.dim], a.outer * self.length * a.inner)
                                                   for a in s.axes) or \
                     any(size.has(self.length) for d, size in enumerate(shape) if d not in dims):
-                raise _Lose(f"{_name(node.target)} leaves the sequence out of line (a dim whose size involves the "
+                raise _Lose(f"{op_name(node.target)} leaves the sequence out of line (a dim whose size involves the "
                             "padded length holds no whole sequence)")
         return state
 
@@ -476,9 +476,9 @@ class _Walk:
         axes = []
         for d, size in enumerate(self.sizes(node)):
             if size.has(self.length):
-                inner = _whole(size / self.length, self.length)
+                inner = whole(size / self.length, self.length)
                 if inner is None:
-                    raise _Lose(f"{_name(node.target)} makes a tensor sized by the padded length otherwise than "
+                    raise _Lose(f"{op_name(node.target)} makes a tensor sized by the padded length otherwise than "
                                 "as a whole sequence")
                 axes.append(Axis(d, fill, inner=inner))
         return Seq(tuple(axes), fill if not axes and isinstance(fill, Const) else None)
@@ -524,19 +524,19 @@ class _Arg:
 def _pointwise(walk: _Walk, node: Any, states: dict) -> Any:
     """Broadcasting elementwise ops: an axis of any argument is an axis of the output (arguments lined up along
     it the same way); its fill is computed from the arguments' fills there (`_fill`)."""
-    if _packet(node.target) in ("dropout", "feature_dropout") and _arg(node, 2, "train", False):
+    if _packet(node.target) in ("dropout", "feature_dropout") and arg_of(node, 2, "train", False):
         raise _Lose("dropout in training mode")
-    rank = _rank(node)
+    rank = rank_of(node)
     lined: dict[int, list[Axis]] = {}
-    for a in _flat((node.args, node.kwargs)):
-        if isinstance(a, torch.fx.Node) and isinstance(_val(a), torch.Tensor):
+    for a in leaves((node.args, node.kwargs)):
+        if isinstance(a, torch.fx.Node) and isinstance(node_value(a), torch.Tensor):
             for ax in walk.seq(a, states).axes:
-                lined.setdefault(ax.dim + rank - _rank(a), []).append(ax)
+                lined.setdefault(ax.dim + rank - rank_of(a), []).append(ax)
     axes = []
     for dim, found in sorted(lined.items()):
         first = found[0]
-        if any(not (_same(f.inner, first.inner) and _same(f.outer, first.outer)) for f in found):
-            raise _Lose(f"{_name(node.target)} lines up positions of the sequence with other entries")
+        if any(not (same_size(f.inner, first.inner) and same_size(f.outer, first.outer)) for f in found):
+            raise _Lose(f"{op_name(node.target)} lines up positions of the sequence with other entries")
         args, kwargs = _fills_at(walk, node, states, dim, rank)
         axes.append(Axis(dim, _fill(node, args, kwargs), _keeps_iota(node, args, found), first.inner, first.outer))
     if axes:
@@ -551,7 +551,7 @@ def _fills_at(walk: _Walk, node: Any, states: dict, dim: int | None, rank: int) 
     along output dim `dim` (the known value of an axis-free constant; None: unknown)."""
     def one(a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
-            v = _val(a)
+            v = node_value(a)
             if not isinstance(v, torch.Tensor):
                 return _Arg(None, None)
             s = walk.state(a, states)
@@ -570,10 +570,10 @@ def _fill(node: Any, args: list, kwargs: dict) -> Any:
     """An elementwise op's output at positions where its arguments hold `args`' fills: computed exactly when
     every one is a constant, else by the op's absorbing elements (x * 0, x + -inf, where on a constant
     condition, ...); None when unknown."""
-    found = [a for a in _flat((args, kwargs)) if isinstance(a, _Arg)]
+    found = [a for a in leaves((args, kwargs)) if isinstance(a, _Arg)]
     if found and all(isinstance(a.fill, Const) for a in found):
         return _evaluated(node, args, kwargs)
-    dtype = _val(node).dtype
+    dtype = node_value(node).dtype
     name = _packet(node.target)
     f = [a.fill if isinstance(a, _Arg) else None for a in args]
     f += [None] * (3 - len(f))
@@ -647,7 +647,7 @@ def _evaluated(node: Any, args: list, kwargs: dict) -> Const | None:
 
 def _keeps_iota(node: Any, args: list, found: list[Axis]) -> bool:
     """A copy of the positions (a conversion, + 0) is still the positions."""
-    if len(found) != 1 or not found[0].iota or _val(node).dtype == torch.bool:
+    if len(found) != 1 or not found[0].iota or node_value(node).dtype == torch.bool:
         return False
     name = _packet(node.target)
     if name in _COPIES:
@@ -656,43 +656,43 @@ def _keeps_iota(node: Any, args: list, found: list[Axis]) -> bool:
         and _is(args[1].fill, 0)
 
 
-_rule(*_ops("to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "contiguous", "clone",
-            "detach", "alias", "lift_fresh_copy", "dropout", "feature_dropout", "masked_fill.Scalar",
-            "masked_fill.Tensor", "masked_fill_.Scalar", "masked_fill_.Tensor", "where.self", "where.ScalarSelf",
-            "where.ScalarOther", "where.Scalar", "__and__.Tensor", "__or__.Tensor", "bitwise_and.Tensor",
-            "bitwise_or.Tensor", "logical_and", "logical_or", "add_.Tensor", "mul_.Tensor", "sub_.Tensor",
-            "div_.Tensor", "relu_", "clamp_", "clamp_min_"))(_pointwise)
+_rule(*aten_ops("to.dtype", "to.dtype_layout", "to.device", "to.other", "_to_copy", "type_as", "contiguous", "clone",
+                "detach", "alias", "lift_fresh_copy", "dropout", "feature_dropout", "masked_fill.Scalar",
+                "masked_fill.Tensor", "masked_fill_.Scalar", "masked_fill_.Tensor", "where.self", "where.ScalarSelf",
+                "where.ScalarOther", "where.Scalar", "__and__.Tensor", "__or__.Tensor", "bitwise_and.Tensor",
+                "bitwise_or.Tensor", "logical_and", "logical_or", "add_.Tensor", "mul_.Tensor", "sub_.Tensor",
+                "div_.Tensor", "relu_", "clamp_", "clamp_min_"))(_pointwise)
 
 
-@_rule(*_ops("zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like",
-             "scalar_tensor", "fill.Scalar", "fill_.Scalar"))
+@_rule(*aten_ops("zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like",
+                 "scalar_tensor", "fill.Scalar", "fill_.Scalar"))
 def _made(walk: _Walk, node: Any, states: dict) -> Any:
     """A tensor made from sizes, one value everywhere."""
     name = _packet(node.target)
     value = {"zeros": 0, "new_zeros": 0, "zeros_like": 0, "ones": 1, "new_ones": 1, "ones_like": 1,
-             "full": _arg(node, 1, "fill_value"), "new_full": _arg(node, 2, "fill_value"),
-             "full_like": _arg(node, 1, "fill_value"), "scalar_tensor": node.args[0],
-             "fill": _arg(node, 1, "value")}[name]
+             "full": arg_of(node, 1, "fill_value"), "new_full": arg_of(node, 2, "fill_value"),
+             "full_like": arg_of(node, 1, "fill_value"), "scalar_tensor": node.args[0],
+             "fill": arg_of(node, 1, "value")}[name]
     if not isinstance(value, (bool, int, float)):
-        raise _Lose(f"{_name(node.target)} fills a tensor with a value the analysis does not know")
-    fill = _cast(value, _val(node).dtype)
+        raise _Lose(f"{op_name(node.target)} fills a tensor with a value the analysis does not know")
+    fill = _cast(value, node_value(node).dtype)
     like = walk.seq(node.args[0], states) if name.endswith("_like") or name == "fill" else None
     return walk.made(node, fill, like)
 
 
-@_rule(_op("arange"), _op("arange.start"), _op("arange.start_step"))
+@_rule(aten_op("arange"), aten_op("arange.start"), aten_op("arange.start_step"))
 def _arange(walk: _Walk, node: Any, states: dict) -> Any:
     """torch.arange(S): the positions themselves."""
-    values = [_val(a) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    values = [node_value(a) if isinstance(a, torch.fx.Node) else a for a in node.args]
     start, end, step = (0, values[0], 1) if len(values) == 1 else (values[0], values[1], 1) if len(values) == 2 \
         else values[:3]
-    if start == 0 and step == 1 and isinstance(end, _SYM) and _same(walk.size(end), walk.length):
+    if start == 0 and step == 1 and isinstance(end, _SYM) and same_size(walk.size(end), walk.length):
         return Seq((Axis(0, None, iota=True),))
     raise _Lose("numbers positions by the padded length")
 
 
-@_rule(*_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int", "squeeze",
-             "squeeze.dim", "squeeze.dims", "unsqueeze", "unsqueeze_copy", "squeeze_copy.dim"))
+@_rule(*aten_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int", "squeeze",
+                 "squeeze.dim", "squeeze.dims", "unsqueeze", "unsqueeze_copy", "squeeze_copy.dim"))
 def _view(walk: _Walk, node: Any, states: dict) -> Any:
     """A reshape keeps the flat order: a sequence axis lands on the output dim j whose dims before it hold what
     was before it (times a whole `outer`), with the sequence as its leading factor."""
@@ -703,17 +703,17 @@ def _view(walk: _Walk, node: Any, states: dict) -> Any:
         ahead = ax.outer * sympy.Mul(*before[:ax.dim])
         behind = ax.inner * sympy.Mul(*before[ax.dim + 1:])
         for j, size in enumerate(out):
-            outer = _whole(ahead / sympy.Mul(*out[:j]), walk.length)
-            inner = None if outer is None else _whole(size / (outer * walk.length), walk.length)
-            if inner is not None and _same(inner * sympy.Mul(*out[j + 1:]), behind):
+            outer = whole(ahead / sympy.Mul(*out[:j]), walk.length)
+            inner = None if outer is None else whole(size / (outer * walk.length), walk.length)
+            if inner is not None and same_size(inner * sympy.Mul(*out[j + 1:]), behind):
                 axes.append(Axis(j, ax.fill, ax.iota and inner == 1 and outer == 1, inner, outer))
                 break
         else:
-            raise _Lose(f"{_name(node.target)} merges the sequence with another dim so that no dim keeps it whole")
+            raise _Lose(f"{op_name(node.target)} merges the sequence with another dim so that no dim keeps it whole")
     return Seq(tuple(sorted(axes, key=lambda a: a.dim)), s.value)
 
 
-@_rule(_op("permute"), _op("permute_copy"))
+@_rule(aten_op("permute"), aten_op("permute_copy"))
 def _permute(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
     order = [d % len(node.args[1]) for d in node.args[1]]
@@ -724,85 +724,85 @@ def _moved(s: Seq, where: Callable[[int], int]) -> Seq:
     return Seq(tuple(sorted((a.at(where(a.dim)) for a in s.axes), key=lambda a: a.dim)), s.value)
 
 
-@_rule(_op("transpose.int"), _op("swapaxes"), _op("t"), _op("numpy_T"))
+@_rule(aten_op("transpose.int"), aten_op("swapaxes"), aten_op("t"), aten_op("numpy_T"))
 def _transpose(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
-    rank = _rank(node)
-    if node.target is _op("numpy_T"):
+    rank = rank_of(node)
+    if node.target is aten_op("numpy_T"):
         return _moved(s, lambda d: rank - 1 - d)
     a, b = (node.args[1] % rank, node.args[2] % rank) if len(node.args) > 2 else (0, 1) if rank == 2 else (0, 0)
     return _moved(s, lambda d: b if d == a else a if d == b else d)
 
 
-@_rule(_op("movedim.int"))
+@_rule(aten_op("movedim.int"))
 def _movedim(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
-    rank = _rank(node)
+    rank = rank_of(node)
     order = list(range(rank))
     order.insert(node.args[2] % rank, order.pop(node.args[1] % rank))
     return _moved(s, lambda d: order.index(d))
 
 
-@_rule(_op("expand"), _op("expand_copy"), _op("broadcast_to"), _op("expand_as"))
+@_rule(aten_op("expand"), aten_op("expand_copy"), aten_op("broadcast_to"), aten_op("expand_as"))
 def _expand(walk: _Walk, node: Any, states: dict) -> Any:
     """Broadcast: axes keep their place from the right; a dim stretched to the sequence repeats one value along
     it (the same in both runs; unknown at padding)."""
     s = walk.seq(node.args[0], states)
-    shift = _rank(node) - _rank(node.args[0])
+    shift = rank_of(node) - rank_of(node.args[0])
     axes = [a.at(a.dim + shift) for a in s.axes]
     taken = {a.dim for a in axes}
     for d, size in enumerate(walk.sizes(node)):
         if d not in taken and size.has(walk.length):
-            inner = _whole(size / walk.length, walk.length)
+            inner = whole(size / walk.length, walk.length)
             if inner is None:
-                raise _Lose(f"{_name(node.target)} stretches a value over a dim that is no whole sequence")
+                raise _Lose(f"{op_name(node.target)} stretches a value over a dim that is no whole sequence")
             axes.append(Axis(d, s.value, inner=inner))
     return Seq(tuple(sorted(axes, key=lambda a: a.dim)), s.value if not axes else None)
 
 
-@_rule(*_ops("slice.Tensor", "slice_copy.Tensor", "narrow"))
+@_rule(*aten_ops("slice.Tensor", "slice_copy.Tensor", "narrow"))
 def _slice(walk: _Walk, node: Any, states: dict) -> Any:
     """The whole sequence keeps it; a slice of it by position number reads positions a short item lacks (or
     drops real ones). A slice of another value's dim, from a fixed start and the padded length long, becomes a
     sequence axis (position ids from a buffer): the same at every position in both runs."""
     s = walk.seq(node.args[0], states)
-    rank = _rank(node.args[0])
-    dim = _arg(node, 1, "dim", 0) % rank
-    narrow = node.target is _op("narrow")
-    start = _val(_arg(node, 2, "start", 0))
+    rank = rank_of(node.args[0])
+    dim = arg_of(node, 1, "dim", 0) % rank
+    narrow = node.target is aten_op("narrow")
+    start = node_value(arg_of(node, 2, "start", 0))
     start = 0 if start is None else start
-    step = 1 if narrow else _val(_arg(node, 4, "step", 1))
-    end = _val(_arg(node, 3, "length" if narrow else "end"))
+    step = 1 if narrow else node_value(arg_of(node, 4, "step", 1))
+    end = node_value(arg_of(node, 3, "length" if narrow else "end"))
     ax = s.get(dim)
     size = walk.sizes(node.args[0])[dim]
     if ax is not None:
         if start == 0 and step == 1 and (end is None or (isinstance(end, int) and end >= 2 ** 62 and not narrow) or
-                                         _same(walk.size(end), size)):
+                                         same_size(walk.size(end), size)):
             return s
-        raise _Lose(f"{_name(node.target)} slices the sequence by position number (a short item lacks those "
+        raise _Lose(f"{op_name(node.target)} slices the sequence by position number (a short item lacks those "
                     "positions, or has real ones it drops)")
     out = walk.sizes(node)[dim]
     if out.has(walk.length):
-        if isinstance(start, _SYM) and walk.has_length(start) or step != 1 or not _same(out, walk.length):
-            raise _Lose(f"{_name(node.target)} slices a dim by the padded length otherwise than from a fixed start")
+        if isinstance(start, _SYM) and walk.has_length(start) or step != 1 or not same_size(out, walk.length):
+            raise _Lose(f"{op_name(node.target)} slices a dim by the padded length otherwise than from a fixed start")
         return Seq(tuple(sorted(s.axes + (Axis(dim, None),), key=lambda a: a.dim)))
     return s
 
 
-@_rule(_op("select.int"), _op("select_copy.int"))
+@_rule(aten_op("select.int"), aten_op("select_copy.int"))
 def _select(walk: _Walk, node: Any, states: dict) -> Any:
     """The first position of the sequence is real in every item ([CLS]); any other by number is not."""
     s = walk.seq(node.args[0], states)
-    dim = node.args[1] % _rank(node.args[0])
+    dim = node.args[1] % rank_of(node.args[0])
     ax = s.get(dim)
     if ax is not None and not (ax.plain and node.args[2] == 0):
         raise _Lose("selects a position of the sequence by its number (from the end, or one a short item lacks)")
     return Seq(tuple(a.at(a.dim - (a.dim > dim)) for a in s.axes if a.dim != dim), s.value)
 
 
-@_rule(_op("cat"), _op("concat"))
+@_rule(aten_op("cat"), aten_op("concat"))
 def _cat(walk: _Walk, node: Any, states: dict) -> Any:
-    dim = _arg(node, 1, "dim", 0) % _rank(node)
+    dim = arg_of(node, 1, "dim", 0) % rank_of(node)
     parts = [walk.seq(t, states) for t in node.args[0]]
     if any(p.get(dim) for p in parts):
         raise _Lose("concatenates along the sequence (what follows it moves with the padded length)")
@@ -814,7 +814,7 @@ def _joined(node: Any, parts: list[Seq], where: Callable[[Axis], int]) -> Seq:
     first = parts[0]
     for p in parts[1:]:
         if [(a.dim, a.inner, a.outer) for a in p.axes] != [(a.dim, a.inner, a.outer) for a in first.axes]:
-            raise _Lose(f"{_name(node.target)} puts values with the sequence at different dims side by side")
+            raise _Lose(f"{op_name(node.target)} puts values with the sequence at different dims side by side")
     axes = []
     for a in first.axes:
         fills = {p.get(a.dim).fill for p in parts}
@@ -822,22 +822,22 @@ def _joined(node: Any, parts: list[Seq], where: Callable[[Axis], int]) -> Seq:
     return Seq(tuple(axes))
 
 
-@_rule(_op("stack"))
+@_rule(aten_op("stack"))
 def _stack(walk: _Walk, node: Any, states: dict) -> Any:
-    dim = _arg(node, 1, "dim", 0) % _rank(node)
+    dim = arg_of(node, 1, "dim", 0) % rank_of(node)
     return _joined(node, [walk.seq(t, states) for t in node.args[0]], lambda a: a.dim + (dim <= a.dim))
 
 
-@_rule(*_ops("split.Tensor", "split_with_sizes", "chunk", "unsafe_split.Tensor", "tensor_split.sections",
-             "tensor_split.indices", "unsafe_split_with_sizes", "split_with_sizes_copy", "unbind.int"))
+@_rule(*aten_ops("split.Tensor", "split_with_sizes", "chunk", "unsafe_split.Tensor", "tensor_split.sections",
+                 "tensor_split.indices", "unsafe_split_with_sizes", "split_with_sizes_copy", "unbind.int"))
 def _split(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
-    unbind = node.target is _op("unbind.int")
-    dim = _arg(node, 1 if unbind else 2, "dim", 0) % _rank(node.args[0])
+    unbind = node.target is aten_op("unbind.int")
+    dim = arg_of(node, 1 if unbind else 2, "dim", 0) % rank_of(node.args[0])
     if s.get(dim) is not None:
         raise _Lose("splits the sequence into parts by position number")
     state = Seq(tuple(a.at(a.dim - (a.dim > dim)) for a in s.axes)) if unbind else s
-    return [state] * len(_val(node))
+    return [state] * len(node_value(node))
 
 
 @_rule(operator.getitem)
@@ -846,32 +846,32 @@ def _getitem(walk: _Walk, node: Any, states: dict) -> Any:
     return s[node.args[1]] if isinstance(s, list) else s
 
 
-@_rule(_op("constant_pad_nd"), _op("pad"))
+@_rule(aten_op("constant_pad_nd"), aten_op("pad"))
 def _pad(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
-    pad, rank = list(node.args[1]), _rank(node.args[0])
+    pad, rank = list(node.args[1]), rank_of(node.args[0])
     padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
     if any(a.dim in padded for a in s.axes):
         raise _Lose("pads the sequence itself (its real positions move or meet the model's own padding)")
-    value = _arg(node, 2, "value", 0)
+    value = arg_of(node, 2, "value", 0)
     return Seq(tuple(a if _is(a.fill, value) else replace(a, fill=_unknown(a.fill, Const(value)), iota=False)
                      for a in s.axes))
 
 
-@_rule(_op("repeat"))
+@_rule(aten_op("repeat"))
 def _repeat(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
-    repeats = [_val(r) for r in node.args[1]]
-    shift = len(repeats) - _rank(node.args[0])
+    repeats = [node_value(r) for r in node.args[1]]
+    shift = len(repeats) - rank_of(node.args[0])
     if any(repeats[a.dim + shift] != 1 for a in s.axes):
         raise _Lose("tiles the sequence")
     return _moved(s, lambda d: d + shift)
 
 
-@_rule(_op("index_select"))
+@_rule(aten_op("index_select"))
 def _index_select(walk: _Walk, node: Any, states: dict) -> Any:
     s, index = walk.seq(node.args[0], states), walk.seq(node.args[2], states)
-    dim = node.args[1] % _rank(node.args[0])
+    dim = node.args[1] % rank_of(node.args[0])
     ax = s.get(dim)
     if ax is not None:
         if not (ax.plain and index.axes and index.axes[0].iota):
@@ -881,12 +881,12 @@ def _index_select(walk: _Walk, node: Any, states: dict) -> Any:
     return Seq(tuple(sorted(axes, key=lambda a: a.dim)))
 
 
-@_rule(_op("gather"))
+@_rule(aten_op("gather"))
 def _gather(walk: _Walk, node: Any, states: dict) -> Any:
     """out[..., j, ...] = src[..., index[..., j, ...], ...] along `dim`: indices that are the same in both runs
     pick from a src without the sequence there."""
     s, index = walk.seq(node.args[0], states), walk.seq(node.args[2], states)
-    dim = node.args[1] % _rank(node.args[0])
+    dim = node.args[1] % rank_of(node.args[0])
     if s.get(dim) is not None:
         raise _Lose("gathers along the sequence by computed positions")
     if any(not index.get(a.dim) or (index.get(a.dim).inner, index.get(a.dim).outer) != (a.inner, a.outer)
@@ -895,7 +895,7 @@ def _gather(walk: _Walk, node: Any, states: dict) -> Any:
     return Seq(tuple(replace(a, fill=_unknown(a.fill), iota=False) for a in index.axes))
 
 
-@_rule(_op("index.Tensor"))
+@_rule(aten_op("index.Tensor"))
 def _index(walk: _Walk, node: Any, states: dict) -> Any:
     """Advanced indexing: the sequence of the source may be indexed by the positions themselves (an iota along
     the sequence, as Hugging Face's masks do: `mask[batch_idx, kv_idx]`); any other index must be the same in
@@ -903,12 +903,12 @@ def _index(walk: _Walk, node: Any, states: dict) -> Any:
     s = walk.seq(node.args[0], states)
     indices = list(node.args[1])
     where = [k for k, i in enumerate(indices) if i is not None]
-    if any(_val(indices[k]).dtype == torch.bool for k in where):
+    if any(node_value(indices[k]).dtype == torch.bool for k in where):
         raise _Lose("indexes with a boolean mask (the result's size depends on the values)")
-    r = max(_rank(indices[k]) for k in where)
+    r = max(rank_of(indices[k]) for k in where)
     adjacent = where == list(range(where[0], where[0] + len(where)))
     first = where[0] if adjacent else 0
-    others = [d for d in range(_rank(node.args[0])) if d not in where]
+    others = [d for d in range(rank_of(node.args[0])) if d not in where]
 
     def placed(d: int) -> int:      # where a dim of the source that is not indexed lands
         return (d if d < where[0] else d - len(where) + r) if adjacent else r + others.index(d)
@@ -921,9 +921,9 @@ def _index(walk: _Walk, node: Any, states: dict) -> Any:
             iota = [a for a in index.axes if a.iota]
             if not ax.plain or len(index.axes) != 1 or not iota:
                 raise _Lose("indexes the sequence with positions other than its own")
-            axes.append(Axis(first + iota[0].dim + r - _rank(indices[k]), ax.fill))
+            axes.append(Axis(first + iota[0].dim + r - rank_of(indices[k]), ax.fill))
         else:
-            axes.extend(Axis(first + a.dim + r - _rank(indices[k]), None, inner=a.inner, outer=a.outer)
+            axes.extend(Axis(first + a.dim + r - rank_of(indices[k]), None, inner=a.inner, outer=a.outer)
                         for a in index.axes)
     axes.extend(a.at(placed(a.dim)) for a in s.axes if a.dim not in where)
     if len({a.dim for a in axes}) != len(axes):
@@ -931,7 +931,7 @@ def _index(walk: _Walk, node: Any, states: dict) -> Any:
     return Seq(tuple(sorted(axes, key=lambda a: a.dim)))
 
 
-@_rule(_op("embedding"))
+@_rule(aten_op("embedding"))
 def _embedding(walk: _Walk, node: Any, states: dict) -> Any:
     if walk.seq(node.args[0], states).axes:
         raise _Lose("an embedding table computed from the sequence")
@@ -964,14 +964,14 @@ def _reduce(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdi
     """A reduction of its first argument over `dims` (None: all): over the sequence only where its padding
     holds the reduction's identity (the mask reaches it)."""
     s = walk.seq(node.args[0], states)
-    if any(walk.seq(a, states).axes for a in _flat((node.args[1:], node.kwargs)) if isinstance(a, torch.fx.Node)):
-        raise _Lose(f"{_name(node.target)} takes parameters that hold the sequence")
-    rank = _rank(node.args[0])
+    if any(walk.seq(a, states).axes for a in leaves((node.args[1:], node.kwargs)) if isinstance(a, torch.fx.Node)):
+        raise _Lose(f"{op_name(node.target)} takes parameters that hold the sequence")
+    rank = rank_of(node.args[0])
     dims = list(range(rank)) if dims is None else dims
     kept = []
     for ax in s.axes:
         if ax.dim in dims:
-            what = f"{_name(node.target)} over the sequence (dim {ax.dim})"
+            what = f"{op_name(node.target)} over the sequence (dim {ax.dim})"
             if kind == "mean":
                 raise _Lose(f"{what} counts every position, padding included (a mean divides by the padded length; "
                             "mask it and divide by the mask's sum)")
@@ -985,7 +985,7 @@ def _reduce(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdi
             removed = 0 if keepdim else sum(1 for d in set(dims) if d < ax.dim)
             kept.append(Axis(ax.dim - removed, _reduced(kind, ax.fill), inner=ax.inner, outer=ax.outer))
     state = Seq(tuple(kept))
-    val = _val(node)
+    val = node_value(node)
     if isinstance(val, (list, tuple)):      # (values, indices): the indices are no fill
         return [state] + [Seq(tuple(replace(a, fill=_unknown(a.fill)) for a in kept))] * (len(val) - 1)
     return state
@@ -993,115 +993,118 @@ def _reduce(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdi
 
 def _reduction(kind: str, dim_index: int = 1, keep_index: int = 2) -> Rule:
     def rule(walk: _Walk, node: Any, states: dict) -> Any:
-        dims = _dims(_arg(node, dim_index, "dim"), _rank(node.args[0]))
-        return _reduce(walk, node, states, dims, bool(_arg(node, keep_index, "keepdim", False)), kind)
+        dims = dims_of(arg_of(node, dim_index, "dim"), rank_of(node.args[0]))
+        return _reduce(walk, node, states, dims, bool(arg_of(node, keep_index, "keepdim", False)), kind)
     return rule
 
 
-_rule(*_ops("sum.dim_IntList", "nansum", "count_nonzero.dim_IntList"))(_reduction("sum"))
-_rule(*_ops("amax", "max.dim", "argmax"))(_reduction("max"))
-_rule(*_ops("amin", "min.dim", "argmin"))(_reduction("min"))
-_rule(_op("prod.dim_int"))(_reduction("prod"))
-_rule(*_ops("any.dim", "any.dims"))(_reduction("any"))
-_rule(*_ops("all.dim", "all.dims"))(_reduction("all"))
-_rule(_op("logsumexp"))(_reduction("lse"))
-_rule(*_ops("mean.dim", "nanmean", "median.dim", "nanmedian.dim"))(_reduction("mean"))
-_rule(_op("var.dim"), _op("std.dim"))(_reduction("mean", 1, 3))
-_rule(*_ops("var.correction", "std.correction", "var_mean.correction", "std_mean.correction"))(
-    lambda walk, node, states: _reduce(walk, node, states, _dims(_arg(node, 1, "dim"), _rank(node.args[0])),
+_rule(*aten_ops("sum.dim_IntList", "nansum", "count_nonzero.dim_IntList"))(_reduction("sum"))
+_rule(*aten_ops("amax", "max.dim", "argmax"))(_reduction("max"))
+_rule(*aten_ops("amin", "min.dim", "argmin"))(_reduction("min"))
+_rule(aten_op("prod.dim_int"))(_reduction("prod"))
+_rule(*aten_ops("any.dim", "any.dims"))(_reduction("any"))
+_rule(*aten_ops("all.dim", "all.dims"))(_reduction("all"))
+_rule(aten_op("logsumexp"))(_reduction("lse"))
+_rule(*aten_ops("mean.dim", "nanmean", "median.dim", "nanmedian.dim"))(_reduction("mean"))
+_rule(aten_op("var.dim"), aten_op("std.dim"))(_reduction("mean", 1, 3))
+_rule(*aten_ops("var.correction", "std.correction", "var_mean.correction", "std_mean.correction"))(
+    lambda walk, node, states: _reduce(walk, node, states, dims_of(arg_of(node, 1, "dim"), rank_of(node.args[0])),
                                        bool(node.kwargs.get("keepdim", False)), "mean"))
-_rule(_op("linalg_vector_norm"))(
-    lambda walk, node, states: _reduce(walk, node, states, _dims(_arg(node, 2, "dim"), _rank(node.args[0])),
-                                       bool(_arg(node, 3, "keepdim", False)), "sum"))
-_rule(_op("sum"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "sum"))
-_rule(_op("max"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "max"))
-_rule(*_ops("min"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "min"))
-_rule(*_ops("mean", "std", "var"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "mean"))
-_rule(*_ops("prod", "any", "all"))(
+_rule(aten_op("linalg_vector_norm"))(
+    lambda walk, node, states: _reduce(walk, node, states, dims_of(arg_of(node, 2, "dim"), rank_of(node.args[0])),
+                                       bool(arg_of(node, 3, "keepdim", False)), "sum"))
+_rule(aten_op("sum"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "sum"))
+_rule(aten_op("max"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "max"))
+_rule(*aten_ops("min"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "min"))
+_rule(*aten_ops("mean", "std", "var"))(lambda walk, node, states: _reduce(walk, node, states, None, False, "mean"))
+_rule(*aten_ops("prod", "any", "all"))(
     lambda walk, node, states: _reduce(walk, node, states, None, False, _packet(node.target)))
 
 
-@_rule(*_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax", "_safe_softmax"))
+@_rule(*aten_ops("softmax.int", "_softmax", "log_softmax.int", "_log_softmax", "_safe_softmax"))
 def _softmax(walk: _Walk, node: Any, states: dict) -> Any:
     """Softmax over the sequence weighs the padding at nothing only where it holds a masking bias; it then holds
     0 there (log_softmax: unknown). Along another padded dim, a row that is -inf whole gives NaN: ANY."""
     s = walk.seq(node.args[0], states)
-    dim = node.args[1] % _rank(node.args[0])
+    dim = node.args[1] % rank_of(node.args[0])
     ax = s.get(dim)
     if ax is None:
         return Seq(tuple(replace(a, fill=_unknown(a.fill), iota=False) for a in s.axes))
-    what = f"{_name(node.target)} over the sequence (dim {dim})"
+    what = f"{op_name(node.target)} over the sequence (dim {dim})"
     if not _identity("lse", ax.fill):
         raise _Lose(f"{what} weighs the padding: the mask does not reach it (it holds {_describe(ax.fill)} at padded "
                     f"positions, where {_NEEDS['lse']} would weigh nothing)")
     walk.reach(node, what)
     logs = "log" in _packet(node.target)
-    return Seq(tuple(replace(a, fill=_unknown(a.fill) if a.dim != dim or logs else _zero(_val(node).dtype), iota=False)
+    return Seq(tuple(replace(a, fill=_unknown(a.fill) if a.dim != dim or logs else _zero(node_value(node).dtype),
+                             iota=False)
                      for a in s.axes))
 
 
-@_rule(*_ops("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"))
+@_rule(*aten_ops("cumsum", "cumprod", "logcumsumexp", "cummax", "cummin"))
 def _scan(walk: _Walk, node: Any, states: dict) -> Any:
     """A scan along the sequence reads only earlier positions: real positions stay real (padding is last)."""
     s = walk.seq(node.args[0], states)
-    dim = _arg(node, 1, "dim") % _rank(node.args[0])
+    dim = arg_of(node, 1, "dim") % rank_of(node.args[0])
     ax = s.get(dim)
     if ax is not None and ax.outer != 1:
-        raise _Lose(f"{_name(node.target)} scans a dim where the sequence repeats (later blocks read the padding)")
+        raise _Lose(f"{op_name(node.target)} scans a dim where the sequence repeats (later blocks read the padding)")
     state = Seq(tuple(replace(a, fill=_unknown(a.fill), iota=False) for a in s.axes))
-    return [state] * len(_val(node)) if isinstance(_val(node), (list, tuple)) else state
+    return [state] * len(node_value(node)) if isinstance(node_value(node), (list, tuple)) else state
 
 
 def _reorders(walk: _Walk, node: Any, states: dict, dims: list[int] | None, what: str) -> Any:
     s = walk.seq(node.args[0], states)
     if dims is None or any(a.dim in dims for a in s.axes):
-        raise _Lose(f"{_name(node.target)} {what} the sequence (positions move with the padded length)")
+        raise _Lose(f"{op_name(node.target)} {what} the sequence (positions move with the padded length)")
     state = Seq(tuple(replace(a, fill=_unknown(a.fill), iota=False) for a in s.axes))
-    return [state] * len(_val(node)) if isinstance(_val(node), (list, tuple)) else state
+    return [state] * len(node_value(node)) if isinstance(node_value(node), (list, tuple)) else state
 
 
-_rule(*_ops("sort", "argsort", "sort.stable", "argsort.stable"))(
-    lambda walk, node, states: _reorders(walk, node, states, _dims(_arg(node, 1, "dim", -1), _rank(node.args[0])),
+_rule(*aten_ops("sort", "argsort", "sort.stable", "argsort.stable"))(
+    lambda walk, node, states: _reorders(walk, node, states, dims_of(arg_of(node, 1, "dim", -1), rank_of(node.args[0])),
                                          "sorts"))
-_rule(_op("topk"))(lambda walk, node, states: _reorders(
-    walk, node, states, _dims(_arg(node, 2, "dim", -1), _rank(node.args[0])), "ranks"))
-_rule(_op("flip"))(lambda walk, node, states: _reorders(walk, node, states, _dims(node.args[1], _rank(node)),
-                                                        "reverses"))
-_rule(_op("roll"))(lambda walk, node, states: _reorders(walk, node, states, _dims(_arg(node, 2, "dims"), _rank(node)),
-                                                        "rolls"))
+_rule(aten_op("topk"))(lambda walk, node, states: _reorders(
+    walk, node, states, dims_of(arg_of(node, 2, "dim", -1), rank_of(node.args[0])), "ranks"))
+_rule(aten_op("flip"))(lambda walk, node, states: _reorders(walk, node, states, dims_of(node.args[1], rank_of(node)),
+                                                            "reverses"))
+_rule(aten_op("roll"))(lambda walk, node, states: _reorders(walk, node, states,
+                                                            dims_of(arg_of(node, 2, "dims"), rank_of(node)),
+                                                            "rolls"))
 
 
 def _normalized(walk: _Walk, node: Any, states: dict, dims: list[int], what: str) -> Any:
     """A normalization over `dims` (weights must hold no sequence)."""
     s = walk.seq(node.args[0], states)
-    if any(walk.seq(a, states).axes for a in _flat((node.args[1:], node.kwargs)) if isinstance(a, torch.fx.Node)):
-        raise _Lose(f"{_name(node.target)} takes parameters that hold the sequence")
+    if any(walk.seq(a, states).axes for a in leaves((node.args[1:], node.kwargs)) if isinstance(a, torch.fx.Node)):
+        raise _Lose(f"{op_name(node.target)} takes parameters that hold the sequence")
     if any(a.dim in dims for a in s.axes):
-        raise _Lose(f"{_name(node.target)} {what} over the sequence, padding included")
+        raise _Lose(f"{op_name(node.target)} {what} over the sequence, padding included")
     state = Seq(tuple(replace(a, fill=_unknown(a.fill), iota=False) for a in s.axes))
-    val = _val(node)
+    val = node_value(node)
     if isinstance(val, (list, tuple)):      # statistics beside the result keep its leading dims, or hold none
         return [state if isinstance(v, torch.Tensor) and v.dim() == val[0].dim() else CLEAN for v in val]
     return state
 
 
-@_rule(_op("layer_norm"), _op("native_layer_norm"), _op("rms_norm"))
+@_rule(aten_op("layer_norm"), aten_op("native_layer_norm"), aten_op("rms_norm"))
 def _layer_norm(walk: _Walk, node: Any, states: dict) -> Any:
-    rank = _rank(node.args[0])
+    rank = rank_of(node.args[0])
     return _normalized(walk, node, states, list(range(rank - len(node.args[1]), rank)), "normalizes")
 
 
-@_rule(_op("group_norm"), _op("native_group_norm"))
+@_rule(aten_op("group_norm"), aten_op("native_group_norm"))
 def _group_norm(walk: _Walk, node: Any, states: dict) -> Any:
-    return _normalized(walk, node, states, list(range(1, _rank(node.args[0]))), "normalizes")
+    return _normalized(walk, node, states, list(range(1, rank_of(node.args[0]))), "normalizes")
 
 
-@_rule(_op("batch_norm"), _op("_native_batch_norm_legit_no_training"), _op("native_batch_norm"),
-       _op("instance_norm"))
+@_rule(aten_op("batch_norm"), aten_op("_native_batch_norm_legit_no_training"), aten_op("native_batch_norm"),
+       aten_op("instance_norm"))
 def _batch_norm(walk: _Walk, node: Any, states: dict) -> Any:
-    training = {_op("batch_norm"): _arg(node, 5, "training"), _op("native_batch_norm"): _arg(node, 5, "training"),
-                _op("instance_norm"): True}.get(node.target, False)
-    rank = _rank(node.args[0])
+    training = {aten_op("batch_norm"): arg_of(node, 5, "training"),
+                aten_op("native_batch_norm"): arg_of(node, 5, "training"),
+                aten_op("instance_norm"): True}.get(node.target, False)
+    rank = rank_of(node.args[0])
     return _normalized(walk, node, states, [d for d in range(rank) if d != 1] if training else [1], "normalizes")
 
 
@@ -1118,50 +1121,50 @@ def _contract(walk: _Walk, node: Any, states: dict, labels: Sequence[str], outpu
     for letter, axs in found.items():
         fills = [a.fill for a in axs]
         if letter not in output:
-            what = f"{_name(node.target)} sums over the sequence"
+            what = f"{op_name(node.target)} sums over the sequence"
             if not _zero_fills(fills):
                 raise _Lose(f"{what} and reads the padding: the mask does not reach it (no operand holds 0 at padded "
                             f"positions: {', '.join(_describe(f) for f in fills)})")
             walk.reach(node, what)
             continue
-        if any(not (_same(a.inner, axs[0].inner) and _same(a.outer, axs[0].outer)) for a in axs):
-            raise _Lose(f"{_name(node.target)} lines up positions of the sequence with other entries")
+        if any(not (same_size(a.inner, axs[0].inner) and same_size(a.outer, axs[0].outer)) for a in axs):
+            raise _Lose(f"{op_name(node.target)} lines up positions of the sequence with other entries")
         others = [a.fill for lab, op in zip(labels, operands) for a in walk.seq(op, states).axes
                   if lab[a.dim] != letter]
-        axes.append(Axis(output.index(letter), _zero(_val(node).dtype) if _zero_fills(fills) else
+        axes.append(Axis(output.index(letter), _zero(node_value(node).dtype) if _zero_fills(fills) else
                          _unknown(*fills, *others), inner=axs[0].inner, outer=axs[0].outer))
     return Seq(tuple(sorted(axes, key=lambda a: a.dim)))
 
 
-@_rule(*_ops("matmul", "mm", "bmm", "mv", "dot", "vdot", "inner"))
+@_rule(*aten_ops("matmul", "mm", "bmm", "mv", "dot", "vdot", "inner"))
 def _matmul(walk: _Walk, node: Any, states: dict) -> Any:
     a, b = node.args[0], node.args[1]
-    la, lb, out = _matmul_labels(_rank(a), _rank(b))
+    la, lb, out = matmul_labels(rank_of(a), rank_of(b))
     return _contract(walk, node, states, [la, lb], out, [a, b])
 
 
-@_rule(_op("addmm"), _op("baddbmm"), _op("addmv"))
+@_rule(aten_op("addmm"), aten_op("baddbmm"), aten_op("addmv"))
 def _addmm(walk: _Walk, node: Any, states: dict) -> Any:
     """bias + a @ b: the product's axes and the bias's (broadcast), the fill that of their sum (an additive
     mask as the bias, as nn.MultiheadAttention adds it)."""
     bias, a, b = node.args[:3]
-    la, lb, out = _matmul_labels(_rank(a), _rank(b))
+    la, lb, out = matmul_labels(rank_of(a), rank_of(b))
     product = _contract(walk, node, states, [la, lb], out, [a, b])
     scaled = node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1
-    shift = len(out) - _rank(bias)
+    shift = len(out) - rank_of(bias)
     given = {a.dim + shift: a for a in walk.seq(bias, states).axes}
     axes = []
     for dim in sorted(set(given) | {a.dim for a in product.axes}):
         p, q = product.get(dim), given.get(dim)
         if p is not None and q is not None and (p.inner, p.outer) != (q.inner, q.outer):
-            raise _Lose(f"{_name(node.target)} lines up positions of the sequence with other entries")
+            raise _Lose(f"{op_name(node.target)} lines up positions of the sequence with other entries")
         line = p or q
         fill = None if scaled else _sum_fill(p.fill if p else None, q.fill if q else None)
         axes.append(Axis(dim, fill, inner=line.inner, outer=line.outer))
     return Seq(tuple(axes))
 
 
-@_rule(_op("einsum"))
+@_rule(aten_op("einsum"))
 def _einsum(walk: _Walk, node: Any, states: dict) -> Any:
     equation, operands = node.args[0].replace(" ", ""), list(node.args[1])
     if "..." in equation:
@@ -1174,12 +1177,12 @@ def _einsum(walk: _Walk, node: Any, states: dict) -> Any:
     return _contract(walk, node, states, labels, output, operands)
 
 
-@_rule(_op("linear"))
+@_rule(aten_op("linear"))
 def _linear(walk: _Walk, node: Any, states: dict) -> Any:
     x = walk.seq(node.args[0], states)
     if any(walk.seq(a, states).axes for a in node.args[1:] if isinstance(a, torch.fx.Node)):
         raise _Lose("a linear layer's weights hold the sequence")
-    last = _rank(node.args[0]) - 1
+    last = rank_of(node.args[0]) - 1
     ax = x.get(last)
     if ax is not None:
         if not _is(ax.fill, 0):
@@ -1190,24 +1193,24 @@ def _linear(walk: _Walk, node: Any, states: dict) -> Any:
                      if a.dim != last))
 
 
-@_rule(_op("scaled_dot_product_attention"))
+@_rule(aten_op("scaled_dot_product_attention"))
 def _attention(walk: _Walk, node: Any, states: dict) -> Any:
     """Attention of (..., L, E) queries over (..., S, E) keys: keys along the sequence must be masked at padding
     by the attn_mask (False, or an additive masking bias, along its last dim), or causal."""
     q, k, v = node.args[:3]
-    mask = _arg(node, 3, "attn_mask")
-    causal = bool(_arg(node, 5, "is_causal", False))
+    mask = arg_of(node, 3, "attn_mask")
+    causal = bool(arg_of(node, 5, "is_causal", False))
     qs, ks, vs = (walk.seq(t, states) for t in (q, k, v))
     for t, s in ((q, qs), (k, ks), (v, vs)):
-        if any(a.dim != _rank(t) - 2 for a in s.axes):
+        if any(a.dim != rank_of(t) - 2 for a in s.axes):
             raise _Lose("attention over a value that holds the sequence in its batch or feature dims")
     ms = walk.seq(mask, states) if isinstance(mask, torch.fx.Node) else CLEAN
-    if any(a.dim < _rank(mask) - 2 for a in ms.axes):
+    if any(a.dim < rank_of(mask) - 2 for a in ms.axes):
         raise _Lose("attention's mask holds the sequence in its batch dims")
-    query = qs.get(_rank(q) - 2)
+    query = qs.get(rank_of(q) - 2)
     if ks.axes or vs.axes:
-        keys = ms.get(_rank(mask) - 1) if isinstance(mask, torch.fx.Node) else None
-        boolean = isinstance(mask, torch.fx.Node) and _val(mask).dtype == torch.bool
+        keys = ms.get(rank_of(mask) - 1) if isinstance(mask, torch.fx.Node) else None
+        boolean = isinstance(mask, torch.fx.Node) and node_value(mask).dtype == torch.bool
         masked = keys is not None and (_is(keys.fill, False) if boolean else _identity("lse", keys.fill))
         if not masked and causal and query is not None and ks.axes:
             masked = True       # each real query sees only the keys up to its own position: real ones
@@ -1218,59 +1221,59 @@ def _attention(walk: _Walk, node: Any, states: dict) -> Any:
         walk.reach(node, "attention over the sequence's keys")
     if query is None:
         return CLEAN
-    rows = ms.get(_rank(mask) - 2) if isinstance(mask, torch.fx.Node) else None
-    whole = rows is not None and (_is(rows.fill, False) if _val(mask).dtype == torch.bool else
-                                  _unknown(rows.fill) == ANY)     # rows of padded queries masked whole: NaN
-    fill = ANY if whole else _unknown(*(a.fill for s in (qs, ks, vs) for a in s.axes))
+    rows = ms.get(rank_of(mask) - 2) if isinstance(mask, torch.fx.Node) else None
+    all_masked = rows is not None and (_is(rows.fill, False) if node_value(mask).dtype == torch.bool else
+                                       _unknown(rows.fill) == ANY)     # rows of padded queries masked whole: NaN
+    fill = ANY if all_masked else _unknown(*(a.fill for s in (qs, ks, vs) for a in s.axes))
     return Seq((Axis(query.dim, fill, inner=query.inner, outer=query.outer),))
 
 
-@_rule(*_ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding", "convolution",
-             "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input", "_convolution",
-             "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-             "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-             "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices", "_adaptive_avg_pool2d"))
+@_rule(*aten_ops("conv1d", "conv2d", "conv3d", "conv1d.padding", "conv2d.padding", "conv3d.padding", "convolution",
+                 "conv_transpose1d", "conv_transpose2d.input", "conv_transpose3d.input", "_convolution",
+                 "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+                 "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+                 "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices", "_adaptive_avg_pool2d"))
 def _spatial(walk: _Walk, node: Any, states: dict) -> Any:
     """Convolutions and pooling run along their trailing dims: the sequence may only be the batch dim."""
     s = walk.seq(node.args[0], states)
-    if any(walk.seq(a, states).axes for a in _flat((node.args[1:], node.kwargs)) if isinstance(a, torch.fx.Node)):
-        raise _Lose(f"{_name(node.target)} takes weights that hold the sequence")
+    if any(walk.seq(a, states).axes for a in leaves((node.args[1:], node.kwargs)) if isinstance(a, torch.fx.Node)):
+        raise _Lose(f"{op_name(node.target)} takes weights that hold the sequence")
     if any(a.dim != 0 for a in s.axes):
-        raise _Lose(f"{_name(node.target)} runs along the sequence (a window at the last real positions reads the "
+        raise _Lose(f"{op_name(node.target)} runs along the sequence (a window at the last real positions reads the "
                     "padding)")
     state = Seq(tuple(replace(a, fill=_unknown(a.fill), iota=False) for a in s.axes))
-    return [state] * len(_val(node)) if isinstance(_val(node), (list, tuple)) else state
+    return [state] * len(node_value(node)) if isinstance(node_value(node), (list, tuple)) else state
 
 
-@_rule(*_ops("gru.input", "lstm.input", "rnn_tanh.input", "rnn_relu.input"))
+@_rule(*aten_ops("gru.input", "lstm.input", "rnn_tanh.input", "rnn_relu.input"))
 def _rnn(walk: _Walk, node: Any, states: dict) -> Any:
     """A recurrent layer forward along the sequence reads earlier positions only: its outputs at real positions
     are real; its final states, and a backward direction, read the padding."""
     batch_first, bidirectional = node.args[-1], node.args[-2]
     time = 1 if batch_first else 0
     x = walk.seq(node.args[0], states)
-    if any(walk.seq(h, states).axes for h in _flat((node.args[1], node.args[2]))):
+    if any(walk.seq(h, states).axes for h in leaves((node.args[1], node.args[2]))):
         raise _Lose("a recurrent layer's states or weights hold the sequence")
     if any(a.dim != time for a in x.axes):
         raise _Lose("a recurrent layer runs with the sequence in its batch or feature dim")
     if not x.axes:
-        return [CLEAN] * len(_val(node))
+        return [CLEAN] * len(node_value(node))
     if bidirectional:
         raise _Lose("a bidirectional recurrent layer reads the padding on its way back")
-    last = Lost(f"a recurrent layer's final state is the one after the padding{_where(node)}")
-    return [Seq((Axis(time, None),))] + [last] * (len(_val(node)) - 1)
+    last = Lost(f"a recurrent layer's final state is the one after the padding{source_line(node)}")
+    return [Seq((Axis(time, None),))] + [last] * (len(node_value(node)) - 1)
 
 
 def _wrapped(walk: _Walk, module: torch.fx.GraphModule, node: Any, states: dict) -> Any:
     """A higher-order op that runs a subgraph once on its operands (no_grad or autocast regions)."""
     sub_node, operands = node.args[1], node.args[2:]
-    if node.target is _WRAP_AUTOCAST:
+    if node.target is WRAP_AUTOCAST:
         sub_node, operands = node.args[4], node.args[5:]
     sub = getattr(module, sub_node.target)
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     inner = {p: walk.state(o, states) for p, o in zip(placeholders, operands)}
     out = walk.run(sub, inner)
-    return out if isinstance(_val(node), (list, tuple)) else out[0]
+    return out if isinstance(node_value(node), (list, tuple)) else out[0]
 
 
-_HIGHER_ORDER: dict[Any, Callable] = {op: _wrapped for op in _BATCH_HIGHER_ORDER}
+_HIGHER_ORDER: dict[Any, Callable] = {op: _wrapped for op in WRAPPERS}

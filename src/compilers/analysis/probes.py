@@ -51,7 +51,8 @@ def batch_independence(model: torch.nn.Module, signature: Signature,
         for j, (spec, axis) in enumerate(zip(signature.outputs, out_axes)):
             part = together[j].narrow(axis, k, 1)
             if part.shape != answer[j].shape:
-                return False, f"{spec.name} of row {k} has shape {tuple(part.shape)} in a batch, {tuple(answer[j].shape)} alone"
+                return False, (f"{spec.name} of row {k} has shape {tuple(part.shape)} in a batch, "
+                               f"{tuple(answer[j].shape)} alone")
             differs = relative_difference(part, answer[j])
             if differs > INDEPENDENCE_RTOL * EPS_RATIO.get(spec.dtype, 1.0):
                 return False, (f"{spec.name} of row {k} differs by {differs:.2g} (relative) between the row run with "
