@@ -154,6 +154,13 @@ def test_padding_that_changes_answers_is_found_at_compile_and_never_batched(tmp_
     with running(tmp_path / "repo") as server:
         index = json.load(urllib.request.urlopen(urllib.request.Request(f"{server.url}/v2/repository/index", b"{}")))
     assert "pads a pipeline whose padding compile did not prove harmless" in index[0]["reason"]
+    # and a pipeline proven harmless for its own pad values is never padded with others by serving.toml
+    masked.save(tmp_path / "repo" / "masked" / "1")
+    (tmp_path / "repo" / "masked" / "serving.toml").write_text("[batching.pad]\nattention_mask = 1\n")
+    with running(tmp_path / "repo") as server:
+        index = json.load(urllib.request.urlopen(urllib.request.Request(f"{server.url}/v2/repository/index", b"{}")))
+    reasons = {m["name"]: m.get("reason", "") for m in index}
+    assert "pads attention_mask with another value than the pipeline's own (attention_mask = 0" in reasons["masked"]
 
 
 def test_a_model_that_pools_without_its_mask_is_never_padded_and_each_sentence_is_answered_as_alone(tmp_path):

@@ -135,6 +135,12 @@ class LocalEngines:
         if isinstance(cm, CompiledPipeline):   # batched after pre-processing, padded as the pre-processing pads
             steps, cm = cm.steps, cm.model
             if steps.padded:       # compile proved padding harmless (the graph) and eager confirmed it
+                other = {k: v for k, v in batching.pad.items() if steps.pre.pad.get(k, v) != v}
+                if other:          # the proof holds for the pipeline's own pad values, not for these
+                    own = ", ".join(f"{k} = {steps.pre.pad[k]}" for k in sorted(other))
+                    raise ConfigError(f"serving.toml [batching.pad] pads {', '.join(sorted(other))} with another value "
+                                      f"than the pipeline's own ({own}), for which compile proved padding harmless: "
+                                      "remove those lines")
                 batching = replace(batching, pad={**steps.pre.pad, **batching.pad})
             elif batching.pad:
                 raise ConfigError("serving.toml [batching.pad] pads a pipeline whose padding compile did not prove "
