@@ -9,6 +9,9 @@ module's own buffer is a copy taken at compile time: editing it changes neither 
 Each test edits every output in place, as a caller may, and calls again."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +251,120 @@ def test_a_server_handler_that_edits_its_outputs_changes_no_later_answer(tmp_pat
     for answer in answers:
         np.testing.assert_allclose(answer["output.0"], (y + 100).ravel(), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(answer["output.1"], (table + 100).ravel())
+
+
+EXAMPLES = str(Path(__file__).resolve().parents[1] / "examples")
+
+
+@pytest.mark.parametrize("target", ["torchscript-cpu", "inductor-cpu"])
+def test_a_model_whose_graph_proves_its_outputs_fresh_checks_nothing_per_call(target, tmp_path, monkeypatch):
+    """The 64-wide MLP of examples/mlp.py (what benchmarks/overhead.py times): every output is memory its last
+    op allocated, so no call looks at any output's memory, compiled or loaded."""
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import mlp
+    finally:
+        sys.path.remove(EXAMPLES)
+    parts = mlp.factory()
+    cm = compilers.compile(parts["model"], target, parts["example_inputs"])
+    loaded = compilers.load(cm.save(tmp_path / "m"))
+
+    def looked(self, outs, inputs):
+        raise AssertionError("an output's memory was checked")
+    monkeypatch.setattr(compilers.CompiledModel, "_own_memory", looked)
+    for m in (cm, loaded):
+        m(parts["example_inputs"][0])
+        assert m.engine.may_share() == frozenset()
+
+
+class Shares(nn.Module):
+    """An output of each origin: fresh (`y.relu()`), one tensor twice (`y`), a view of an input, the module's
+    buffer, a constant freezing folds (`ones(3) * 2`), and buffers through ops whose schema says their result is
+    fresh but that return their argument (`type_as` to its own dtype, `sum_to_size` to its own size)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l = nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(4.0))
+        self.register_buffer("b", torch.arange(4.0) + 10)
+        self.register_buffer("c", torch.arange(4.0) + 20)
+
+    def forward(self, x):
+        y = self.l(x)
+        return (y, x.view(-1), self.table, torch.ones(3) * 2, self.b.type_as(x), self.c.sum_to_size([x.shape[-1]]),
+                y.relu(), y)
+
+
+#: what each engine's graph may return in memory not its call's own. TorchScript returns its constants by
+#: reference; AOTInductor copies them, and `type_as(b, x)` counts as x's memory too (any argument's)
+SHARES = {"trace": {0, 1, 2, 3, 4, 5, 7}, "script": {0, 1, 2, 3, 4, 5, 7}, "inductor": {0, 1, 4, 7}}
+
+
+@pytest.mark.parametrize("how", list(SHARES))
+def test_outputs_the_graph_may_return_in_shared_memory_are_found_and_copied(how, tmp_path):
+    """The engine's graph names exactly the outputs that may share memory (compiled and loaded), and those are
+    copied where they do: an edit of any answer leaves later answers eager's (the module's buffer unedited)."""
+    target = "inductor-cpu" if how == "inductor" else compilers.load_target("torchscript-cpu").with_(mode=how)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, generator=g)
+    cm = compilers.compile(Shares().eval(), target, (x,))
+    loaded = compilers.load(cm.save(tmp_path / "m"))
+    with torch.no_grad():
+        want = Shares().eval()(x.clone())
+    for m in (cm, loaded):
+        assert m.engine.may_share() == frozenset(SHARES[how])
+        for _ in range(3):
+            xc = x.clone()
+            got = m(xc)
+            assert got[0] is got[7]
+            _close(got, want, 1e-5)
+            _edit(got)
+            _close(xc.view(-1), got[1], 0)        # the view of the input is a view of the caller's input
+
+
+def test_the_analysis_follows_loops_branches_and_refuses_lists_written_in_place():
+    """An output a loop or a branch may carry an input into may share; a list appended to is not followed."""
+    from compilers.analysis.aliasing import script_outputs
+
+    class Flow(nn.Module):
+        def forward(self, x):
+            acc = x * 3
+            for _ in range(3):
+                acc = acc + 1         # fresh on every path
+            w = x * 4
+            for _ in range(2):
+                w = x                 # x after the first pass
+            if bool(x.sum() > 0):
+                z = x
+            else:
+                z = x * 2
+            return z, acc, w, (x + 1, [x * 5])
+
+    class Appends(nn.Module):
+        def forward(self, x):
+            out = [x * 2]
+            out.append(x)
+            return out
+
+    flow = torch.jit.freeze(torch.jit.script(Flow().eval()))
+    assert script_outputs(flow.inlined_graph, 5) == frozenset({0, 2})
+    assert script_outputs(flow.inlined_graph, 4) is None        # not the outputs the signature has
+    appends = torch.jit.freeze(torch.jit.script(Appends().eval()))
+    assert script_outputs(appends.inlined_graph, 2) is None
+
+
+def test_unfrozen_torchscript_and_older_inductor_packages_check_every_output(tmp_path):
+    """Unfrozen, the JIT executor folds constants no graph shows; an inductor package saved before `may_share`
+    was recorded in aoti.json has no answer: both check every output."""
+    import json
+
+    from compilers.backends.inductor import META_FILE, MODEL_FILE, InductorEngine
+    cm = compilers.compile(Scriptable().eval(), compilers.load_target("torchscript-cpu").with_(
+        freeze=False, optimize_for_inference=False), _examples())
+    assert cm.engine.may_share() is None and cm._checked == tuple(range(7))
+    path = compilers.compile(Scriptable().eval(), "inductor-cpu", _examples()).save(tmp_path / "m")
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["may_share"] == [3, 4, 5]
+    del meta["may_share"]
+    assert InductorEngine(path / MODEL_FILE, meta).may_share() is None

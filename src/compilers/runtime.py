@@ -53,10 +53,12 @@ class CompiledModel:
         self._out_to_torch = to_torch if bf16_out else torch.from_numpy
         self._out_to_numpy = to_numpy if bf16_out else torch.Tensor.numpy
         self._run = engine.run if engine.thread_safe else _serialized(engine.run)
-        # outputs in memory a caller may edit and a later call reads or returns again (`_own_memory`): none where
-        # the engine allocates every output for its call; else what eager's outputs share is all they may share
-        held = None if engine.fresh_outputs else engine.constants()
-        self._check_memory = not engine.fresh_outputs
+        # outputs in memory a caller may edit and a later call reads or returns again (`_own_memory`): only those
+        # the engine's graph may return in memory not its call's own are checked, none when it proves all fresh;
+        # what eager's outputs share is all they may share
+        shares = engine.may_share()
+        self._checked = tuple(range(len(signature.outputs))) if shares is None else tuple(sorted(shares))
+        held = engine.constants() if self._checked else None
         self._engine_memory = None if held is None else frozenset(filter(None, map(storage_address, held)))
         shares: list[set] = [set() for _ in signature.outputs]
         for a in signature.aliases:
@@ -114,7 +116,7 @@ class CompiledModel:
             raise
         except Exception as e:
             raise self._engine_error(flat, e) from e
-        if self._check_memory:
+        if self._checked:
             outs = self._own_memory(outs, arrays)
         if self._numpy_engine:
             if device is not None:
@@ -133,15 +135,16 @@ class CompiledModel:
     def _own_memory(self, outs: list[torch.Tensor], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The engine's outputs, each copied that shares memory with an input, an earlier output or the engine's
         own constants where eager's output does not (`Signature.aliases`): no output is memory that a later call
-        reads or returns again, so a caller may edit it as eager's."""
-        held = self._engine_memory
+        reads or returns again, so a caller may edit it as eager's. Only the outputs the engine may return in
+        such memory are looked at (`Engine.may_share`): the others cannot share any."""
+        held, checked = self._engine_memory, self._checked
         if held is not None:
             try:      # the common case, in one pass: no output shares memory with anything
                 seen = set()
                 for x in inputs:
                     seen.add(x.untyped_storage().data_ptr())
-                for o in outs:
-                    address = o.untyped_storage().data_ptr()
+                for j in checked:
+                    address = outs[j].untyped_storage().data_ptr()
                     if address in seen or address in held or not address:
                         break
                     seen.add(address)
@@ -154,7 +157,8 @@ class CompiledModel:
         for i, x in enumerate(inputs):
             owners.setdefault(storage_address(x), ("input", i))
         outs = list(outs)
-        for j, o in enumerate(outs):
+        for j in checked:
+            o = outs[j]
             address = storage_address(o)
             if not address:
                 continue

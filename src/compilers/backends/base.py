@@ -51,10 +51,6 @@ class Engine(ABC):
     device: str = "cpu"
     #: whether run() may be called from several threads at once; if not, the runtime serializes calls
     thread_safe: bool = True
-    #: whether run() returns, by construction, only memory allocated for that call: no input, no constant or
-    #: buffer of the engine's own, no output twice. If not, the runtime copies each output that shares memory
-    #: with an input, an earlier output (where eager's do not) or one of `constants()`
-    fresh_outputs: bool = False
 
     @abstractmethod
     def run(self, inputs: Sequence[Any]) -> list[Any]:
@@ -68,10 +64,18 @@ class Engine(ABC):
         """InputError when the engine would compute these flat inputs (numpy arrays or CPU tensors) otherwise than
         eager for reasons of its own (OpenVINO's narrowed integers); run() refuses them too. Default: none."""
 
+    def may_share(self) -> frozenset[int] | None:
+        """The flat outputs run() may return in memory not allocated for that call alone: an input or a view of
+        one, a constant or weight of the engine's own, or another output's memory; found from the engine's own
+        graph when it is built or loaded (`analysis.aliasing`). Only these are checked on each call, and copied
+        where they share memory that eager's outputs do not (`CompiledModel._own_memory`): empty, no call checks
+        anything. None: unknown, every output is checked."""
+        return None
+
     def constants(self) -> list[Any] | None:
         """The tensors the engine holds whose memory run() may return, or views of them (its weights and folded
         constants): what an output must not share, since a caller may edit it. None: the engine cannot list them,
-        and every output that does not share memory as eager's does is copied. Only read when not `fresh_outputs`."""
+        and every checked output (`may_share`) that does not share memory as eager's does is copied."""
         return None
 
     def describe(self) -> dict[str, Any]:

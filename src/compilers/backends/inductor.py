@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch._inductor
 
+from ..analysis.aliasing import program_outputs
 from ..errors import ArtifactError, CompilerError, InputError
 from ..host import cpu_isa
 from ..lower import Lowered, export_dims
@@ -67,13 +68,14 @@ class InductorBackend(Backend):
 
     def build(self, optimized: Optimized, spec: Spec) -> Engine:
         # the package outlives the build's scratch directory: it is the engine's file until saved
+        program = optimized.lowered.model.program
+        shares = may_share(program)
         workdir = Path(tempfile.mkdtemp(prefix="compilers-aoti-"))
         path = workdir / MODEL_FILE
         configs = {"aot_inductor.compile_wrapper_opt_level": spec.settings.wrapper_opt_level}
         try:
             with quiet():
-                torch._inductor.aoti_compile_and_package(optimized.lowered.model.program, package_path=str(path),
-                                                         inductor_configs=configs)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
         except BaseException as e:       # an interrupted build leaves no scratch directory behind either
             shutil.rmtree(workdir, ignore_errors=True)
             if not isinstance(e, Exception):
@@ -81,7 +83,9 @@ class InductorBackend(Backend):
             first = next((l for l in str(e).splitlines() if l.strip()), "")
             raise CompilerError(f"AOTInductor could not compile the exported program: {type(e).__name__}: "
                                 f"{first[:500]}. Try the torchscript-cpu or ort-cpu target") from e
-        return InductorEngine(path, {"isa": cpu_isa(), "bounds": optimized.lowered.model.bounds}, workdir)
+        meta = {"isa": cpu_isa(), "bounds": optimized.lowered.model.bounds,
+                "may_share": None if shares is None else sorted(shares)}
+        return InductorEngine(path, meta, workdir)
 
     def load(self, spec: Spec) -> Engine:
         directory = spec.workdir
@@ -151,6 +155,19 @@ def narrowed_dims(program: Any, signature: Signature) -> list[list[Any]]:
     return bounds
 
 
+def may_share(program: Any) -> frozenset[int] | None:
+    """The outputs the compiled program may return as an input, a view of one, or another output's memory (one
+    tensor returned twice). Not its constants: AOTInductor's generated code returns a copy of a constant (or of a
+    view of one) that is a graph output (torch._inductor.codegen.cpp_wrapper_cpu: generate_return,
+    NOTE(return_constant)), and Inductor's passes add no aliasing between inputs and outputs nor between outputs
+    (torch._inductor.fx_passes.post_grad: remove_noop_ops). None under inductor's freezing, whose
+    common-subexpression pass may turn two equal outputs into one."""
+    from torch._inductor import config
+    if config.freezing:
+        return None
+    return program_outputs(program, held_copied=True)
+
+
 def cxx_candidates() -> list[str]:
     """The C++ compilers inductor tries, in order (torch._inductor.config.cpp.cxx; it honours $CXX)."""
     from torch._inductor import config
@@ -200,10 +217,14 @@ class InductorEngine(Engine):
                 return runner(*inputs)
         return raw
 
+    def may_share(self) -> frozenset[int] | None:
+        """Found from the exported program when built (`may_share`, saved in aoti.json); None for a package saved
+        before it was."""
+        found = self.meta.get("may_share")
+        return None if found is None else frozenset(found)
+
     def constants(self) -> list[Any]:
-        """None that run() returns: AOTInductor's generated code returns a copy of a constant (or of a view of one)
-        that is a graph output (torch._inductor.codegen.cpp_wrapper_cpu: generate_return, NOTE(return_constant)).
-        An input or an output it returns again is the runtime's to check."""
+        """None that run() returns (`may_share`)."""
         return []
 
     def save(self, directory: Path) -> None:

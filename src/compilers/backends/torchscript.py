@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..analysis.aliasing import script_outputs
 from ..lower import Lowered
 from ..settings import option
 from ..signature import FlatModule
@@ -140,6 +141,9 @@ class TorchScriptEngine(Engine):
         kinds = graph_kinds(runner.inlined_graph)
         self.info = {"nodes": sum(kinds.values()), "fused": fused_kinds(portable_kinds, kinds), "ops": dict(kinds)}
         self.frozen = spec.settings.freeze or spec.settings.optimize_for_inference
+        # unfrozen, the JIT executor folds constants of its own while it runs the module (`torch.ones(2) * 3`),
+        # which no graph shows: every output is checked
+        self.shares = script_outputs(runner.inlined_graph, len(spec.signature.outputs)) if self.frozen else None
 
     def run(self, inputs: Sequence[Any]) -> list[Any]:
         with torch.no_grad():   # not inference_mode: outputs must take in-place ops and autograd as eager's do
@@ -153,10 +157,14 @@ class TorchScriptEngine(Engine):
                 return call(*inputs)
         return raw
 
+    def may_share(self) -> frozenset[int] | None:
+        """The outputs the frozen graph may return as an input, a view of one, one of its constants (weights and
+        everything freezing folded: `table + 0`, which the interpreter returns by reference) or another output's
+        memory. None for a module that is not frozen."""
+        return self.shares
+
     def constants(self) -> list[Any] | None:
-        """The frozen graph's constants (weights and everything freezing folded: `table + 0` is one), which the
-        interpreter returns by reference. None for a module that is not frozen: the JIT executor folds
-        constants of its own while it runs one (`torch.ones(2) * 3`), which no graph lists."""
+        """The frozen graph's constants; None for a module that is not frozen."""
         return held_tensors(self.runner) if self.frozen else None
 
     def save(self, directory: Path) -> None:

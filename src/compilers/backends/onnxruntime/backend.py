@@ -226,9 +226,6 @@ class OrtEngine(Engine):
     """An InferenceSession on the CPU provider (its run() is thread-safe)."""
 
     array_kind = "numpy"
-    # session.run without IO binding returns each output in an OrtValue allocated for that run; an initializer
-    # or an input that is a graph output is copied into one (onnxruntime PR #3912)
-    fresh_outputs = True
 
     def __init__(self, model_bytes: bytes, settings: OrtSettings, optimized_path: Path | None = None):
         import onnxruntime as ort
@@ -253,6 +250,11 @@ class OrtEngine(Engine):
     def raw_call(self, inputs: Sequence[Any]) -> Callable[[], Any]:
         run, names, feed = self.session.run, self.output_names, dict(zip(self.input_names, inputs))
         return lambda: run(names, feed)
+
+    def may_share(self) -> frozenset[int]:
+        """No output: session.run without IO binding returns each output in an OrtValue allocated for that run; an
+        initializer or an input that is a graph output is copied into one (onnxruntime PR #3912)."""
+        return frozenset()
 
     def save(self, directory: Path) -> None:
         (directory / MODEL_FILE).write_bytes(self.model_bytes)

@@ -170,7 +170,6 @@ class OpenVinoEngine(Engine):
     """A CompiledModel on the CPU plugin; one infer request per calling thread makes run() thread-safe."""
 
     array_kind = "numpy"
-    fresh_outputs = True     # run() copies each output out of the infer request's buffers
 
     def __init__(self, model: Any, target: Target, settings: OpenVinoSettings, signature: Signature):
         import openvino as ov
@@ -234,6 +233,10 @@ class OpenVinoEngine(Engine):
             request.infer()
             return [request.get_output_tensor(i).data for i in range(n)]
         return raw
+
+    def may_share(self) -> frozenset[int]:
+        """No output: run() copies each output out of the infer request's buffers."""
+        return frozenset()
 
     def save(self, directory: Path) -> None:
         import openvino as ov
