@@ -353,7 +353,7 @@ def test_a_graph_that_holds_for_some_batch_sizes_only_proves_nothing():
     """`if x.shape[0] > 8:` on a 4-row example: torch.export keeps the batch to 0..8, where the graph holds; a server
     batching nine rows would take the other path."""
     found = verdict(_branch_on_batch(8)(), (torch.randn(4, 6),))
-    assert found.independent is None and "keeps the batch to 0..8" in found.why
+    assert found.independent is None and "keeps the batch to 1..8" in found.why
 
 
 def test_a_branch_on_a_batch_of_one_row_is_caught_by_the_probe():

@@ -104,7 +104,8 @@ def _ladder(routes: Sequence[str], own_route: OwnRoute, flat: FlatModule, model:
         if route not in EXPORT_ROUTES:
             conversions = tracer_conversions(caught)
             if conversions and refused is None and not exported:
-                probe = _export_probe(flat, signature, tuple(examples))
+                held = None if program is None else held_ranges(program, signature, tuple(examples))
+                probe = Probe(dims=held) if held is not None else _export_probe(flat, signature, tuple(examples))
                 refused, lowered.dims = probe.refused, probe.dims
                 if probe.dims:
                     lowered.notes.append(narrowed_note(signature, probe.dims, probe.said))
@@ -395,13 +396,83 @@ def _onnx_dynamo(flat: FlatModule | Any, signature: Signature, examples: tuple, 
     return lowered
 
 
+def held_ranges(program: Any, signature: Signature, examples: Sequence[Any],
+                only: str | None = None) -> dict[str, DimRange] | None:
+    """The dynamic dims an ExportedProgram (exported on `examples`) holds for part of their declared range only,
+    with that part: narrower range constraints, and its runtime checks on one dim's size, solved for the sizes they
+    allow (the part holding the example's size). Checks that only rule out sizes 0 and 1 are no branch of the
+    model's (torch.export's size-oblivious capture makes them). None when a check cannot be solved so (a branch on
+    a size's parity, on two sizes at once): then only torch.export's own refusal can say what holds. `only`: the
+    checks on that dim alone."""
+    dims = exported_ranges(program, signature)
+    symbols = {}
+    for node, spec in zip(_user_placeholders(program), signature.inputs):
+        for size, dim in zip(node.meta["val"].shape, spec.shape):
+            if isinstance(dim, str) and isinstance(size, torch.SymInt) and size.node.expr.is_Symbol and \
+                    only in (None, dim):
+                symbols[size.node.expr] = dim
+    sizes = signature.dim_sizes(examples)
+    for node in program.graph.nodes:
+        check = node.args[0] if node.target is torch.ops.aten._assert_scalar.default else None
+        cond = check.meta.get("val") if isinstance(check, torch.fx.Node) else None
+        if not isinstance(cond, torch.SymBool) or not set(cond.node.expr.free_symbols) & set(symbols):
+            continue
+        if len(cond.node.expr.free_symbols) > 1:
+            return None
+        (symbol,) = cond.node.expr.free_symbols
+        name = symbols[symbol]
+        old = dims.get(name, signature.dims[name])
+        part = _part_held(cond.node.expr, symbol, sizes[name], old)
+        rng = None if part is None else _within(old, *part)
+        if rng is None:
+            return None
+        if (rng.min, rng.max) != (old.min, old.max):
+            dims[name] = rng
+    return dims
+
+
+def _part_held(condition: Any, symbol: Any, size: int, old: DimRange) -> tuple[int, int | None] | None:
+    """(lo, hi) of the run of sizes around `size` where `condition` holds, sizes 0 and 1 aside; None if unsolved."""
+    import sympy
+    floor = max(old.min, min(2, size))
+    held = _solved(condition, symbol, sympy.Interval(floor, old.max if old.max is not None else sympy.oo))
+    part = next((p for p in (held.args if isinstance(held, sympy.Union) else (held,)) if size in p), None) \
+        if held is not None else None
+    if part is None or not isinstance(part, (sympy.Interval, sympy.FiniteSet)):
+        return None
+    lo, hi = sympy.ceiling(part.inf), part.sup
+    if isinstance(part, sympy.Interval) and part.left_open and lo == part.inf:
+        lo += 1
+    if hi != sympy.oo:
+        hi = sympy.floor(hi) - (1 if isinstance(part, sympy.Interval) and part.right_open and hi == part.sup else 0)
+    return (old.min if lo <= floor else int(lo)), (None if hi == sympy.oo else int(hi))
+
+
+def _solved(condition: Any, symbol: Any, domain: Any) -> Any:
+    """The sizes in `domain` where `condition` holds (a sympy Set of intervals), or None where sympy cannot say."""
+    import sympy
+    if isinstance(condition, (sympy.Or, sympy.And)):
+        parts = [_solved(c, symbol, domain) for c in condition.args]
+        if any(p is None for p in parts):
+            return None
+        return sympy.Union(*parts) if isinstance(condition, sympy.Or) else sympy.Intersection(*parts)
+    try:
+        held = sympy.solveset(condition, symbol, domain)
+    except Exception:       # a form solveset does not take (Mod, Min of two sizes): not solved
+        return None
+    return None if held.has(sympy.ConditionSet) or isinstance(held, sympy.ConditionSet) else held
+
+
+def _user_placeholders(program: Any) -> list[Any]:
+    names = set(program.graph_signature.user_inputs)
+    return [n for n in program.graph.nodes if n.op == "placeholder" and n.name in names]
+
+
 def exported_ranges(program: Any, signature: Signature) -> dict[str, DimRange]:
     """The signature's dynamic dims whose range in an ExportedProgram is narrower than declared, with that range."""
     from torch.utils._sympy.numbers import int_oo
-    user_inputs = set(program.graph_signature.user_inputs)
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
     dims: dict[str, DimRange] = {}
-    for node, spec in zip(placeholders, signature.inputs):
+    for node, spec in zip(_user_placeholders(program), signature.inputs):
         for size, dim in zip(node.meta["val"].shape, spec.shape):
             vr = program.range_constraints.get(size.node.expr) if isinstance(size, torch.SymInt) else None
             if vr is None or not isinstance(dim, str):

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import sympy
 import torch
 
+from ..lower import held_ranges
 from ..signature import Signature
 from .graph import Exported, user_inputs, user_outputs
 from .ops import (LETTERS, SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, arg_of, aten_op, aten_ops, axis_size,
@@ -118,7 +119,7 @@ def batch_verdict(exported: Exported, signature: Signature) -> Verdict:
         return Verdict(False, f"the rows of a batch are coupled: {walk.couplings[0]}"
                               + (f" (and {len(walk.couplings) - 1} more)" if len(walk.couplings) > 1 else ""),
                        walk.couplings, walk.unknown)
-    branch = _batch_branch(exported.program, batch, signature.dims[signature.batch])
+    branch = _batch_branch(exported, signature)
     if branch is not None:
         return Verdict(None, f"the model's code takes another path for some batch sizes ({branch}), and the "
                              "graph holds for the others only, so nothing is proven about how a row is answered "
@@ -126,19 +127,18 @@ def batch_verdict(exported: Exported, signature: Signature) -> Verdict:
     return Verdict(True, f"proven from the graph: none of its {walk.ops} ops mixes rows of the batch")
 
 
-def _batch_branch(program: Any, batch: Any, declared: Any) -> str | None:
-    """Where the graph holds for part of the declared batch range only, because the model's code branches on the
-    batch size: the range torch.export keeps the batch to, narrower than declared; None otherwise. (A branch on
-    the batch size being 1 shows only as a runtime check `Ne(batch, 1)`, as torch's own size-oblivious checks do:
-    the eager probe of rows alone against rows together is what sees that one.)"""
-    from torch.utils._sympy.numbers import int_oo
-    vr = program.range_constraints.get(batch)
-    if vr is None:
+def _batch_branch(exported: Exported, signature: Signature) -> str | None:
+    """Why the graph holds for part of the declared batch range only (the model's code branches on the batch size),
+    or None: torch.export keeps the batch to a narrower range, or checks the sizes in a way that is not solved
+    (`lower.held_ranges`). A branch on the batch size being 1 shows only as a runtime check `batch != 1`, as torch's
+    own size-oblivious checks do: the eager probe of rows alone against rows together is what sees that one."""
+    held = held_ranges(exported.program, signature, exported.examples, only=signature.batch)
+    if held is None:
+        return "torch.export checks the sizes in a way the analysis does not solve"
+    rng = held.get(signature.batch)
+    if rng is None:
         return None
-    lo, hi = int(vr.lower), None if vr.upper == int_oo else int(vr.upper)
-    if lo > declared.min or (hi is not None and (declared.max is None or hi < declared.max)):
-        return f"torch.export keeps the batch to {lo}..{hi if hi is not None else ''}"
-    return None
+    return f"torch.export keeps the batch to {rng.min}..{rng.max if rng.max is not None else ''}"
 
 
 def _describe(state: Any) -> str:
