@@ -1,7 +1,7 @@
 """Compile time of the demo model (the real all-MiniLM-L6-v2 of `make demo`, with its calibration sentences and
 held-out samples) per target: the wall time of one `compilers.compile` call, each in a fresh process.
 
-    .venv/bin/python benchmarks/compile_time.py [--targets ort-cpu,openvino-cpu] [--against REV] [--rounds 3]
+    .venv/bin/python benchmarks/compile_time.py [--targets ort-cpu,openvino-cpu] [--against REV] [--rounds 4]
 
 With `--against REV`: this tree and git revision REV (a temporary worktree) in alternating processes, the
 median of the rounds per tree and the ratio, in one run: the machine's drift between runs cancels out of the
@@ -40,7 +40,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=TARGETS)
     ap.add_argument("--against", metavar="REV", help="this tree and git revision REV, alternating")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4, help="per tree; even, so that each tree runs first as often")
     ap.add_argument("--once", action="store_true", help=argparse.SUPPRESS)    # one process of --against
     a = ap.parse_args()
     targets = a.targets.split(",")

@@ -37,8 +37,9 @@ def run_checks(doc: str, checks: dict) -> int:
 
 def alternating(script: str, args: list[str], rev: str, rounds: int = 3) -> dict[str, list[dict]]:
     """Run `script args` in alternating processes, with PYTHONPATH on this tree's src/ and on git revision `rev`'s
-    (a temporary worktree), `rounds` times each; the JSON object each run prints last, per tree ("this tree",
-    rev). On a host whose timings drift, a change's cost is the difference between the two trees of one run."""
+    (a temporary worktree), `rounds` times each, the order flipped each round; the JSON object each run prints last,
+    per tree ("this tree", rev). On a host whose timings drift, a change's cost is the difference between the two
+    trees of one run."""
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         other = Path(tmp) / "tree"
@@ -47,8 +48,8 @@ def alternating(script: str, args: list[str], rev: str, rounds: int = 3) -> dict
         try:
             trees = {"this tree": root / "src", rev: other / "src"}
             got: dict[str, list[dict]] = {name: [] for name in trees}
-            for _ in range(rounds):
-                for name, src in trees.items():
+            for r in range(rounds):     # the order flips each round: the first process of a pair runs slower here
+                for name, src in (list(trees.items()) if r % 2 == 0 else list(trees.items())[::-1]):
                     run = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                                          env={**os.environ, "PYTHONPATH": str(src)}, check=True)
                     got[name].append(json.loads(run.stdout.splitlines()[-1]))
