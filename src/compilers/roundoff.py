@@ -93,6 +93,9 @@ class Perturbed(TorchDispatchMode):
             eps = UNIT_ROUNDOFF.get(t.dtype) if isinstance(t, torch.Tensor) else None
             if eps is None or t.is_nested or t.device.type != "cpu" or not t.numel():
                 return t
+            if t.dtype == torch.float32:    # t + t * delta in float32: delta's rounding is 2**-24 of delta itself
+                u = torch.rand(t.shape, generator=self.generator, dtype=torch.float32)
+                return t.addcmul(t, u.sub_(0.5).mul_(2 * eps * scale))
             u = torch.rand(t.shape, generator=self.generator, dtype=torch.float64).mul_(2).sub_(1)
             return t.double().mul_(u.mul_(eps * scale).add_(1)).to(t.dtype)
         return tree_map(perturb, out)
