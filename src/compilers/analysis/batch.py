@@ -25,9 +25,9 @@ import torch
 from ..lower import held_ranges
 from ..signature import Signature
 from .graph import Exported, user_inputs, user_outputs
-from .ops import (LETTERS, SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, arg_of, aten_op, aten_ops, axis_size,
-                  dims_of, is_pointwise, leaves, matmul_labels, node_value, op_name, rank_of, same_size, size_expr,
-                  source_line, tensors_of, whole)
+from .ops import (LETTERS, SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, GraphWalk, arg_of, aten_op, aten_ops,
+                  axis_size, dims_of, is_pointwise, leaves, matmul_labels, node_value, op_name, rank_of, same_size,
+                  size_expr, source_line, tensors_of, whole)
 from .probes import batch_independence
 
 
@@ -147,34 +147,20 @@ def _describe(state: Any) -> str:
     return "no dim (the same for every row)" if state == FREE else str(state)
 
 
-class _Walk:
-    """One pass over a graph (and the graphs of its higher-order ops), node by node."""
+class _Walk(GraphWalk):
+    """The batch followed through a graph, node by node (`GraphWalk`)."""
+
+    initial = FREE
 
     def __init__(self, batch: Any):
+        super().__init__()
         self.batch = batch
         self.couplings: list[str] = []
         self.unknown: list[str] = []
-        self.ops = 0
-
-    # -- the pass --------------------------------------------------------------------------------------
-    def run(self, module: torch.fx.GraphModule, states: dict[Any, Any]) -> list[Any]:
-        """States of `module`'s output values, given those of its placeholders in `states` (FREE if absent)."""
-        result: list[Any] = []
-        for node in module.graph.nodes:
-            if node.op == "placeholder":
-                states.setdefault(node, FREE)
-            elif node.op == "get_attr":
-                states[node] = FREE
-            elif node.op == "call_function":
-                self.ops += 1
-                states[node] = self.step(module, node, states)
-            elif node.op == "output":
-                result = [self._state(a, states) for a in leaves(node.args[0])]
-        return result
 
     def step(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
         """The state of one call_function node (COUPLED, recorded with its reason, where it mixes rows)."""
-        inputs = [self._state(a, states) for a in leaves((node.args, node.kwargs))]
+        inputs = [self.state(a, states) for a in leaves((node.args, node.kwargs))]
         if COUPLED in inputs:
             return self._out(node, COUPLED)
         val = node_value(node)
@@ -212,7 +198,7 @@ class _Walk:
         return self._out(node, COUPLED)
 
     # -- helpers for the rules ---------------------------------------------------------------------------
-    def _state(self, value: Any, states: dict[Any, Any]) -> Any:
+    def state(self, value: Any, states: dict[Any, Any]) -> Any:
         if isinstance(value, torch.fx.Node):
             return states.get(value, FREE)
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -287,7 +273,7 @@ def _tensor_states(walk: _Walk, node: Any, states: dict) -> list[tuple[Any, Any]
     """(state, node) of each tensor argument; SIZE scalars among the arguments couple (the batch size as a value)."""
     found = []
     for a in leaves((node.args, node.kwargs)):
-        s = walk._state(a, states)
+        s = walk.state(a, states)
         if s == SIZE:
             raise _Coupled(f"{op_name(node.target)} computes with the batch size as a value")
         if isinstance(a, torch.fx.Node) and isinstance(node_value(a), torch.Tensor):
@@ -336,7 +322,7 @@ def _made(walk: _Walk, node: Any, states: dict) -> Any:
     """A tensor made from sizes (which may hold the batch size), filled with a value that must not."""
     value = {aten_op("full"): arg_of(node, 1, "fill_value"),
              aten_op("new_full"): arg_of(node, 2, "fill_value")}.get(node.target)
-    if walk._state(value, states) == SIZE:
+    if walk.state(value, states) == SIZE:
         raise _Coupled("fills a tensor with the batch size")
     return walk.creation(node)
 
@@ -356,7 +342,7 @@ def _arange(walk: _Walk, node: Any, states: dict) -> Any:
                  "detach", "alias", "lift_fresh_copy"))
 def _unchanged(walk: _Walk, node: Any, states: dict) -> Any:
     """A copy or a conversion of its first argument (the others give a dtype)."""
-    return walk._state(node.args[0], states)
+    return walk.state(node.args[0], states)
 
 
 @_rule(*aten_ops("view", "reshape", "_unsafe_view", "view_copy", "flatten.using_ints", "unflatten.int", "squeeze",
@@ -364,7 +350,7 @@ def _unchanged(walk: _Walk, node: Any, states: dict) -> Any:
 def _view(walk: _Walk, node: Any, states: dict) -> Any:
     """A reshape keeps the flat (row-major) order: the rows stay blocks when some output dim j has everything
     before it equal to what was before the batch, and the batch as its leading factor."""
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     before, out = walk.sizes(node.args[0]), walk.sizes(node)
@@ -380,14 +366,14 @@ def _view(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("permute"), aten_op("permute_copy"))
 def _permute(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     order = [d % len(node.args[1]) for d in node.args[1]]
     return s.at(order.index(s.axis)) if isinstance(s, Rows) else walk.creation(node)
 
 
 @_rule(aten_op("transpose.int"), aten_op("swapaxes"), aten_op("t"), aten_op("numpy_T"))
 def _transpose(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     rank = rank_of(node)
@@ -400,7 +386,7 @@ def _transpose(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("movedim.int"))
 def _movedim(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     rank = rank_of(node)
@@ -412,7 +398,7 @@ def _movedim(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("expand"), aten_op("expand_copy"), aten_op("broadcast_to"))
 def _expand(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     return s.at(s.axis + rank_of(node) - rank_of(node.args[0]))
@@ -422,7 +408,7 @@ def _along(walk: _Walk, node: Any, states: dict, dims: list[int] | None, keepdim
     """The state after an op over `dims` of its first argument (None: every dim): COUPLED when they hold the
     batch, else Rows with the axis moved past the dims removed (none when keepdim). Its other tensor arguments
     (weights, running statistics) must be the same for every row."""
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if any(t != FREE for t, a in _tensor_states(walk, node, states) if a is not node.args[0]):
         raise _Coupled(f"{op_name(node.target)} takes parameters that depend on the batch")
     if not isinstance(s, Rows):
@@ -516,7 +502,7 @@ def _only_first(walk: _Walk, node: Any, states: dict, what: str) -> Rows | None:
     found = _tensor_states(walk, node, states)
     if any(s != FREE for s, a in found if a is not node.args[0]):
         raise _Coupled(f"{op_name(node.target)} takes {what} that depend on the batch")
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     return s if isinstance(s, Rows) else None
 
 
@@ -566,9 +552,9 @@ def _spatial(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("embedding"))
 def _embedding(walk: _Walk, node: Any, states: dict) -> Any:
-    if walk._state(node.args[0], states) != FREE:
+    if walk.state(node.args[0], states) != FREE:
         raise _Coupled("an embedding table computed from the batch")
-    s = walk._state(node.args[1], states)
+    s = walk.state(node.args[1], states)
     return s if isinstance(s, Rows) else walk.creation(node)
 
 
@@ -578,7 +564,7 @@ def _contract(walk: _Walk, node: Any, states: dict, labels: Sequence[str], outpu
     keep its label in the output, the same label in each."""
     found = None
     for lab, a in zip(labels, operands):
-        s = walk._state(a, states)
+        s = walk.state(a, states)
         if s == SIZE:
             raise _Coupled(f"{op_name(node.target)} computes with the batch size as a value")
         if not isinstance(s, Rows):
@@ -605,7 +591,7 @@ def _addmm(walk: _Walk, node: Any, states: dict) -> Any:
     if node.target is aten_op("addbmm"):
         la, lb, out = "bNK", "bKM", "NM"
     product = _contract(walk, node, states, [la, lb], out, [a, b])
-    s = walk._state(bias, states)
+    s = walk.state(bias, states)
     if isinstance(s, Rows):
         return _join(product if isinstance(product, Rows) else None, s.at(s.axis + len(out) - rank_of(bias)),
                      f"{op_name(node.target)} adds rows to another dim")
@@ -638,7 +624,7 @@ def _attention(walk: _Walk, node: Any, states: dict) -> Any:
     rank = rank_of(node.args[0])
     found = None
     for a in leaves((node.args, node.kwargs)):
-        s = walk._state(a, states)
+        s = walk.state(a, states)
         if not isinstance(s, Rows):
             continue
         here = s.at(s.axis + rank - rank_of(a))
@@ -650,13 +636,13 @@ def _attention(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(*aten_ops("slice.Tensor", "slice_copy.Tensor", "narrow"))
 def _slice(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     dim = arg_of(node, 1, "dim", 0) % rank_of(node.args[0])
     bounds = [arg_of(node, 2, "start"), arg_of(node, 3, "end" if node.target is not aten_op("narrow") else "length")]
     if dim != s.axis:
-        if any(walk._state(b, states) == SIZE for b in bounds):
+        if any(walk.state(b, states) == SIZE for b in bounds):
             raise _Coupled("slices a dim by the batch size")
         return s
     if node.target is not aten_op("narrow"):
@@ -669,7 +655,7 @@ def _slice(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("select.int"), aten_op("select_copy.int"))
 def _select(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     dim = node.args[1] % rank_of(node.args[0])
@@ -683,7 +669,7 @@ def _cat(walk: _Walk, node: Any, states: dict) -> Any:
     dim = arg_of(node, 1, "dim", 0) % rank_of(node)
     found = None
     for t in node.args[0]:
-        s = walk._state(t, states)
+        s = walk.state(t, states)
         if not isinstance(s, Rows):
             raise _Coupled("concatenates a value that is the same for every row with batch-sized ones")
         if s.axis == dim:
@@ -697,7 +683,7 @@ def _stack(walk: _Walk, node: Any, states: dict) -> Any:
     dim = arg_of(node, 1, "dim", 0) % rank_of(node)
     found = None
     for t in node.args[0]:
-        s = walk._state(t, states)
+        s = walk.state(t, states)
         if not isinstance(s, Rows):
             raise _Coupled("stacks a value that is the same for every row with batch-sized ones")
         found = _join(found, s, "stacks values whose rows lie along different dims")
@@ -707,7 +693,7 @@ def _stack(walk: _Walk, node: Any, states: dict) -> Any:
 @_rule(*aten_ops("split.Tensor", "split_with_sizes", "chunk", "unsafe_split.Tensor", "tensor_split.sections",
                  "tensor_split.indices", "unsafe_split_with_sizes", "split_with_sizes_copy", "unbind.int"))
 def _split(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     count = len(node_value(node))
     if not isinstance(s, Rows):
         return [walk.creation(node)] * count
@@ -726,7 +712,7 @@ def _getitem(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("constant_pad_nd"), aten_op("pad"))
 def _pad(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     pad, rank = list(node.args[1]), rank_of(node.args[0])
@@ -738,7 +724,7 @@ def _pad(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("repeat"))
 def _repeat(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     if not isinstance(s, Rows):
         return walk.creation(node)
     repeats = [node_value(r) for r in node.args[1]]
@@ -750,8 +736,8 @@ def _repeat(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("index_select"))
 def _index_select(walk: _Walk, node: Any, states: dict) -> Any:
-    s = walk._state(node.args[0], states)
-    if walk._state(node.args[2], states) != FREE:
+    s = walk.state(node.args[0], states)
+    if walk.state(node.args[2], states) != FREE:
         raise _Coupled("index_select with indices that depend on the batch")
     if not isinstance(s, Rows):
         return walk.creation(node)
@@ -762,7 +748,7 @@ def _index_select(walk: _Walk, node: Any, states: dict) -> Any:
 
 @_rule(aten_op("gather"))
 def _gather(walk: _Walk, node: Any, states: dict) -> Any:
-    src, index = walk._state(node.args[0], states), walk._state(node.args[2], states)
+    src, index = walk.state(node.args[0], states), walk.state(node.args[2], states)
     dim = node.args[1] % rank_of(node.args[0])
     if isinstance(src, Rows) and src.axis == dim or isinstance(index, Rows) and index.axis == dim:
         raise _Coupled("gathers along the batch dim")
@@ -775,10 +761,10 @@ def _gather(walk: _Walk, node: Any, states: dict) -> Any:
 def _index(walk: _Walk, node: Any, states: dict) -> Any:
     """x[..., idx, ...] with indices the same for every row, none of them along the batch dim; or the batch dim
     indexed by the rows' own positions (`x[torch.arange(batch), idx]`), the other indices the same for every row."""
-    s = walk._state(node.args[0], states)
+    s = walk.state(node.args[0], states)
     indices = list(node.args[1])
     where = [k for k, i in enumerate(indices) if i is not None]
-    given = [walk._state(indices[k], states) for k in where]
+    given = [walk.state(indices[k], states) for k in where]
     if not isinstance(s, Rows) or s.axis not in where:
         if any(g != FREE for g in given):
             raise _Coupled("indexes with indices that depend on the batch")
@@ -815,12 +801,12 @@ def _rnn(walk: _Walk, node: Any, states: dict) -> Any:
     axis = 0 if batch_first else 1
     x, hidden = node.args[0], node.args[1]
     for h in leaves(hidden):
-        hs = walk._state(h, states)
+        hs = walk.state(h, states)
         if isinstance(hs, Rows) and hs.axis != 1 or hs == SIZE:
             raise _Coupled("a recurrent layer's state has rows along a dim other than the batch")
-    if any(walk._state(w, states) != FREE for w in leaves(node.args[2])):
+    if any(walk.state(w, states) != FREE for w in leaves(node.args[2])):
         raise _Coupled("a recurrent layer's weights depend on the batch")
-    s = walk._state(x, states)
+    s = walk.state(x, states)
     if isinstance(s, Rows) and (s.axis != axis or s.inner != 1 or s.outer != 1):
         raise _Coupled("a recurrent layer runs along the batch dim")
     return [Rows(axis) if i == 0 else Rows(1) for i in range(len(node_value(node)))]
@@ -837,7 +823,7 @@ def _wrapped(walk: _Walk, module: torch.fx.GraphModule, node: Any, states: dict)
         sub_node, operands = node.args[4], node.args[5:]
     sub = getattr(module, sub_node.target)
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    inner = {p: walk._state(o, states) for p, o in zip(placeholders, operands)}
+    inner = {p: walk.state(o, states) for p, o in zip(placeholders, operands)}
     out = walk.run(sub, inner)
     return out if isinstance(node_value(node), (list, tuple)) else out[0]
 

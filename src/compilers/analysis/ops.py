@@ -142,3 +142,44 @@ SHAPE_OPS = {op for op in aten_ops("view", "reshape", "_unsafe_view", "view_copy
 WRAP_GRAD = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
 WRAP_AUTOCAST = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
 WRAPPERS = tuple(op for op in (WRAP_GRAD, WRAP_AUTOCAST) if op is not None)
+
+
+class GraphWalk:
+    """One pass over a graph (and, through `run` again, the graphs of its higher-order ops), node by node: each
+    call's state from its arguments' (`step`), placeholders and attributes starting at `initial`. An in-place op's
+    state becomes its first argument's too, when `in_place_writes` is set."""
+
+    initial: Any = None
+    in_place_writes = False
+
+    def __init__(self):
+        self.ops = 0
+
+    def run(self, module: torch.fx.GraphModule, states: dict[Any, Any]) -> list[Any]:
+        """States of `module`'s output values, given those of its placeholders in `states` (`initial` if absent)."""
+        result: list[Any] = []
+        for node in module.graph.nodes:
+            if node.op == "placeholder":
+                states.setdefault(node, self.initial)
+            elif node.op == "get_attr":
+                states[node] = self.initial
+            elif node.op == "call_function":
+                self.ops += 1
+                states[node] = self.step(module, node, states)
+                if self.in_place_writes and is_in_place(node.target) and isinstance(node.args[0], torch.fx.Node):
+                    states[node.args[0]] = states[node]
+            elif node.op == "output":
+                result = [self.state(a, states) for a in leaves(node.args[0])]
+        return result
+
+    def step(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
+        raise NotImplementedError
+
+    def state(self, value: Any, states: dict[Any, Any]) -> Any:
+        raise NotImplementedError
+
+
+def is_in_place(target: Any) -> bool:
+    """Whether an ATen op writes into its first argument (`add_`, `masked_fill_`)."""
+    name = getattr(target, "_opname", "")
+    return isinstance(target, torch._ops.OpOverload) and name.endswith("_") and not name.endswith("__")

@@ -44,9 +44,9 @@ import sympy
 import torch
 
 from ..signature import Signature, TensorSpec, mask_problem
-from .ops import (SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, arg_of, aten_op, aten_ops, dims_of, is_pointwise,
-                  leaves, matmul_labels, node_value, op_name, rank_of, same_size, size_expr, source_line, tensors_of,
-                  whole)
+from .ops import (SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, GraphWalk, arg_of, aten_op, aten_ops, dims_of,
+                  is_pointwise, leaves, matmul_labels, node_value, op_name, rank_of, same_size, size_expr, source_line,
+                  tensors_of, whole)
 from .graph import Exported, user_inputs, user_outputs
 from .probes import padding_independence
 
@@ -338,32 +338,18 @@ class _Lose(Exception):
 
 
 # -- the pass -------------------------------------------------------------------------------------------------
-class _Walk:
-    """One pass over a graph (and the graphs of its higher-order ops), node by node."""
+class _Walk(GraphWalk):
+    """The padded length followed through a graph, node by node (`GraphWalk`)."""
+
+    initial = CLEAN
+    in_place_writes = True
 
     def __init__(self, length: Any):
+        super().__init__()
         self.length = length
         self.equal: dict[Any, Any] = {}     # sizes the graph asserts equal to a symbol (Min(64, S) == S)
         self.reached: dict[str, str] = {}
         self.unknown: list[str] = []
-        self.ops = 0
-
-    def run(self, module: torch.fx.GraphModule, states: dict[Any, Any]) -> list[Any]:
-        """States of `module`'s output values, given those of its placeholders in `states` (CLEAN if absent)."""
-        result: list[Any] = []
-        for node in module.graph.nodes:
-            if node.op == "placeholder":
-                states.setdefault(node, CLEAN)
-            elif node.op == "get_attr":
-                states[node] = CLEAN
-            elif node.op == "call_function":
-                self.ops += 1
-                states[node] = self.step(module, node, states)
-                if _in_place(node.target) and isinstance(node.args[0], torch.fx.Node):
-                    states[node.args[0]] = states[node]
-            elif node.op == "output":
-                result = [self.state(a, states) for a in leaves(node.args[0])]
-        return result
 
     def step(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
         val = node_value(node)
@@ -482,11 +468,6 @@ class _Walk:
                                 "as a whole sequence")
                 axes.append(Axis(d, fill, inner=inner))
         return Seq(tuple(axes), fill if not axes and isinstance(fill, Const) else None)
-
-
-def _in_place(target: Any) -> bool:
-    name = getattr(target, "_opname", "")
-    return isinstance(target, torch._ops.OpOverload) and name.endswith("_") and not name.endswith("__")
 
 
 def _packet(target: Any) -> str:
