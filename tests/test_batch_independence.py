@@ -184,7 +184,15 @@ COUPLED = {
     "batch and features reshaped together": (_coupled(lambda s, x: s.l(x).transpose(0, 1).reshape(x.shape[0], 4)),
                                              "aten.reshape"),
     "standard deviation over the batch": (_coupled(lambda s, x: s.l(x) + s.l(x).std(0)), "aten.std"),
+    "a mean over the batch inside no_grad": (_coupled(lambda s, x: _no_grad(lambda: s.l(x) - s.l(x).mean(0))),
+                                             "aten.mean.dim"),
 }
+
+
+def _no_grad(fn):
+    """`fn()` inside `torch.no_grad()`: torch.export keeps the block as a subgraph of its own (a higher-order op)."""
+    with torch.no_grad():
+        return fn()
 
 
 @pytest.mark.parametrize("name", list(COUPLED))
@@ -301,6 +309,7 @@ MODELS = {
                                                       {"x": {1: "batch", 0: "seq"}, "pad_mask": {0: "batch", 1: "seq"}}),
     "a GRU tagger": lambda: (Tagger(), (torch.randint(0, 50, (3, 7)),), {"ids": {0: "batch", 1: "seq"}}),
     "a UNet": lambda: (UNet(), (torch.randn(2, 3, 16, 16),), None),
+    "an MLP inside no_grad": lambda: (_coupled(lambda s, x: _no_grad(lambda: s.l(x) * 2))(), (torch.randn(4, 6),), None),
     "ResNet-50 (transformers)": lambda: (_resnet50(), (torch.randn(2, 3, 64, 64),), None),
     "MiniLM (transformers BertModel)": lambda: (*_minilm(), {"input_ids": {0: "batch", 1: "seq"},
                                                              "attention_mask": {0: "batch", 1: "seq"}}),

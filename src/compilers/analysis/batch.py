@@ -25,7 +25,7 @@ import torch
 from ..lower import held_ranges
 from ..signature import Signature
 from .graph import Exported, user_inputs, user_outputs
-from .ops import (LETTERS, SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, GraphWalk, arg_of, aten_op, aten_ops,
+from .ops import (LETTERS, SHAPE_OPS, SYMBOLIC, WRAPPERS, GraphWalk, arg_of, aten_op, aten_ops,
                   axis_size, dims_of, is_pointwise, leaves, matmul_labels, node_value, op_name, rank_of, same_size,
                   size_expr, source_line, tensors_of, whole)
 from .probes import batch_independence
@@ -167,9 +167,9 @@ class _Walk(GraphWalk):
         if node.target in SYMBOLIC or (isinstance(val, (torch.SymInt, torch.SymBool, torch.SymFloat)) and
                                         node.target not in _RULES):
             return SIZE if self._has_batch(val) else FREE
-        if node.target in _HIGHER_ORDER:
+        if node.target in WRAPPERS:
             try:
-                return _HIGHER_ORDER[node.target](self, module, node, states)
+                return self.wrapped(module, node, states)
             except _Coupled as e:
                 return self.couple(node, str(e))
         if all(s == FREE for s in inputs) and not self._batch_sized(node):
@@ -816,16 +816,3 @@ def _rnn(walk: _Walk, node: Any, states: dict) -> Any:
 _IOTA_RULES = {_view, _permute, _transpose, _movedim, _expand, _slice, _index, _unchanged}
 
 
-def _wrapped(walk: _Walk, module: torch.fx.GraphModule, node: Any, states: dict) -> Any:
-    """A higher-order op that runs a subgraph once on its operands (no_grad or autocast regions)."""
-    sub_node, operands = node.args[1], node.args[2:]
-    if node.target is WRAP_AUTOCAST:
-        sub_node, operands = node.args[4], node.args[5:]
-    sub = getattr(module, sub_node.target)
-    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    inner = {p: walk.state(o, states) for p, o in zip(placeholders, operands)}
-    out = walk.run(sub, inner)
-    return out if isinstance(node_value(node), (list, tuple)) else out[0]
-
-
-_HIGHER_ORDER: dict[Any, Callable] = {op: _wrapped for op in WRAPPERS}

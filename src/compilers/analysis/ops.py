@@ -172,6 +172,16 @@ class GraphWalk:
                 result = [self.state(a, states) for a in leaves(node.args[0])]
         return result
 
+    def wrapped(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
+        """The state of a higher-order op that runs a subgraph once on its operands (`WRAPPERS`: no_grad or
+        autocast regions): the subgraph walked on its operands' states."""
+        sub_node, operands = (node.args[4], node.args[5:]) if node.target is WRAP_AUTOCAST else \
+            (node.args[1], node.args[2:])
+        sub = getattr(module, sub_node.target)
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        out = self.run(sub, {p: self.state(o, states) for p, o in zip(placeholders, operands)})
+        return out if isinstance(node_value(node), (list, tuple)) else out[0]
+
     def step(self, module: torch.fx.GraphModule, node: Any, states: dict[Any, Any]) -> Any:
         raise NotImplementedError
 

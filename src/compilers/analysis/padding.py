@@ -44,7 +44,7 @@ import sympy
 import torch
 
 from ..signature import Signature, TensorSpec, mask_problem
-from .ops import (SHAPE_OPS, SYMBOLIC, WRAP_AUTOCAST, WRAPPERS, GraphWalk, arg_of, aten_op, aten_ops, dims_of,
+from .ops import (SHAPE_OPS, SYMBOLIC, WRAPPERS, GraphWalk, arg_of, aten_op, aten_ops, dims_of,
                   is_pointwise, leaves, matmul_labels, node_value, op_name, rank_of, same_size, size_expr, source_line,
                   tensors_of, whole)
 from .graph import Exported, user_inputs, user_outputs
@@ -361,9 +361,9 @@ class _Walk(GraphWalk):
         lost = next((s for s in inputs if isinstance(s, Lost)), None)
         if lost is not None:
             return self.out(node, lost)
-        if node.target in _HIGHER_ORDER:
+        if node.target in WRAPPERS:
             try:
-                return _HIGHER_ORDER[node.target](self, module, node, states)
+                return self.wrapped(module, node, states)
             except _Lose as e:
                 return self.lose(node, str(e))
         rule = _RULES.get(node.target) or (_pointwise if is_pointwise(node.target) else None)
@@ -1245,16 +1245,3 @@ def _rnn(walk: _Walk, node: Any, states: dict) -> Any:
     return [Seq((Axis(time, None),))] + [last] * (len(node_value(node)) - 1)
 
 
-def _wrapped(walk: _Walk, module: torch.fx.GraphModule, node: Any, states: dict) -> Any:
-    """A higher-order op that runs a subgraph once on its operands (no_grad or autocast regions)."""
-    sub_node, operands = node.args[1], node.args[2:]
-    if node.target is WRAP_AUTOCAST:
-        sub_node, operands = node.args[4], node.args[5:]
-    sub = getattr(module, sub_node.target)
-    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-    inner = {p: walk.state(o, states) for p, o in zip(placeholders, operands)}
-    out = walk.run(sub, inner)
-    return out if isinstance(node_value(node), (list, tuple)) else out[0]
-
-
-_HIGHER_ORDER: dict[Any, Callable] = {op: _wrapped for op in WRAPPERS}
