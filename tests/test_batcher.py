@@ -168,3 +168,79 @@ def test_configurations_that_cannot_batch_are_refused(pool, mlp):
     with pytest.raises(ConfigError, match="max_batch_size = 1"):
         Batcher(summed.run_flat, summed.signature, Batching(max_batch_size=4))
     Batcher(summed.run_flat, summed.signature, Batching(max_batch_size=1))   # no batching: fine
+
+
+class Gate:
+    """An engine that holds its first call until released, and records every call's batched shape: requests sent
+    meanwhile queue up behind a busy instance."""
+
+    def __init__(self, cm):
+        import threading
+        self.cm, self.entered, self.release = cm, threading.Event(), threading.Event()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def run(self, flat):
+        self.shapes.append(flat[0].shape)
+        if len(self.shapes) == 1:
+            self.entered.set()
+            assert self.release.wait(30)
+        return self.cm.run_flat(flat)
+
+
+def gated(cm, config, first, later):
+    """`first` sent to a free instance, `later` sent (in order) while its call is held; results and call shapes."""
+    gate = Gate(cm)
+
+    async def main():
+        b = Batcher(gate.run, cm.signature, config)
+        await b.start()
+        try:
+            head = asyncio.create_task(b.infer(first))
+            assert await asyncio.to_thread(gate.entered.wait, 30)     # went at once: no delay, no company needed
+            rest = []
+            for req in later:
+                rest.append(asyncio.create_task(b.infer(req)))
+                await asyncio.sleep(0)                               # queued in this order
+            assert b.queued == len(later)
+            gate.release.set()
+            return await asyncio.gather(head, *rest)
+        finally:
+            gate.release.set()
+            await b.stop()
+    return asyncio.run(main()), gate.shapes
+
+
+def test_a_free_instance_takes_a_lone_request_at_once_and_requests_gather_while_it_is_busy(mlp):
+    rng = np.random.default_rng(2)
+    requests = [[rng.standard_normal((1, 6), dtype=np.float32)] for _ in range(6)]
+    results, shapes = gated(mlp, Batching(max_batch_size=4), requests[0], requests[1:])
+    assert [s[0] for s in shapes] == [1, 4, 1]     # alone at once; then the 5 that gathered, 4 + 1
+    for req, out in zip(requests, results):
+        np.testing.assert_allclose(out[0], mlp.run_flat(req)[0], rtol=1e-6, atol=1e-6)
+
+
+def _ids(n, seed=0):
+    ids = np.random.default_rng(seed + n).integers(1, 50, (1, n))
+    return [ids, np.ones_like(ids)]
+
+
+def test_padded_requests_gather_by_length_the_oldest_first(pool):
+    config = Batching(max_batch_size=2, pad={"input_ids": 0, "attention_mask": 0})
+    later = [_ids(n) for n in (3, 20, 4, 19, 5)]
+    results, shapes = gated(pool, config, _ids(7), later)
+    # the oldest (3) joined by the closest (4); then the oldest left (20) by 19; then 5 alone
+    assert shapes == [(1, 7), (2, 4), (2, 20), (1, 5)]
+    for req, (pooled, tokens) in zip([_ids(7), *later], results):
+        alone = pool.run_flat(req)
+        np.testing.assert_allclose(pooled, alone[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(tokens, alone[1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_token_budget_bounds_rows_times_padded_length(pool):
+    config = Batching(max_batch_size=8, max_batch_tokens=40, pad={"input_ids": 0, "attention_mask": 0})
+    later = [_ids(n) for n in (10, 30, 9, 10, 8, 41)]
+    results, shapes = gated(pool, config, _ids(2), later)
+    # 10 + 9 + 10 + 8 padded to 10: 4 x 10 = 40 tokens; 30 then 41 each alone (a request alone always goes)
+    assert shapes == [(1, 2), (4, 10), (1, 30), (1, 41)]
+    for req, (pooled, _) in zip([_ids(2), *later], results):
+        np.testing.assert_allclose(pooled, pool.run_flat(req)[0], rtol=1e-5, atol=1e-6)

@@ -275,7 +275,7 @@ def test_openvino_config_precision_and_run(artifacts, tmp_path, target):
     config = parse(tmp_path / "repo" / "mlp")
     assert (config.backend, config.default_model_filename, config.max_batch_size) == ("openvino", "model.xml", 8)
     assert io(config, "input") == [("input", "TYPE_FP32", [6])] and io(config, "output") == [("output", "TYPE_FP32", [3])]
-    assert config.dynamic_batching.max_queue_delay_microseconds == 2000        # the defaults without serving.toml
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0           # the defaults without serving.toml
     assert [(g.kind, g.count) for g in config.instance_group] == [(pb.ModelInstanceGroup.KIND_CPU, 1)]
     expected = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_BATCH_PADDING": "YES"}
     if bf16:

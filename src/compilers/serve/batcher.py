@@ -1,11 +1,14 @@
 """The dynamic batcher: requests from many callers grouped into one engine call.
 
-Queued requests are concatenated along the Signature's batch dim, up to `max_batch_size` rows or until the
-oldest has waited `max_queue_delay_ms`, run as one call, and the outputs split back per request. Requests
-batch together only when their other dims match, except along dims whose every input is declared paddable
-(`pad`, e.g. `input_ids` and `attention_mask` padded with 0 along `seq`): those are padded to the longest
-request and the outputs that carry the dim are cut back to each request's own size. A full queue refuses a
-request at once (`QueueFull`) instead of growing.
+An engine instance that is free takes what is queued at once: a lone request never waits for company that is not
+coming. While every instance is busy, requests gather, so batches grow with the load by themselves, up to
+`max_batch_size` rows. `max_queue_delay_ms` (0 by default) lets a free instance wait that long at most for a
+fuller batch, for those who trade latency for it. Each call is led by the oldest request, joined by compatible
+ones. Requests batch together only when their other dims match, except along dims whose every input is declared
+paddable (`pad`, e.g. `input_ids` and `attention_mask` padded with 0 along `seq`): those are padded to the longest
+of the call, so the oldest request is joined by those closest to its length first, within `max_batch_tokens`
+(rows x padded length) when set; the outputs that carry the dim are cut back to each request's own size. A full
+queue refuses a request at once (`QueueFull`) instead of growing.
 
 Pure asyncio and numpy, no HTTP: the server and the tests drive it the same way.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +38,12 @@ class Batching:
     """A model's `[batching]` table in serving.toml."""
 
     max_batch_size: int = option(8, "rows (samples) per engine call at most; 1 turns batching off", minimum=1)
-    max_queue_delay_ms: float = option(2.0, "how long the oldest queued request may wait for others to join it",
-                                       minimum=0)
+    max_queue_delay_ms: float = option(0.0, "how long a free engine instance may wait for a fuller batch (the oldest "
+                                            "request's wait at most); 0: it takes what is queued at once, and "
+                                            "batches grow only while every instance is busy", minimum=0)
+    max_batch_tokens: int = option(0, "for requests padded along a dim (text): rows x padded length per engine "
+                                      "call at most, so short requests batch wide and long ones narrow; 0: "
+                                      "max_batch_size alone bounds a call", minimum=0)
     preferred_batch_sizes: tuple[int, ...] = option((), "a batch this many rows is sent at once, without "
                                                         "waiting out the delay", minimum=1)
     queue_size: int = option(256, "requests waiting at most; one more is refused at once (HTTP 503)", minimum=1)
@@ -117,20 +125,45 @@ class Combiner:
         return dims, fixed
 
     def groups(self, keys_and_rows: Sequence[tuple[tuple, int]]) -> list[list[int]]:
-        """Requests (key, rows) in arrival order split into engine calls: compatible requests together, in order,
-        at most max_batch_size rows each. Returns the requests' indexes per call."""
+        """Requests (key, rows) in arrival order split into engine calls, each led by the oldest request left (see
+        `pick`). Returns the requests' indexes per call."""
+        left = list(range(len(keys_and_rows)))
+        calls = []
+        while left:
+            chosen = self.pick([(*keys_and_rows[i], {}) for i in left])
+            calls.append([left[i] for i in chosen])
+            left = [x for n, x in enumerate(left) if n not in set(chosen)]
+        return calls
+
+    def pick(self, queued: Sequence[tuple[tuple, int, Mapping[str, int]]]) -> list[int]:
+        """The engine call of the oldest of the queued requests (each: key, rows, padded sizes; the oldest first):
+        its indexes, in arrival order. The oldest is joined by the compatible requests closest to its padded size
+        first, while the call stays within max_batch_size rows and max_batch_tokens."""
+        key, rows, sizes = queued[0]
         if self.alone:
-            return [[i] for i in range(len(keys_and_rows))]
-        calls: list[tuple[tuple, int, list[int]]] = []
-        for i, (key, rows) in enumerate(keys_and_rows):
-            for n, (k, total, members) in enumerate(calls):
-                if k == key and total + rows <= self.config.max_batch_size:
-                    members.append(i)
-                    calls[n] = (k, total + rows, members)
-                    break
-            else:
-                calls.append((key, rows, [i]))
-        return [members for _, _, members in calls]
+            return [0]
+        others = [i for i in range(1, len(queued)) if queued[i][0] == key]
+        if sizes:
+            own = _volume(sizes)
+            others.sort(key=lambda i: (abs(_volume(queued[i][2]) - own), i))
+        chosen, longest = [0], dict(sizes)
+        for i in others:
+            _, more, their = queued[i]
+            if rows + more > self.config.max_batch_size:
+                continue
+            wider = {d: max(n, their[d]) for d, n in longest.items()}
+            if self.config.max_batch_tokens and wider and (rows + more) * _volume(wider) > self.config.max_batch_tokens:
+                continue
+            chosen.append(i)
+            rows, longest = rows + more, wider
+        return sorted(chosen)
+
+    def full(self, rows: int, sizes: Mapping[str, int]) -> bool:
+        """Whether a call of `rows` rows padded to `sizes` is as large as it should get (a free instance waiting
+        for a fuller batch sends it at once)."""
+        if rows >= self.config.max_batch_size or rows in self.config.preferred_batch_sizes:
+            return True
+        return bool(self.config.max_batch_tokens and sizes) and (rows + 1) * _volume(sizes) > self.config.max_batch_tokens
 
     def call(self, run: Callable[[list[np.ndarray]], list[np.ndarray]],
              group: Sequence[tuple[list[np.ndarray], int, dict[str, int]]]) -> list[list[np.ndarray]]:
@@ -224,19 +257,16 @@ class Batcher:
             pass
 
     def _group(self) -> tuple[list[_Request], bool]:
-        """The oldest request and the compatible ones behind it, up to max_batch_size rows; and whether the
-        group is ready to go without waiting longer."""
-        first = self._pending[0]
-        if self.combiner.alone:
-            return [first], True
-        group, rows = [], 0
-        for r in self._pending:
-            if r.key == first.key and rows + r.rows <= self.config.max_batch_size:
-                group.append(r)
-                rows += r.rows
-        full = rows == self.config.max_batch_size or rows in self.config.preferred_batch_sizes
-        waited = time.perf_counter() - first.arrived >= self.config.max_queue_delay_ms / 1e3
-        return group, full or waited or self._closing
+        """The oldest request and the compatible ones that join it (`Combiner.pick`); and whether the group goes
+        now: at once unless a queue delay is set, then when it is full or its oldest has waited the delay."""
+        pending = list(self._pending)
+        group = [pending[i] for i in self.combiner.pick([(r.key, r.rows, r.sizes) for r in pending])]
+        if not self.config.max_queue_delay_ms or self._closing or self.combiner.alone:
+            return group, True
+        sizes = {d: max(r.sizes[d] for r in group) for d in group[0].sizes}
+        full = self.combiner.full(sum(r.rows for r in group), sizes)
+        waited = time.perf_counter() - group[0].arrived >= self.config.max_queue_delay_ms / 1e3
+        return group, full or waited
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -327,6 +357,11 @@ def _paddable_dims(signature: Signature, pad: Mapping[str, float]) -> set[str]:
                 raise ConfigError(f"input {spec.name!r} shares dim(s) {', '.join(sorted(shared))} with padded inputs "
                                   f"but is not padded itself: add it to [batching.pad]")
     return dims
+
+
+def _volume(sizes: Mapping[str, int]) -> int:
+    """Elements per row along the padded dims (a request's tokens, for text)."""
+    return math.prod(sizes.values())
 
 
 def _pad(x: np.ndarray, shape: Sequence[Any], target: Mapping[str, int], value: float | None) -> np.ndarray:
