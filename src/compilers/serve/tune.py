@@ -391,8 +391,9 @@ class Tuning:
         """One line: the choice, or that none met the budget and the lowest p99 seen."""
         if self.chosen is None:
             low = self.lowest_p99()
+            failed = next((f"config {i + 1} failed: {r.error}" for i, r in enumerate(self.results) if r.error), "")
             seen = f"the lowest p99 seen: {low[0]:.3g} ms (config {low[1] + 1} at concurrency {low[2]})" if low \
-                else "no level answered without errors"
+                else f"no level answered without errors ({failed or 'none answered'})"
             return f"no configuration kept p99 within {self.plan.p99_ms:g} ms without errors; {seen}"
         r = self.results[self.chosen]
         best = self.best(r)
