@@ -1,4 +1,4 @@
-"""The `compilers` command: compile, targets, validate, bench, report, publish, serve, export-triton.
+"""The `compilers` command: compile, targets, validate, bench, report, publish, serve, perf, tune, export-triton.
 
 A factory (`path/to/module.py:make` or `package.module:make`) returns `(model, example_inputs)` or a
 dict with `model`, `example_inputs` and optionally `dynamic_shapes`, `calibration`, `samples` and `metric`
@@ -17,7 +17,9 @@ import importlib
 import importlib.util
 import inspect
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -394,6 +396,10 @@ def cmd_publish(a: argparse.Namespace) -> int:
         print(f"note: {reason}", file=sys.stderr)
     print(f"published {a.artifact} as {version} (version {version.name} of model {version.parent.name}); a running "
           f"server serves it after POST /v2/repository/models/{version.parent.name}/load")
+    from .serve.tune import tuned
+    if not tuned(a.model_dir):
+        print(f"tip: compilers tune {a.model_dir} --p99-ms 50 picks batching and threads by measurement",
+              file=sys.stderr)
     return 0
 
 
@@ -484,6 +490,43 @@ def cmd_perf(a: argparse.Namespace) -> int:
         plot_perf(result, a.plot)
         print(f"wrote {a.plot}", file=sys.stderr)
     return 0
+
+
+def cmd_tune(a: argparse.Namespace) -> int:
+    """Measure the model served under each configuration of a grid and write the best serving.toml
+    (`compilers.serve.tune`)."""
+    try:
+        from .serve import tune
+    except ImportError as e:
+        raise InputError(f"compilers tune needs the serve and bench extras ({e.name} is missing): "
+                         "pip install 'compilers[serve,bench]'") from None
+    if a.plot:
+        plot_format(a.plot)           # a wrong suffix is refused before any server starts
+    plan = tune.plan(a.model_dir, a.p99_ms, concurrency=_ints(a.concurrency, "--concurrency"), duration=a.duration,
+                     warmup=a.warmup, grid=a.grid or (), input_data=a.input_data, handlers=a.handlers)
+    print(plan.describe(), file=sys.stderr)
+    if a.dry_run:
+        return 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:                   # SIGTERM unwinds like Ctrl-C, so that the servers it started are stopped
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        result = tune.run(plan)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print(result.table())
+    if a.plot:
+        tune.plot(result, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
+    config, report = tune.write(result)
+    print(f"wrote {config} and {report}; a running server uses it after POST "
+          f"/v2/repository/models/{Path(a.model_dir).name}/load")
+    return 0
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def parser() -> argparse.ArgumentParser:
@@ -612,6 +655,26 @@ def parser() -> argparse.ArgumentParser:
     pf.add_argument("--plot", help="write a PNG (or .svg, .pdf) of throughput and latency per concurrency here, "
                                    "a line per protocol")
     pf.set_defaults(run=cmd_perf)
+    tu = sub.add_parser("tune", help="choose a model's serving.toml by measurement: serve it under each "
+                                     "configuration of a grid, load it, keep the fastest within a p99 budget")
+    tu.add_argument("model_dir", metavar="REPO/MODEL", help="the model's directory in the repository")
+    tu.add_argument("--p99-ms", type=float, required=True, help="the latency budget: client p99 in ms")
+    tu.add_argument("--concurrency", default="1,8,32", help="requests in flight, one level each, comma-separated "
+                                                             "(default 1,8,32)")
+    tu.add_argument("--duration", type=float, default=3.0, help="seconds measured per level (default 3)")
+    tu.add_argument("--warmup", type=float, default=1.0, help="seconds of uncounted requests before each level "
+                                                              "(default 1)")
+    tu.add_argument("--input-data", metavar="FILE.json", help="requests from a perf_analyzer-style file, as "
+                                                              "compilers perf's (default: synthetic)")
+    tu.add_argument("--grid", nargs="+", action="extend", metavar="KEY=V1,V2",
+                    help="replace an axis of the grid, e.g. batching.max_batch_size=8,16,32 engine.threads=1,2 "
+                         "(keys: the [batching] fields and the backend's runtime [engine] options)")
+    tu.add_argument("--handlers", action="store_true", help="run the model's [handler] code in the servers, as "
+                                                            "compilers serve --handlers")
+    tu.add_argument("--dry-run", action="store_true", help="print the configurations and the time it would take; "
+                                                           "start nothing")
+    tu.add_argument("--plot", help="write a PNG (or .svg, .pdf) of throughput versus p99 here")
+    tu.set_defaults(run=cmd_tune)
     return p
 
 
