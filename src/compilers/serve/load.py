@@ -86,7 +86,8 @@ def grpc_payloads(model: str, version: str, entries: Sequence[dict[str, np.ndarr
         for name, x in arrays.items():
             datatype = datatypes[name]
             if datatype == "BYTES":
-                raw = serialize_byte_tensor(np.asarray(x, dtype=object)).tobytes()
+                serialized = serialize_byte_tensor(np.asarray(x, dtype=object))     # one element: the bytes
+                raw = serialized.item() if serialized.size else b""
             else:
                 x = np.ascontiguousarray(x)
                 if np_to_triton_dtype(x.dtype) != datatype:

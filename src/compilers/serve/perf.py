@@ -260,7 +260,8 @@ def scrape(metrics_url: str, model: str, version: str = "", timeout: float = 10.
 
 def split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
     """Mean ms per stage (None where nothing was observed, as pre- and post-processing of a plain model), the
-    mean rows per engine call and the number of engine calls, between two scrapes."""
+    mean rows per engine call, the number of engine calls and of requests the server timed, between two
+    scrapes."""
     def delta(name):
         return after[name][0] - before[name][0], after[name][1] - before[name][1]
     out: dict[str, Any] = {}
@@ -270,6 +271,7 @@ def split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, 
     total, count = delta(BATCH_SIZE)
     out["batch_size"] = total / count if count > 0 else None
     out["engine_calls"] = int(count)
+    out["requests"] = int(delta(STAGES["request"])[1])
     return out
 
 
@@ -444,7 +446,7 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
             raise InputError(f"{flag} must be {'positive' if least == 0 else 'zero or more'}, not {value}")
     if not concurrency or min(concurrency) < 1:
         raise InputError(f"--concurrency takes positive integers, not {list(concurrency)}")
-    for flag, value in (("--max-requests", max_requests), ("--batch", batch), ("--processes", processes or 1)):
+    for flag, value in (("--max-requests", max_requests), ("--batch", batch), ("--processes", 1 if processes is None else processes)):
         if value < 1:
             raise InputError(f"{flag} must be positive, not {value}")
     parsed = http_url(url)                              # every address checked before any client is built
