@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -310,7 +311,8 @@ ANSWERS = {   # what the fake server answers an infer request: status, body
     "wrong datatype": (200, {"model_name": "mlp", "outputs": [dict(OUTPUT, datatype="INT64", data=[0, 0, 0])]}),
     "not json": (200, b"hello"),
     "overloaded": (503, {"error": "overloaded, try later"}),
-    "not http": (None, b"SSH-2.0-OpenSSH\r\n\r\n")}
+    "not http": (None, b"SSH-2.0-OpenSSH\r\n\r\n"),
+    "slow": ("sleep", 2.0)}
 
 
 @pytest.fixture()
@@ -323,6 +325,9 @@ def fake():
             pass
 
         def _answer(self, status, body):
+            if status == "sleep":
+                time.sleep(body)
+                return
             if status is None:
                 self.wfile.write(body)
                 self.close_connection = True
@@ -360,12 +365,14 @@ def fake():
     ("wrong datatype", "the answer's output 'output' is INT64 [1, 3]; the model declares FP32 [-1, 3]"),
     ("not json", "the answer is not an inference response of model 'mlp'"),
     ("overloaded", "[503] overloaded, try later"),
-    ("not http", "the server's answer is not HTTP")])
+    ("not http", "the server's answer is not HTTP"),
+    ("slow", "no answer within 0.5 s (--timeout)")])
 def test_a_server_answering_the_wrong_thing_is_an_error_not_a_fast_answer(fake, mode, message):
     fake.mode = mode
     url = f"http://127.0.0.1:{fake.server_address[1]}"
     with pytest.raises(InputError, match="every request failed at concurrency 2 over http") as e:
-        measure(url, "mlp", concurrency=[2], duration=0.3, warmup=0, max_requests=50, log=lambda m: None)
+        measure(url, "mlp", concurrency=[2], duration=0.3, warmup=0, max_requests=50, timeout=0.5,
+                log=lambda m: None)
     assert message in str(e.value)
 
 

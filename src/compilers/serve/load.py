@@ -156,8 +156,9 @@ class Failed(Exception):
     """A request that failed, with the message to report."""
 
 
-class HttpConnection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection with at most one request in flight; (re)connects when needed."""
+class HttpConnection:
+    """A keep-alive HTTP/1.1 connection with at most one request in flight; a new TCP connection (a `_Wire`)
+    when the last one was closed, lost or timed out."""
 
     def __init__(self, target: Target):
         import httptools
@@ -166,57 +167,72 @@ class HttpConnection(asyncio.Protocol):
         self.host = parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parsed.scheme == "https" else None
-        self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future | None = None
-        self.parser: Any = None
-        self.body: list[bytes] = []
-        self.header_length: int | None = None
+        self.wire: _Wire | None = None
 
     async def send(self, payload: bytes) -> tuple[bytes, int | None]:
         """The answer's body and its Inference-Header-Content-Length; Failed for a non-200 answer or a lost,
         refused or timed-out connection."""
         loop = asyncio.get_running_loop()
-        if self.transport is None or self.transport.is_closing():
+        if self.wire is None or self.wire.transport is None:
             try:
-                await asyncio.wait_for(loop.create_connection(lambda: self, self.host, self.port, ssl=self.ssl),
-                                       self.target.timeout)
+                _, self.wire = await asyncio.wait_for(loop.create_connection(
+                    lambda: _Wire(self.httptools.HttpResponseParser), self.host, self.port, ssl=self.ssl),
+                    self.target.timeout)
             except (OSError, asyncio.TimeoutError) as e:
                 raise Failed(f"cannot connect to {self.host}:{self.port}: {type(e).__name__}: {e}") from None
-        self.waiter = waiter = loop.create_future()
-        self.body, self.header_length = [], None
-        self.transport.write(payload)
-        timer = loop.call_later(self.target.timeout, self._expire, waiter)
+        wire = self.wire
+        waiter = wire.send(payload)
+        timer = loop.call_later(self.target.timeout, wire.expire, self.target.timeout)
         try:
             status, body = await waiter
         finally:
             timer.cancel()
         if status != 200:
             raise Failed(f"[{status}] {_server_error(body)}")
-        return body, self.header_length
+        return body, wire.header_length
 
-    def _expire(self, waiter: asyncio.Future) -> None:
-        if not waiter.done():
-            waiter.set_exception(Failed(f"no answer within {self.target.timeout:g} s (--timeout)"))
-            self.close()                 # an answer may still come: this connection is done with
+    def close(self) -> None:
+        if self.wire is not None:
+            self.wire.close()
 
-    def _fail(self, message: str) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(Failed(message))
+
+class _Wire(asyncio.Protocol):
+    """One TCP connection of an HttpConnection: its parser and the answer awaited."""
+
+    def __init__(self, parser: Callable[[Any], Any]):
+        self.parser = parser(self)
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future | None = None
+        self.body: list[bytes] = []
+        self.header_length: int | None = None
+
+    def send(self, payload: bytes) -> asyncio.Future:
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.body, self.header_length = [], None
+        self.transport.write(payload)
+        return self.waiter
+
+    def expire(self, seconds: float) -> None:
+        self._fail(f"no answer within {seconds:g} s (--timeout)")
+        self.close()                         # an answer may still come: this connection is done with
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
 
+    def _fail(self, message: str) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(Failed(message))
+
     # asyncio.Protocol
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
-        self.parser = self.httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except self.httptools.HttpParserError as e:
+        except Exception as e:               # httptools.HttpParserError and its kinds
             self._fail(f"the server's answer is not HTTP: {e}")
             self.close()
 
@@ -230,7 +246,7 @@ class HttpConnection(asyncio.Protocol):
             try:
                 self.header_length = int(value)
             except ValueError:
-                self.header_length = -1          # the check refuses it
+                self.header_length = -1      # the check refuses it
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)

@@ -1,16 +1,16 @@
 """`compilers perf`: put a running server under load, as Triton's perf_analyzer does, and say where the time goes.
 
-For each concurrency level, that many worker threads each send requests back to back, one at a time, for
-`duration` seconds or `max_requests` requests in all, whichever comes first (both always bound a level), after a
-short warm-up that is not counted. Each worker has its own client (tritonclient's clients are not thread-safe:
-the HTTP one is gevent-based, and neither may be shared across threads); the prepared requests are shared, as the
-clients only read them.
+For each concurrency level, that many connections each keep one request in flight, back to back, for `duration`
+seconds or `max_requests` requests in all, whichever comes first (both always bound a level), after a short
+warm-up that is not counted. The connections are spread over worker processes (`processes`, or
+`default_processes`: 1 up to 8 connections, else 2), each one asyncio event loop, all opening the measured window
+together (`load`: the requests are built once per input entry and sent as bytes).
 
-A protocol is a class with `metadata`, `prepare`, `infer` and `close` (`PROTOCOLS`): `http`, the Open Inference
-Protocol over HTTP/REST (tritonclient.http, at the server's URL), and `grpc`, the same protocol over gRPC
-(tritonclient.grpc, at the server's `--grpc-port`, host:port). Both send tensors raw (HTTP's binary extension,
-gRPC's `raw_input_contents`), BYTES too. Several protocols are measured in one run side by side: at each
-concurrency every protocol takes its turn before the next concurrency, so the machine's drift hits them alike.
+The protocols (`PROTOCOLS`; a class for each reads the model's metadata): `http`, the Open Inference Protocol over
+HTTP/REST at the server's URL, and `grpc`, the same protocol over gRPC at the server's `--grpc-port`, host:port.
+Both send tensors raw (HTTP's binary extension, gRPC's `raw_input_contents`), BYTES too, and check the first
+answer to each entry in full. Several protocols are measured in one run side by side: at each concurrency every
+protocol takes its turn before the next concurrency, so the machine's drift hits them alike.
 
 A level (a concurrency over a protocol) reports:
 - throughput: successful requests per second, and samples (rows) per second;
@@ -21,9 +21,9 @@ A level (a concurrency over a protocol) reports:
   call (a whole batch), in a pipeline's pre- and post-processing, and end to end in the server; and the mean
   rows per engine call (`compilers_batch_size`). The client's mean latency minus the server's is the network and
   the protocol stacks of both sides;
-- the load generator's own cost: process CPU seconds per request and the share of one core it used. The worker
-  threads share one interpreter, so near one core the client, not the server, is the bottleneck (run several
-  `compilers perf` processes then). A server started in the same process (tests) is counted in it too.
+- the load generator's own cost: its processes' CPU seconds per request and the share of a core they used, and
+  `client_limited` when one process used CORE_LIMIT of a core or more: then the client, not the server, was the
+  limit (the table says so: more --processes, or another machine).
 
 Inputs: synthetic by default, from the model's metadata (GET /v2/models/M; over HTTP when HTTP is measured, as
 only its answer carries `max_batch_size` and the batch dim): a -1 first dim is the batch dim, of size `batch`,
@@ -73,10 +73,11 @@ class HttpClient:
 
     def __init__(self, url: str, model: str, version: str = "", timeout: float = 30.0):
         try:
+            import httptools  # noqa: F401  (the load's HTTP parser, in the worker processes)
             import tritonclient.http as http
         except ImportError as e:
-            raise InputError(f"compilers perf needs tritonclient's HTTP client ({e.name} is missing): "
-                             "pip install 'tritonclient[http]'") from None
+            raise InputError(f"compilers perf needs tritonclient's HTTP client and httptools ({e.name} is "
+                             "missing): pip install 'compilers[bench]'") from None
         parsed = http_url(url)
         self.model, self.version = model, version
         self.client = http.InferenceServerClient(parsed.netloc + parsed.path.rstrip("/"),
