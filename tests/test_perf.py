@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -16,7 +19,9 @@ from torch import nn
 from compilers.cli import main
 from compilers.pipeline import MeanPool, Pipeline, Text
 from compilers.serve.addresses import grpc_address, http_url
-from compilers.serve.perf import Inputs, parse_shapes, split
+from compilers.errors import InputError
+from compilers.serve.load import Share, Target, WrongAnswer, check_grpc
+from compilers.serve.perf import CORE_LIMIT, Inputs, Perf, default_processes, measure, merge, parse_shapes, split
 from compilers.serve.repository import publish
 from compilers.serve.server import running
 
@@ -241,3 +246,159 @@ def test_perf_is_client_side_only():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[]"]
+
+
+def test_a_level_over_two_processes_merges_their_counts(server):
+    """Every request the server timed in the window is one the merged level counts: two processes' shares
+    summed, not one of them (the window opens after every process's warm-up has been answered; a warm-up
+    request the server records after answering it may still land in the window: at most one per connection)."""
+    perf = measure(server.url, "mlp", concurrency=[4], duration=1.0, warmup=0.2, max_requests=100_000,
+                   processes=2, log=lambda m: None)
+    (level,) = perf.levels
+    assert level.processes == 2 and len(level.client_process_cores) == 2 and level.errors == 0
+    assert level.requests > 0 and level.server is not None
+    assert 0 <= level.server["requests"] - level.requests <= 4, (level.requests, level.server)
+    assert level.client_cpu_seconds > 0 and level.client_cpu_ms_per_request > 0
+    assert level.to_dict()["processes"] == 2 and perf.settings["processes"] == 2
+
+
+def test_max_requests_bounds_a_level_across_processes(server):
+    perf = measure(server.url, "mlp", concurrency=[3], duration=20, warmup=0, max_requests=25, processes=2,
+                   log=lambda m: None)
+    (level,) = perf.levels
+    assert level.processes == 2 and level.requests + level.errors == 25 and level.seconds < 10
+
+
+def test_the_client_is_the_limit_when_a_process_uses_most_of_a_core():
+    """The rule, on shares made by hand (loading a process to a core on a shared 2-core machine is not
+    reliable): one process at CORE_LIMIT of a core or more makes the level client-limited, whatever the others
+    did, and the table says so and what to do."""
+    def share(cpu: float, seconds: float = 2.0) -> Share:
+        return Share(requests=100, samples=100, latencies=[0.001] * 100, seconds=seconds, cpu_seconds=cpu)
+
+    calm = merge(16, "http", [share(0.5), share(0.5)])
+    busy = merge(16, "http", [share(0.5), share(2.0 * CORE_LIMIT)])
+    alone = merge(2, "grpc", [share(2.0 * CORE_LIMIT), share(0.1)])
+    assert not calm.client_limited and calm.client_process_cores == [0.25, 0.25]
+    assert busy.client_limited and busy.client_process_cores == [0.25, CORE_LIMIT]
+    assert busy.requests == 200 and busy.client_cpu_ms_per_request == pytest.approx(1000 * 2.1 / 200)
+    perf = Perf("http://127.0.0.1:1", "m", "", {"http": "http://127.0.0.1:1"},
+                {"duration": 2, "max_requests": 1000, "warmup": 0, "processes": None},
+                {"source": "synthetic (seed 0)"}, [calm, busy, alone])
+    lines = [x for x in perf.table().splitlines() if "the client was the limit" in x]
+    assert lines == [
+        "concurrency 16 over http: the client was the limit: a load-generator process used 0.80 of a core "
+        "(2 processes); these figures understate the server: rerun with --processes 4, with cores to spare for them",
+        "concurrency 2 over grpc: the client was the limit: a load-generator process used 0.80 of a core "
+        "(2 processes); these figures understate the server: run the load generator on another machine"]
+    assert [default_processes(n) for n in (1, 8, 9, 64)] == [1, 1, 2, 2]
+
+
+def test_processes_must_be_positive(capsys):
+    assert main(["perf", "127.0.0.1:1", "-m", "mlp", "--processes", "0"]) == 2
+    assert "--processes must be positive, not 0" in capsys.readouterr().err
+
+
+METADATA = {"name": "mlp", "versions": ["1"], "platform": "onnxruntime", "parameters": {"batch_dim": "batch"},
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 6]}],
+            "outputs": [{"name": "output", "datatype": "FP32", "shape": [-1, 3]}]}
+OUTPUT = {"name": "output", "datatype": "FP32", "shape": [1, 3], "data": [0.0, 0.0, 0.0]}
+ANSWERS = {   # what the fake server answers an infer request: status, body
+    "right": (200, {"model_name": "mlp", "outputs": [OUTPUT]}),
+    "no outputs": (200, {"model_name": "mlp", "outputs": []}),
+    "another model": (200, {"model_name": "other", "outputs": [OUTPUT]}),
+    "wrong shape": (200, {"model_name": "mlp", "outputs": [dict(OUTPUT, shape=[1, 2], data=[0.0, 0.0])]}),
+    "wrong datatype": (200, {"model_name": "mlp", "outputs": [dict(OUTPUT, datatype="INT64", data=[0, 0, 0])]}),
+    "not json": (200, b"hello"),
+    "overloaded": (503, {"error": "overloaded, try later"}),
+    "not http": (None, b"SSH-2.0-OpenSSH\r\n\r\n"),
+    "slow": ("sleep", 2.0)}
+
+
+@pytest.fixture()
+def fake():
+    """A server that speaks the protocol's metadata right and answers every infer request with ANSWERS[mode]."""
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _answer(self, status, body):
+            if status == "sleep":
+                time.sleep(body)
+                return
+            if status is None:
+                self.wfile.write(body)
+                self.close_connection = True
+                return
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/v2/models/mlp":
+                self._answer(200, METADATA)
+            else:
+                self._answer(404, {"error": "not found"})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._answer(*ANSWERS[httpd.mode])
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("no outputs", "the answer lacks output 'output'"),
+    ("another model", "the answer is for model 'other', not 'mlp'"),
+    ("wrong shape", "the answer's output 'output' is FP32 [1, 2]; the model declares FP32 [-1, 3]"),
+    ("wrong datatype", "the answer's output 'output' is INT64 [1, 3]; the model declares FP32 [-1, 3]"),
+    ("not json", "the answer is not an inference response of model 'mlp'"),
+    ("overloaded", "[503] overloaded, try later"),
+    ("not http", "the server's answer is not HTTP"),
+    ("slow", "no answer within 0.5 s (--timeout)")])
+def test_a_server_answering_the_wrong_thing_is_an_error_not_a_fast_answer(fake, mode, message):
+    fake.mode = mode
+    url = f"http://127.0.0.1:{fake.server_address[1]}"
+    with pytest.raises(InputError, match="every request failed at concurrency 2 over http") as e:
+        measure(url, "mlp", concurrency=[2], duration=0.3, warmup=0, max_requests=50, timeout=0.5,
+                log=lambda m: None)
+    assert message in str(e.value)
+
+
+def test_the_fake_server_is_answered_right_when_it_answers_right(fake):
+    """The control of the test above: its server is measured when its answers are right."""
+    fake.mode = "right"
+    perf = measure(f"http://127.0.0.1:{fake.server_address[1]}", "mlp", concurrency=[2], duration=0.3, warmup=0,
+                   max_requests=50, log=lambda m: None)
+    (level,) = perf.levels
+    assert level.errors == 0 and level.requests > 0
+    assert level.server is None and "could not be read" in level.server_note     # it has no /metrics
+
+
+def test_a_grpc_answer_is_checked_in_full():
+    from tritonclient.grpc import service_pb2
+    target = Target("grpc", "127.0.0.1:1", "mlp", "", (("output", "FP32", (-1, 3)),), (b"",), (1,), 1.0)
+
+    def answer(model="mlp", name="output", datatype="FP32", shape=(1, 3), raw=bytes(12)):
+        r = service_pb2.ModelInferResponse(model_name=model)
+        r.outputs.add(name=name, datatype=datatype, shape=list(shape))
+        r.raw_output_contents.append(raw)
+        return r.SerializeToString()
+
+    check_grpc(target, answer())
+    for wrong, message in ((answer(model="other"), "for model 'other'"), (answer(name="x"), "lacks output"),
+                           (answer(shape=(1, 2), raw=bytes(8)), r"is FP32 \[1, 2\]"),
+                           (answer(raw=bytes(8)), "not an inference response"), (b"\xff" * 7, "not an inference")):
+        with pytest.raises(WrongAnswer, match=message):
+            check_grpc(target, wrong)

@@ -481,7 +481,7 @@ def cmd_perf(a: argparse.Namespace) -> int:
                      protocols=[p.strip() for p in a.protocol.split(",") if p.strip()], grpc_url=a.grpc_url,
                      concurrency=_ints(a.concurrency, "--concurrency"), duration=a.duration,
                      max_requests=a.max_requests, warmup=a.warmup, batch=a.batch, shapes=parse_shapes(a.shape),
-                     input_data=a.input_data, metrics_url=a.metrics_url, timeout=a.timeout)
+                     input_data=a.input_data, metrics_url=a.metrics_url, timeout=a.timeout, processes=a.processes)
     print(result.table())
     if a.json:
         write_text(a.json, json.dumps(result.to_dict(), indent=1))
@@ -651,6 +651,8 @@ def parser() -> argparse.ArgumentParser:
                                                               "(default: synthetic, from the model's metadata)")
     pf.add_argument("--metrics-url", help="the server's Prometheus metrics (default URL/metrics)")
     pf.add_argument("--timeout", type=float, default=30.0, help="seconds one request may take (default 30)")
+    pf.add_argument("--processes", type=int, help="load-generator processes per level, the connections spread over "
+                                                   "them (default: 1 up to concurrency 8, else 2)")
     pf.add_argument("--json", help="write every figure here")
     pf.add_argument("--plot", help="write a PNG (or .svg, .pdf) of throughput and latency per concurrency here, "
                                    "a line per protocol")

@@ -1,16 +1,16 @@
 """`compilers perf`: put a running server under load, as Triton's perf_analyzer does, and say where the time goes.
 
-For each concurrency level, that many worker threads each send requests back to back, one at a time, for
-`duration` seconds or `max_requests` requests in all, whichever comes first (both always bound a level), after a
-short warm-up that is not counted. Each worker has its own client (tritonclient's clients are not thread-safe:
-the HTTP one is gevent-based, and neither may be shared across threads); the prepared requests are shared, as the
-clients only read them.
+For each concurrency level, that many connections each keep one request in flight, back to back, for `duration`
+seconds or `max_requests` requests in all, whichever comes first (both always bound a level), after a short
+warm-up that is not counted. The connections are spread over worker processes (`processes`, or
+`default_processes`: 1 up to 8 connections, else 2), each one asyncio event loop, all opening the measured window
+together (`load`: the requests are built once per input entry and sent as bytes).
 
-A protocol is a class with `metadata`, `prepare`, `infer` and `close` (`PROTOCOLS`): `http`, the Open Inference
-Protocol over HTTP/REST (tritonclient.http, at the server's URL), and `grpc`, the same protocol over gRPC
-(tritonclient.grpc, at the server's `--grpc-port`, host:port). Both send tensors raw (HTTP's binary extension,
-gRPC's `raw_input_contents`), BYTES too. Several protocols are measured in one run side by side: at each
-concurrency every protocol takes its turn before the next concurrency, so the machine's drift hits them alike.
+The protocols (`PROTOCOLS`; a class for each reads the model's metadata): `http`, the Open Inference Protocol over
+HTTP/REST at the server's URL, and `grpc`, the same protocol over gRPC at the server's `--grpc-port`, host:port.
+Both send tensors raw (HTTP's binary extension, gRPC's `raw_input_contents`), BYTES too, and check the first
+answer to each entry in full. Several protocols are measured in one run side by side: at each concurrency every
+protocol takes its turn before the next concurrency, so the machine's drift hits them alike.
 
 A level (a concurrency over a protocol) reports:
 - throughput: successful requests per second, and samples (rows) per second;
@@ -21,9 +21,9 @@ A level (a concurrency over a protocol) reports:
   call (a whole batch), in a pipeline's pre- and post-processing, and end to end in the server; and the mean
   rows per engine call (`compilers_batch_size`). The client's mean latency minus the server's is the network and
   the protocol stacks of both sides;
-- the load generator's own cost: process CPU seconds per request and the share of one core it used. The worker
-  threads share one interpreter, so near one core the client, not the server, is the bottleneck (run several
-  `compilers perf` processes then). A server started in the same process (tests) is counted in it too.
+- the load generator's own cost: its processes' CPU seconds per request and the share of a core they used, and
+  `client_limited` when one process used CORE_LIMIT of a core or more: then the client, not the server, was the
+  limit (the table says so: more --processes, or another machine).
 
 Inputs: synthetic by default, from the model's metadata (GET /v2/models/M; over HTTP when HTTP is measured, as
 only its answer carries `max_batch_size` and the batch dim): a -1 first dim is the batch dim, of size `batch`,
@@ -41,13 +41,9 @@ the server.
 """
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import math
 import sys
-import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +55,7 @@ from ..bench import text_table
 from ..errors import InputError, brief
 from ..files import replacing
 from .addresses import METRICS_FORM, grpc_address, http_url
+from .load import ERRORS_KEPT, Share, Target, Workers, grpc_payloads, http_payloads
 
 STAGES = {    # the server's split: key in the report -> its histogram in /metrics
     "queue": "compilers_queue_seconds", "inference": "compilers_inference_seconds",
@@ -66,24 +63,23 @@ STAGES = {    # the server's split: key in the report -> its histogram in /metri
     "request": "compilers_request_seconds"}
 BATCH_SIZE = "compilers_batch_size"
 PERCENTILES = (50, 90, 95, 99)
-ERRORS_KEPT = 5                  # distinct error messages kept per level
-CORE_WARNING = 0.8               # share of one core past which the client may be the bottleneck
+CORE_LIMIT = 0.8                 # a load-generator process past this share of one core is the limit
 WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet")
 
 
 # -- the protocols -----------------------------------------------------------------------------------------------
 class HttpClient:
-    """One worker's connection over HTTP/REST (the Open Inference Protocol): its own tritonclient.http client.
-    Create it in the thread that uses it."""
+    """The model's metadata over HTTP/REST (the Open Inference Protocol), through tritonclient.http."""
 
     def __init__(self, url: str, model: str, version: str = "", timeout: float = 30.0):
         try:
+            import httptools  # noqa: F401  (the load's HTTP parser, in the worker processes)
             import tritonclient.http as http
         except ImportError as e:
-            raise InputError(f"compilers perf needs tritonclient's HTTP client ({e.name} is missing): "
-                             "pip install 'tritonclient[http]'") from None
+            raise InputError(f"compilers perf needs tritonclient's HTTP client and httptools ({e.name} is "
+                             "missing): pip install 'compilers[bench]'") from None
         parsed = http_url(url)
-        self.module, self.model, self.version = http, model, version
+        self.model, self.version = model, version
         self.client = http.InferenceServerClient(parsed.netloc + parsed.path.rstrip("/"),
                                                  ssl=parsed.scheme == "https", connection_timeout=timeout,
                                                  network_timeout=timeout)
@@ -91,20 +87,12 @@ class HttpClient:
     def metadata(self) -> dict[str, Any]:
         return self.client.get_model_metadata(self.model, self.version)
 
-    def prepare(self, arrays: dict[str, np.ndarray], datatypes: dict[str, str]) -> list[Any]:
-        """A request's inputs, binary tensor data (shared by the workers: the client only reads them)."""
-        return _prepare(self.module, arrays, datatypes, binary_data=True)
-
-    def infer(self, request: list[Any]) -> None:
-        self.client.infer(self.model, request, model_version=self.version)   # every output, binary
-
     def close(self) -> None:
         self.client.close()
 
 
 class GrpcClient:
-    """One worker's connection over gRPC (Triton's GRPCInferenceService): its own tritonclient.grpc client, at
-    host:port. Create it in the thread that uses it."""
+    """The model's metadata over gRPC (Triton's GRPCInferenceService) at host:port, through tritonclient.grpc."""
 
     def __init__(self, address: str, model: str, version: str = "", timeout: float = 30.0):
         try:
@@ -127,27 +115,11 @@ class GrpcClient:
             tensor["shape"] = [int(d) for d in tensor.get("shape", [])]      # int64s come as JSON strings
         return meta
 
-    def prepare(self, arrays: dict[str, np.ndarray], datatypes: dict[str, str]) -> list[Any]:
-        """A request's inputs, raw (`raw_input_contents`; shared by the workers: the client only reads them)."""
-        return _prepare(self.module, arrays, datatypes)
-
-    def infer(self, request: list[Any]) -> None:
-        self.client.infer(self.model, request, model_version=self.version, client_timeout=self.timeout)
-
     def close(self) -> None:
         self.client.close()
 
 
-PROTOCOLS: dict[str, type] = {"http": HttpClient, "grpc": GrpcClient}
-
-
-def _prepare(module: Any, arrays: dict[str, np.ndarray], datatypes: dict[str, str], **how: Any) -> list[Any]:
-    made = []
-    for name, x in arrays.items():
-        t = module.InferInput(name, list(x.shape), datatypes[name])
-        t.set_data_from_numpy(x, **how)
-        made.append(t)
-    return made
+PROTOCOLS: dict[str, type] = {"http": HttpClient, "grpc": GrpcClient}      # protocol -> its metadata probe
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------
@@ -289,7 +261,8 @@ def scrape(metrics_url: str, model: str, version: str = "", timeout: float = 10.
 
 def split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, Any]:
     """Mean ms per stage (None where nothing was observed, as pre- and post-processing of a plain model), the
-    mean rows per engine call and the number of engine calls, between two scrapes."""
+    mean rows per engine call, the number of engine calls and of requests the server timed, between two
+    scrapes."""
     def delta(name):
         return after[name][0] - before[name][0], after[name][1] - before[name][1]
     out: dict[str, Any] = {}
@@ -299,6 +272,7 @@ def split(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, 
     total, count = delta(BATCH_SIZE)
     out["batch_size"] = total / count if count > 0 else None
     out["engine_calls"] = int(count)
+    out["requests"] = int(delta(STAGES["request"])[1])
     return out
 
 
@@ -317,6 +291,9 @@ class Level:
     server: dict[str, Any] | None = None  # `split`; None when /metrics could not be read
     server_note: str | None = None
     protocol: str = "http"
+    processes: int = 1                    # the load generator's worker processes
+    client_process_cores: list[float] = field(default_factory=list)   # each one's CPU seconds / its window
+    client_limited: bool = False          # a process used CORE_LIMIT of a core or more: the client was the limit
 
     @property
     def throughput(self) -> float:
@@ -342,105 +319,38 @@ class Level:
                 "errors": self.errors, "error_messages": self.error_messages,
                 "client_cpu_seconds": self.client_cpu_seconds,
                 "client_cpu_ms_per_request": self.client_cpu_ms_per_request, "client_cores": self.client_cores,
-                "server": self.server, "server_note": self.server_note}
+                "processes": self.processes, "client_process_cores": self.client_process_cores,
+                "client_limited": self.client_limited, "server": self.server, "server_note": self.server_note}
 
 
-class _Worker(threading.Thread):
-    """Sends the requests of one level, one at a time, with a client of its own."""
-
-    def __init__(self, i: int, connect: Callable[[], Any], requests: list[tuple[Any, int]], window: "_Window"):
-        super().__init__(name=f"compilers-perf-{i}", daemon=True)
-        self.i, self.connect, self.requests, self.window = i, connect, requests, window
-        self.latencies: list[float] = []
-        self.samples = self.errors = 0
-        self.messages: list[str] = []
-        self.last = 0.0
-
-    def run(self) -> None:
-        w, k, client = self.window, self.i, None
-        try:
-            client = self.connect()
-            warm_end = time.perf_counter() + w.warmup
-            while time.perf_counter() < warm_end and next(w.warm) < w.max_requests:
-                k = self._send(client, k, counted=False)
-        except Exception as e:                   # a client that can't be made: an error of the level
-            self._error(e)
-        try:
-            w.barrier.wait()
-        except threading.BrokenBarrierError:
-            return
-        try:
-            while client is not None and time.perf_counter() < w.end and next(w.sent) < w.max_requests:
-                k = self._send(client, k, counted=True)
-        finally:
-            if client is not None:
-                client.close()
-
-    def _send(self, client: Any, k: int, counted: bool) -> int:
-        request, rows = self.requests[k % len(self.requests)]
-        started = time.perf_counter()
-        try:
-            client.infer(request)
-        except Exception as e:
-            if counted:
-                self._error(e)
-        else:
-            if counted:
-                self.latencies.append(time.perf_counter() - started)
-                self.samples += rows
-        self.last = time.perf_counter()
-        return k + 1
-
-    def _error(self, e: Exception) -> None:
-        self.errors += 1
-        message = " ".join(str(e).split())[:300] or type(e).__name__
-        if len(self.messages) < ERRORS_KEPT and message not in self.messages:
-            self.messages.append(message)
+def default_processes(concurrency: int) -> int:
+    """Worker processes for a level when --processes is not given: one holds 8 connections well below a core
+    on this load generator (see benchmarks/perf_client.py); past that, two."""
+    return 1 if concurrency <= 8 else 2
 
 
-class _Window:
-    """What a level's workers share: the bounds, the request counters (next() on an itertools.count is atomic),
-    and the barrier whose action opens the measured window once every worker has warmed up."""
-
-    def __init__(self, n: int, duration: float, max_requests: int, warmup: float, timeout: float,
-                 snapshot: Callable[[], Any]):
-        self.duration, self.max_requests, self.warmup, self.snapshot = duration, max_requests, warmup, snapshot
-        self.warm, self.sent = itertools.count(), itertools.count()
-        self.barrier = threading.Barrier(n, action=self._open, timeout=warmup + 2 * timeout + 60)
-        self.start = self.end = self.cpu = 0.0
-        self.before: Any = None
-
-    def _open(self) -> None:
-        self.before = self.snapshot()
-        self.cpu = time.process_time()
-        self.start = time.perf_counter()
-        self.end = self.start + self.duration
+def run_level(workers: Workers, protocol: str, n: int, processes: int, *, duration: float, max_requests: int,
+              warmup: float, timeout: float, snapshot: Callable[[], Any] = lambda: None) -> tuple[Level, Any, Any]:
+    """One level of `n` connections over `processes` of `workers`; returns it without its server split, and
+    the snapshots (`snapshot()`) taken as the measured window opened and after it closed."""
+    shares, before, after = workers.level(protocol, n, processes, duration=duration, max_requests=max_requests,
+                                          warmup=warmup, timeout=timeout, snapshot=snapshot)
+    return merge(n, protocol, shares), before, after
 
 
-def run_level(n: int, connect: Callable[[], Any], requests: list[tuple[Any, int]], *, duration: float,
-              max_requests: int, warmup: float, timeout: float,
-              snapshot: Callable[[], Any] = lambda: None) -> tuple[Level, Any, Any]:
-    """One level with `n` workers; returns it without its server split, and the snapshots (`snapshot()`)
-    taken as the measured window opened and after it closed."""
-    window = _Window(n, duration, max_requests, warmup, timeout, snapshot)
-    workers = [_Worker(i, connect, requests, window) for i in range(n)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    cpu = time.process_time() - window.cpu
-    after = snapshot()
-    if window.barrier.broken:
-        raise RuntimeError(f"the {n} workers did not all finish warming up in time")
-    latencies = np.array([x for w in workers for x in w.latencies]) * 1000
+def merge(n: int, protocol: str, shares: Sequence[Share]) -> Level:
+    """A level from its processes' shares: latencies pooled, counts and CPU seconds summed, the window the
+    longest, and `client_limited` when a process used CORE_LIMIT of a core or more."""
+    latencies = np.array([x for s in shares for x in s.latencies]) * 1000
     ms = {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(latencies, PERCENTILES))} \
         if latencies.size else {f"p{p}": None for p in PERCENTILES}
     ms["mean"] = float(latencies.mean()) if latencies.size else None
-    messages = list(dict.fromkeys(m for w in workers for m in w.messages))[:ERRORS_KEPT]
-    seconds = max([w.last for w in workers] + [window.start]) - window.start
-    level = Level(n, latencies.size, sum(w.samples for w in workers), seconds, ms,
-                  sum(w.errors for w in workers), messages, cpu)
-    return level, window.before, after
+    messages = list(dict.fromkeys(m for s in shares for m in s.messages))[:ERRORS_KEPT]
+    cores = [s.cpu_seconds / s.seconds if s.seconds > 0 else 0.0 for s in shares]
+    return Level(n, int(latencies.size), sum(s.samples for s in shares), max((s.seconds for s in shares), default=0.0),
+                 ms, sum(s.errors for s in shares), messages, sum(s.cpu_seconds for s in shares),
+                 protocol=protocol, processes=len(shares), client_process_cores=cores,
+                 client_limited=max(cores, default=0.0) >= CORE_LIMIT)
 
 
 # -- a run ------------------------------------------------------------------------------------------------------
@@ -468,10 +378,10 @@ class Perf:
                  f"{self.inputs['source']}, {s['duration']:g} s or {s['max_requests']} requests per level after "
                  f"{s['warmup']:g} s of warm-up"]
         head = ["concurrency", "protocol", "requests", "errors", "req/s", "samples/s", "p50 ms", "p90 ms", "p95 ms",
-                "p99 ms", "client cpu ms/req", "client cores"]
+                "p99 ms", "client cpu ms/req", "client cores", "procs"]
         rows = [[str(x.concurrency), x.protocol, str(x.requests), str(x.errors), _num(x.throughput),
                  _num(x.samples_per_second), *(_num(x.latency_ms[f"p{p}"]) for p in PERCENTILES),
-                 _num(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}"] for x in self.levels]
+                 _num(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}", str(x.processes)] for x in self.levels]
         lines += text_table(head, rows, left=(1,))
         lines += ["", "server split, means from /metrics over each level (client - server: network and both sides' "
                       "protocol stacks)"]
@@ -492,10 +402,13 @@ class Perf:
                 lines.append(f"{at}: {x.errors} errors, first: " + " | ".join(x.error_messages))
             if x.server_note:
                 lines.append(f"{at}: {x.server_note}")
-            if x.client_cores >= CORE_WARNING:
-                lines.append(f"{at}: the load generator used {x.client_cores:.2f} of a core (its threads share one "
-                             "interpreter; a server in this process counts too): the client may be the bottleneck; "
-                             "run several compilers perf processes")
+            if x.client_limited:
+                busiest = max(x.client_process_cores, default=x.client_cores)
+                lines.append(f"{at}: the client was the limit: a load-generator process used {busiest:.2f} of a core "
+                             f"({x.processes} process{'es' * (x.processes != 1)}); these figures understate the "
+                             + (f"server: rerun with --processes {min(2 * x.processes, x.concurrency)}, with cores to "
+                                "spare for them" if x.processes < x.concurrency else
+                                "server: run the load generator on another machine"))
         return "\n".join(lines)
 
 
@@ -510,9 +423,12 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
             max_requests: int = 100_000, warmup: float = 1.0, batch: int = 1,
             shapes: dict[str, list[int]] | None = None, input_data: str | Path | None = None,
             metrics_url: str | None = None, timeout: float = 30.0, seed: int = 0,
-            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Perf:
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+            processes: int | None = None) -> Perf:
     """Load the server at `url` (HTTP; `grpc_url`, host:port, its gRPC address) with each concurrency in turn,
     over each of `protocols` in turn (see the module's docstring); `metrics_url` defaults to URL/metrics.
+    `processes`: the load generator's worker processes per level (at most one per connection; default
+    `default_processes`).
     InputError for an address not of its form (before any client is built), settings out of range, a server
     that can't be reached, a model it doesn't serve, inputs that don't fit, or a level where every request
     failed."""
@@ -531,7 +447,7 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
             raise InputError(f"{flag} must be {'positive' if least == 0 else 'zero or more'}, not {value}")
     if not concurrency or min(concurrency) < 1:
         raise InputError(f"--concurrency takes positive integers, not {list(concurrency)}")
-    for flag, value in (("--max-requests", max_requests), ("--batch", batch)):
+    for flag, value in (("--max-requests", max_requests), ("--batch", batch), ("--processes", 1 if processes is None else processes)):
         if value < 1:
             raise InputError(f"{flag} must be positive, not {value}")
     parsed = http_url(url)                              # every address checked before any client is built
@@ -553,8 +469,12 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
             raise InputError(f"--batch {batch} is more than model {model!r}'s max_batch_size, {most}")
         entries = inputs.read(input_data) if input_data else [inputs.synthetic(seed)]
         datatypes = {n: s["datatype"] for n, s in inputs.specs.items()}
+        outputs = tuple((o["name"], o["datatype"], tuple(int(d) for d in o["shape"])) for o in meta.get("outputs", []))
+        rows = tuple(inputs.rows(e) for e in entries)
         try:
-            requests = {p: [(probes[p].prepare(e, datatypes), inputs.rows(e)) for e in entries] for p in protocols}
+            targets = {p: Target(p, addresses[p], model, version, outputs, tuple(
+                http_payloads(url, model, version, entries, datatypes) if p == "http" else
+                grpc_payloads(model, version, entries, datatypes)), rows, timeout) for p in protocols}
         except Exception as e:
             raise InputError(f"the inputs cannot be sent as the model's datatypes: {brief(e)}") from None
     finally:
@@ -566,7 +486,7 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
                  "tensors": [{"name": n, "datatype": datatypes[n], "shape": list(np.shape(x))} for n, x in first.items()]}
     perf = Perf(url, model, version, addresses, {"duration": duration, "max_requests": max_requests,
                                                  "warmup": warmup, "batch": batch, "timeout": timeout,
-                                                 "metrics_url": metrics_url}, described)
+                                                 "metrics_url": metrics_url, "processes": processes}, described)
     notes: list[str] = []
 
     def snapshot():
@@ -576,21 +496,23 @@ def measure(url: str, model: str, *, version: str = "", protocols: Sequence[str]
             notes.append(f"no server split: {metrics_url} could not be read ({brief(e, 200)})")
             return None
 
-    for n in concurrency:
-        for p in protocols:           # interleaved: each concurrency over every protocol before the next
-            log(f"concurrency {n} over {p}: {warmup:g} s warm-up, then {duration:g} s or {max_requests} requests...")
-            notes.clear()
-            connect = functools.partial(PROTOCOLS[p], addresses[p], model, version, timeout)
-            level, before, after = run_level(n, connect, requests[p], duration=duration, max_requests=max_requests,
-                                             warmup=warmup, timeout=timeout, snapshot=snapshot)
-            level.protocol = p
-            if before is not None and after is not None:
-                level.server = split(before, after)
-            level.server_note = notes[0] if notes else None
-            perf.levels.append(level)
-            if level.requests == 0 and level.errors:
-                raise InputError(f"every request failed at concurrency {n} over {p} ({level.errors}); the first: "
-                                 f"{level.error_messages[0]}")
+    per_level = {n: min(processes or default_processes(n), n) for n in concurrency}
+    with Workers(max(per_level.values()), targets) as workers:
+        for n in concurrency:
+            for p in protocols:           # interleaved: each concurrency over every protocol before the next
+                log(f"concurrency {n} over {p}: {warmup:g} s warm-up, then {duration:g} s or {max_requests} "
+                    f"requests...")
+                notes.clear()
+                level, before, after = run_level(workers, p, n, per_level[n], duration=duration,
+                                                 max_requests=max_requests, warmup=warmup, timeout=timeout,
+                                                 snapshot=snapshot)
+                if before is not None and after is not None:
+                    level.server = split(before, after)
+                level.server_note = notes[0] if notes else None
+                perf.levels.append(level)
+                if level.requests == 0 and level.errors:
+                    raise InputError(f"every request failed at concurrency {n} over {p} ({level.errors}); the "
+                                     f"first: {level.error_messages[0]}")
     return perf
 
 

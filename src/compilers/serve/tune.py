@@ -44,7 +44,7 @@ from ..host import cpu_name, own_version
 from ..plot import plot_format
 from ..settings import parse, runtime_options
 from .batcher import Batching
-from .perf import CORE_WARNING, Level, measure
+from .perf import CORE_LIMIT, Level, measure
 from .repository import CONFIG, Repository, alone_reason, parse_config
 
 TUNE_FILE = "tune.json"
@@ -327,7 +327,7 @@ def within(level: Level, p99_ms: float) -> bool:
 def client_limited(level: Level) -> bool:
     """The load generator, not the server, may have been the limit (perf's own word where it gives one)."""
     flag = getattr(level, "client_limited", None)
-    return bool(flag) if flag is not None else level.client_cores >= CORE_WARNING
+    return bool(flag) if flag is not None else level.client_cores >= CORE_LIMIT
 
 
 @dataclass
