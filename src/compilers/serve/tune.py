@@ -44,7 +44,7 @@ from ..host import cpu_name, own_version
 from ..plot import plot_format
 from ..settings import parse, runtime_options
 from .batcher import Batching
-from .perf import CORE_LIMIT, Level, measure
+from .perf import Level, measure
 from .repository import CONFIG, Repository, alone_reason, parse_config
 
 TUNE_FILE = "tune.json"
@@ -52,6 +52,7 @@ DEFAULT_CONCURRENCY = (1, 8, 32)
 DEFAULT_DURATION = 3.0           # seconds measured per level
 DEFAULT_WARMUP = 1.0
 BATCH_CAP = 32                   # the default grid's largest max_batch_size
+DELAYS = (0.0, 2.0)              # the default grid's queue delays: never wait; wait up to 2 ms for a fuller batch
 START_SECONDS = 5.0              # a server start and stop, for the time estimate
 START_TIMEOUT = 120.0            # a candidate whose server is not ready by then failed
 #: [batching] keys that change what is computed, not how fast: never tuned
@@ -116,13 +117,13 @@ def read_model(model_dir: str | os.PathLike) -> Model:
 
 def default_grid(model: Model) -> dict[str, list[Any]]:
     """max_batch_size 1, 4, 16 and 32 (at most the compiled bound, which is added when below 32); queue delay 0 and
-    the default; instances the powers of two up to the cores, and the cores. A model whose requests never share a
+    2 ms; instances the powers of two up to the cores, and the cores. A model whose requests never share a
     call (or that has no batch dim) keeps its own batching. Engine threads follow instances (`candidates`)."""
-    base, default = model.base, Batching()
+    base = model.base
     if model.batched and model.alone is None:
         top = min(BATCH_CAP, model.batch_bound or BATCH_CAP)
         sizes = sorted({1, top, *(n for n in (4, 16, BATCH_CAP) if n <= top)})
-        delays = sorted({0.0, default.max_queue_delay_ms})
+        delays = list(DELAYS)
     else:
         sizes, delays = [base.max_batch_size if model.batched else 1], [base.max_queue_delay_ms]
     instances = sorted({model.cores, *(2 ** k for k in range(model.cores.bit_length()) if 2 ** k <= model.cores)})
@@ -325,9 +326,8 @@ def within(level: Level, p99_ms: float) -> bool:
 
 
 def client_limited(level: Level) -> bool:
-    """The load generator, not the server, may have been the limit (perf's own word where it gives one)."""
-    flag = getattr(level, "client_limited", None)
-    return bool(flag) if flag is not None else level.client_cores >= CORE_LIMIT
+    """The load generator, not the server, may have been the limit (perf's word)."""
+    return level.client_limited
 
 
 @dataclass
