@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -189,7 +189,9 @@ class Combiner:
 class Batcher:
     """Groups `infer` calls into engine calls of `run` (flat numpy inputs in Signature order -> flat outputs).
 
-    `start()` in the event loop that calls `infer`; `stop()` drains what is queued, then ends the workers."""
+    Each engine instance is a thread of its own that takes the next group from the queue the moment its call
+    ends, without a turn of the event loop in between; the answers go back to the loop in one callback per call.
+    `start()` in the event loop that calls `infer`; `stop()` drains what is queued, then ends the threads."""
 
     def __init__(self, run: Callable[[list[np.ndarray]], list[np.ndarray]], signature: Signature, config: Batching,
                  on_batch: Callable[[BatchStats], None] | None = None,
@@ -199,27 +201,29 @@ class Batcher:
         self.config = config
         self.on_batch = on_batch
         self.combiner = Combiner(signature, config, check)
-        self._pending: deque[_Request] = deque()
-        self._changed: asyncio.Event | None = None
-        self._workers: list[asyncio.Task] = []
-        self._executor: ThreadPoolExecutor | None = None
+        self._pending: deque[_Request] = deque()       # guarded by _changed's lock
+        self._changed = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
     # -- life cycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._closing = False
-        self._executor = ThreadPoolExecutor(self.config.instances, thread_name_prefix="compilers-engine")
-        self._workers = [asyncio.create_task(self._work()) for _ in range(self.config.instances)]
+        self._threads = [threading.Thread(target=self._work, name=f"compilers-engine_{i}", daemon=True)
+                         for i in range(self.config.instances)]
+        for t in self._threads:
+            t.start()
 
     async def stop(self) -> None:
-        """Finish every queued request, then end the workers."""
-        self._closing = True
-        self._wake()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-        self._workers = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Finish every queued request, then end the threads."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        threads, self._threads = self._threads, []
+        await asyncio.to_thread(lambda: [t.join() for t in threads])
+        await asyncio.sleep(0)        # the answers of the last calls, posted to the loop, are set
 
     @property
     def queued(self) -> int:
@@ -228,33 +232,60 @@ class Batcher:
     # -- requests ---------------------------------------------------------------------------------------
     async def infer(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The model's outputs for one request (flat numpy inputs, checked against the signature)."""
-        if self._changed is None or self._closing:
+        if self._loop is None or self._closing:
             raise QueueFull("the model is not serving (stopped or being unloaded); retry")
         flat, rows, key, sizes = self.combiner.admit(inputs)
-        if len(self._pending) >= self.config.queue_size:
-            raise QueueFull(f"{len(self._pending)} requests are queued, the most this model takes "
-                            f"(queue_size {self.config.queue_size}); retry later")
-        request = _Request(flat, rows, key, sizes, asyncio.get_running_loop().create_future())
-        self._pending.append(request)
-        self._wake()
+        request = _Request(flat, rows, key, sizes, self._loop.create_future())
+        with self._changed:
+            if len(self._pending) >= self.config.queue_size:
+                raise QueueFull(f"{len(self._pending)} requests are queued, the most this model takes "
+                                f"(queue_size {self.config.queue_size}); retry later")
+            self._pending.append(request)
+            self._changed.notify()
         try:
             return await request.future
         except asyncio.CancelledError:      # its client gave up (a gRPC deadline): still queued, it leaves the queue
-            with contextlib.suppress(ValueError):      # not queued any more: in an engine call, or answered
+            with self._changed, contextlib.suppress(ValueError):   # not queued any more: in a call, or answered
                 self._pending.remove(request)
             raise
 
-    # -- workers ----------------------------------------------------------------------------------------
-    def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
+    # -- the engine threads -----------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                try:
+                    group = self._next()
+                except Exception as e:    # a bug: fail what is queued rather than leave it waiting forever
+                    log.exception("the batcher failed to group requests")
+                    failed = list(self._pending)
+                    self._pending.clear()
+                    self._post(self._fail, failed, e)
+                    continue
+            if group is None:
+                return
+            started = time.perf_counter()
+            try:
+                outputs, ran, ended = self._call(group)
+            except Exception as e:        # the engine failed: every request of the call gets the error
+                self._post(self._fail, group, e)
+                continue
+            self._post(self._answer, group, outputs, started, ran, ended)
 
-    async def _wait(self, timeout: float | None) -> None:
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
-            pass
+    def _next(self) -> list[_Request] | None:
+        """The next group, out of the queue (holding the lock; waits for one); None once closing and drained."""
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return None
+                self._changed.wait()
+                continue
+            group, ready = self._group()
+            if ready:
+                for r in group:
+                    self._pending.remove(r)
+                return group
+            left = self.config.max_queue_delay_ms / 1e3 - (time.perf_counter() - group[0].arrived)
+            self._changed.wait(max(left, 0.0))
 
     def _group(self) -> tuple[list[_Request], bool]:
         """The oldest request and the compatible ones that join it (`Combiner.pick`); and whether the group goes
@@ -268,42 +299,33 @@ class Batcher:
         waited = time.perf_counter() - group[0].arrived >= self.config.max_queue_delay_ms / 1e3
         return group, full or waited
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                await self._wait(None)
-                continue
-            group, ready = self._group()
-            if not ready:
-                left = self.config.max_queue_delay_ms / 1e3 - (time.perf_counter() - group[0].arrived)
-                await self._wait(max(left, 0.0))
-                continue
-            for r in group:
-                self._pending.remove(r)
-            started = time.perf_counter()
-            try:
-                outputs, ran, ended = await loop.run_in_executor(self._executor, self._call, group)
-            except Exception as e:        # the engine failed: every request of the call gets the error
-                for r in group:
-                    if not r.future.done():
-                        r.future.set_exception(e)
-                continue
-            done = time.perf_counter()
-            for r, out in zip(group, outputs):
-                if not r.future.done():
-                    r.future.set_result(out)
-            if self.on_batch is not None:
-                try:
-                    self.on_batch(BatchStats(sum(r.rows for r in group), len(group),
-                                             tuple(started - r.arrived for r in group), ran - started, ended - ran,
-                                             done - ended))
-                except Exception:     # a metrics hook must not stop the worker
-                    log.exception("the batch hook failed")
+    def _post(self, callback: Callable[..., None], *args: Any) -> None:
+        """Run `callback(*args)` in the event loop (a closed loop: its requests have no one to answer)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
 
-    # -- one engine call (in a worker thread) -----------------------------------------------------------
+    # -- back in the event loop -------------------------------------------------------------------------
+    @staticmethod
+    def _fail(group: list[_Request], error: Exception) -> None:
+        for r in group:
+            if not r.future.done():
+                r.future.set_exception(error)
+
+    def _answer(self, group: list[_Request], outputs: list[list[np.ndarray]], started: float, ran: float,
+                ended: float) -> None:
+        done = time.perf_counter()
+        for r, out in zip(group, outputs):
+            if not r.future.done():       # cancelled meanwhile: nobody waits for it
+                r.future.set_result(out)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(BatchStats(sum(r.rows for r in group), len(group),
+                                         tuple(started - r.arrived for r in group), ran - started, ended - ran,
+                                         done - ended))
+            except Exception:     # a metrics hook must not fail the requests
+                log.exception("the batch hook failed")
+
+    # -- one engine call (in an engine thread) ----------------------------------------------------------
     def _call(self, group: list[_Request]) -> tuple[list[list[np.ndarray]], float, float]:
         """The outputs of each request of the group, and when the engine's run started and ended."""
         times: list[float] = []
