@@ -244,3 +244,29 @@ def test_a_token_budget_bounds_rows_times_padded_length(pool):
     assert shapes == [(1, 2), (4, 10), (1, 30), (1, 41)]
     for req, (pooled, _) in zip([_ids(2), *later], results):
         np.testing.assert_allclose(pooled, pool.run_flat(req)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_an_instance_takes_the_next_call_without_waiting_for_the_event_loop(mlp):
+    """The engine thread starts the next queued call the moment one ends, even while the event loop is busy."""
+    gate = Gate(mlp)
+
+    async def main():
+        b = Batcher(gate.run, mlp.signature, Batching(max_batch_size=1))
+        await b.start()
+        try:
+            tasks = [asyncio.create_task(b.infer([np.full((1, 6), i, np.float32)])) for i in range(4)]
+            assert await asyncio.to_thread(gate.entered.wait, 30)
+            assert b.queued == 3
+            gate.release.set()
+            deadline = time.perf_counter() + 30
+            while len(gate.shapes) < 4 and time.perf_counter() < deadline:
+                time.sleep(0.01)                   # the event loop blocked: no coroutine runs
+            calls_while_blocked = len(gate.shapes)
+            return calls_while_blocked, await asyncio.gather(*tasks)
+        finally:
+            gate.release.set()
+            await b.stop()
+    calls, results = asyncio.run(main())
+    assert calls == 4
+    for i, out in enumerate(results):
+        np.testing.assert_allclose(out[0], mlp.run_flat([np.full((1, 6), i, np.float32)])[0], rtol=1e-6)
