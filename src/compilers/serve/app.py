@@ -38,7 +38,7 @@ from starlette.routing import Route
 from ..errors import CompilerError, ConfigError, InputError
 from ..host import own_version
 from .batcher import QueueFull, alone
-from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits, items_bytes, request_bytes
+from .limits import CONTROL_BYTES, BodyBudget, Busy, Limits
 from .model_config import platform, triton_config
 from .protocol import HEADER_LENGTH, decode_request, encode_response, parse_json, tensor_metadata
 from .repository import Repository
@@ -297,9 +297,7 @@ def infer_limit(service: ModelService, limits: Limits, name: str, number: int | 
     server's limit when that is smaller or unbounded. UnknownModel / NotReady before a byte of it is read."""
     versions = [service.version(name, number)] if number is not None else \
         list(service.model(name).versions.values()) or [service.version(name)]
-    sizes = [None if v.handler is not None else          # a handler takes what its code takes: the server's limit
-             request_bytes(v.signature, v.batching.max_batch_size) if v.steps is None else
-             items_bytes(v.steps.pre.max_item_bytes, v.batching.max_batch_size) for v in versions]
+    sizes = [v.largest_request for v in versions]
     if None in sizes or max(sizes) >= limits.max_body_bytes:
         return limits.max_body_bytes, "this server takes; send fewer samples per request (or raise the " \
                                       "server's --max-body-mb)"

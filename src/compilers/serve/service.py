@@ -33,6 +33,7 @@ from ..signature import Signature, TensorSpec
 from ..target import Target
 from .batcher import Batcher, Batching, BatchStats, QueueFull
 from .handlers import Handler, HandlerError, context_of
+from .limits import items_bytes, request_bytes
 from .metrics import Metrics
 from .protocol import check_outputs, flat_inputs
 from .repository import ModelEntry, Repository, Versions, choose_version
@@ -106,6 +107,17 @@ class Version:
     def own_outputs(self) -> tuple[TensorSpec | BytesSpec, ...]:
         """What the version answers: the pipeline's named outputs (and labels), or the tensor model's."""
         return self.signature.outputs if self.steps is None else self.steps.outputs(self.signature)
+
+    @functools.cached_property
+    def largest_request(self) -> int | None:
+        """The most bytes a valid request can take, as JSON (which bounds its binary and gRPC forms too); None when
+        unbounded: a handler takes what its code takes, or a dim has no upper bound. Once per version: its
+        handler is in place before it serves."""
+        if self.handler is not None:
+            return None
+        if self.steps is None:
+            return request_bytes(self.signature, self.batching.max_batch_size)
+        return items_bytes(self.steps.pre.max_item_bytes, self.batching.max_batch_size)
 
     @property
     def inputs(self) -> tuple[Any, ...]:
