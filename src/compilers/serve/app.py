@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -106,10 +107,43 @@ def create_app(repository: str | Repository | ModelService, *, limits: Limits = 
         Route("/v2/repository/models/{name}/unload", api.unload, methods=["POST"]),
         Route("/metrics", api.metrics),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={CompilerError: _error, Exception: _error})
+    app = _App(api.infer, routes=routes, lifespan=lifespan,
+               exception_handlers={CompilerError: _error, Exception: _error})
     app.state.service = service
     app.state.grpc_port = None
     return app
+
+
+_INFER = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
+
+
+class _App(Starlette):
+    """The server's Starlette app, with inference straight to its handler: an infer request (POST
+    /v2/models/{m}[/versions/{v}]/infer) skips the router's walk over every route and the middleware layers, and
+    is answered as they would answer it (the same handler, the same error answers; an unexpected error is
+    answered 500 and re-raised for the server to log, as ServerErrorMiddleware does). The rest goes through
+    Starlette. A lean path for the one route that carries the load (issue 33: the event loop's time per request
+    is time the engine threads lose on a small machine)."""
+
+    def __init__(self, infer: Callable[[Request], Awaitable[Response]], **kwargs: Any):
+        super().__init__(**kwargs)
+        self._infer = infer
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        matched = scope["type"] == "http" and scope["method"] == "POST" and _INFER.fullmatch(scope["path"])
+        if not matched:
+            return await super().__call__(scope, receive, send)
+        scope["app"] = self
+        scope["path_params"] = {k: v for k, v in matched.groupdict().items() if v is not None}
+        request = Request(scope, receive, send)
+        try:
+            response = await self._infer(request)
+        except Exception as exc:
+            await _error(request, exc)(scope, receive, send)
+            if not isinstance(exc, CompilerError):
+                raise
+            return
+        await response(scope, receive, send)
 
 
 def _error(request: Request, exc: Exception) -> Response:
@@ -178,7 +212,8 @@ class _Routes:
         try:
             number = _version(request)
             limit, takes = infer_limit(self.service, self.limits, name, number)
-            async with self._received(request, limit, takes) as body:
+            async with self.bodies.hold(_room(request, limit, takes)):
+                body = await self._body(request, limit, takes)
                 started = time.perf_counter()
                 header = request.headers.get(HEADER_LENGTH)
                 decoded = decode_request(body, header) if len(body) < DECODE_IN_LOOP else \
@@ -199,21 +234,12 @@ class _Routes:
         self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)
         return Response(content, headers=headers)
 
-    @asynccontextmanager
-    async def _received(self, request: Request, limit: int, takes: str) -> AsyncIterator[bytes]:
-        """The request body, refused from its Content-Length when that is over `limit`, and held within the
-        server's room for bodies while the block runs (see `_body`)."""
-        declared = _content_length(request, limit, takes)
-        identity = request.headers.get("content-encoding", "identity").lower() == "identity"
-        async with self.bodies.hold(declared if declared is not None and identity else limit):
-            yield await self._body(request, limit, takes)
-
     async def _codec(self, work, *args):
         return await asyncio.get_running_loop().run_in_executor(self.codec_thread, work, *args)
 
     async def _body(self, request: Request, limit: int, takes: str) -> bytes:
         """The request body, decompressed (gzip / deflate), refused as soon as it runs past `limit` bytes (what
-        `takes` so much; its Content-Length is checked by `_received`)."""
+        `takes` so much; its Content-Length is checked by `_room`)."""
         chunks, size = [], 0
         try:
             async for chunk in request.stream():
@@ -265,8 +291,9 @@ class _Routes:
         return JSONResponse({})
 
     async def _json(self, request: Request) -> dict[str, Any]:
-        async with self._received(request, CONTROL_BYTES, "the repository API takes; send a small JSON object") \
-                as body:
+        takes = "the repository API takes; send a small JSON object"
+        async with self.bodies.hold(_room(request, CONTROL_BYTES, takes)):
+            body = await self._body(request, CONTROL_BYTES, takes)
             value = parse_json(body, "send a JSON object") if body.strip() else {}
         if not isinstance(value, dict):
             raise InputError("the request body must be a JSON object")
@@ -274,6 +301,14 @@ class _Routes:
 
     async def metrics(self, request: Request) -> Response:
         return Response(self.service.metrics.render(), media_type=self.service.metrics.content_type)
+
+
+def _room(request: Request, limit: int, takes: str) -> int:
+    """The room in the server's budget for bodies a request takes while it is read and decoded: its
+    Content-Length (refused when over `limit`, what `takes` so much) for an identity body, else `limit`."""
+    declared = _content_length(request, limit, takes)
+    identity = request.headers.get("content-encoding", "identity").lower() == "identity"
+    return declared if declared is not None and identity else limit
 
 
 def _content_length(request: Request, limit: int, takes: str) -> int | None:

@@ -13,8 +13,6 @@ import asyncio
 import resource
 from collections import deque
 from dataclasses import dataclass
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from ..errors import CompilerError
 from ..signature import Signature
@@ -99,6 +97,21 @@ class Busy(CompilerError):
     """The server holds as many request bodies as it may; retry (HTTP 503)."""
 
 
+class _Held:
+    """`BodyBudget.hold`'s block (a class: an async generator costs more per request)."""
+
+    __slots__ = ("budget", "size")
+
+    def __init__(self, budget: "BodyBudget", size: int):
+        self.budget, self.size = budget, size
+
+    async def __aenter__(self) -> None:
+        await self.budget._take(self.size)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.budget._give(self.size)
+
+
 class BodyBudget:
     """Room for request bodies held at once (read, or being decoded), in bytes. Requests take room in arrival
     order and wait at most `wait` seconds for it (then Busy)."""
@@ -107,15 +120,9 @@ class BodyBudget:
         self.capacity, self.wait, self.free = capacity, wait, capacity
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
 
-    @asynccontextmanager
-    async def hold(self, size: int) -> AsyncIterator[None]:
-        """Room for `size` bytes (at most the capacity) while the block runs."""
-        size = min(size, self.capacity)
-        await self._take(size)
-        try:
-            yield
-        finally:
-            self._give(size)
+    def hold(self, size: int) -> "_Held":
+        """Room for `size` bytes (at most the capacity) while the `async with` block runs."""
+        return _Held(self, min(size, self.capacity))
 
     async def _take(self, size: int) -> None:
         if not self._waiting and size <= self.free:

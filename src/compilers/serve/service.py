@@ -15,7 +15,6 @@ never hand a request to a batcher that has stopped. HTTP-free: the app (and test
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -23,7 +22,7 @@ import re
 import time
 import traceback
 from dataclasses import dataclass, field, replace
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -79,18 +78,10 @@ class Version:
     holding: int = field(default=0, init=False)  # requests being pre-processed for this version (`hold`)
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
+    def hold(self) -> "_Holding":
         """While a request awaits something (pre-processing in a thread) before it reaches `infer`: `retire`
         waits for it, so a reload never stops the batcher under a request that chose this version."""
-        self.holding += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.holding -= 1
-            if not self.holding:
-                self._idle.set()
+        return _Holding(self)
 
     async def retire(self) -> None:
         """Stop, once the requests it holds have reached the batcher (new ones no longer find it)."""
@@ -130,6 +121,24 @@ class Version:
         """What clients get back: the handler's OUTPUTS, else the version's own."""
         declared = self.handler.outputs if self.handler is not None else None
         return declared or self.own_outputs
+
+
+class _Holding:
+    """`Version.hold`'s block (a class: an async generator costs more per request)."""
+
+    __slots__ = ("version",)
+
+    def __init__(self, version: Version):
+        self.version = version
+
+    async def __aenter__(self) -> None:
+        self.version.holding += 1
+        self.version._idle.clear()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.version.holding -= 1
+        if not self.version.holding:
+            self.version._idle.set()
 
 
 class LocalEngines:
