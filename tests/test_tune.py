@@ -19,7 +19,8 @@ from compilers.cli import main
 from compilers.errors import InputError
 from compilers.serve.repository import publish, read_config_file
 from compilers.serve.server import running
-from compilers.serve.tune import ServerFailed, render, serving, tuned
+from compilers.serve.batcher import Batching
+from compilers.serve.tune import Model, ServerFailed, candidates, render, serving, tuned
 
 ORIGINAL = """# the mlp, served
 [versions]
@@ -183,7 +184,7 @@ def test_dry_run_lists_the_default_grid_and_its_time_and_starts_nothing(repo, ca
     err = capsys.readouterr().err
     cores = len(psutil.Process().cpu_affinity())
     instances = sorted({cores, *(2 ** k for k in range(cores.bit_length()) if 2 ** k <= cores)})
-    count = (1 + 3 * 2) * len(instances)      # max_batch_size 1 (once), 4, 16, 32 x delays 0, 2; x instances
+    count = (1 + 3 * 2) * len(instances)      # max_batch_size 1 (once), 8, 16, 32 x delays 0, 2; x instances
     assert f"{count} configurations x 3 levels (concurrency 1,8,32)" in err
     assert "(1 s warm-up + 3 s), plus a server start each: about " in err
     assert "max_batch_size=32 max_queue_delay_ms=2 instances=1" in err and "config 1/" not in err
@@ -230,3 +231,16 @@ def test_publish_tips_tune_until_tune_json_measured_the_newest_version(tmp_path,
     assert tuned(model)
     (model / "tune.json").write_text("{")
     assert not tuned(model)
+
+
+def test_each_instance_is_an_engine_of_its_own_an_openvino_stream_or_a_share_of_the_threads():
+    keys = {"batching.max_batch_size": int, "batching.max_queue_delay_ms": float, "batching.instances": int,
+            "engine.threads": int}
+    fixed = {"batching.max_batch_size": [8], "batching.max_queue_delay_ms": [0.0]}
+    onnxruntime = Model(Path("m"), (1,), keys, (), None, True, None, False, Batching(), 2)
+    openvino = Model(Path("m"), (1,), {**keys, "engine.streams": int}, (), None, True, None, False, Batching(), 2)
+    assert [(c["batching.instances"], c["engine.threads"]) for c in candidates(onnxruntime, fixed)] == [(1, 2), (2, 1)]
+    # one OpenVINO stream runs the calls of several threads one at a time: a stream per instance, all cores shared
+    ov = candidates(openvino, fixed)
+    assert [(c["batching.instances"], c["engine.streams"]) for c in ov] == [(1, 1), (2, 2)]
+    assert all("engine.threads" not in c for c in ov)

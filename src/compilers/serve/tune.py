@@ -116,13 +116,13 @@ def read_model(model_dir: str | os.PathLike) -> Model:
 
 
 def default_grid(model: Model) -> dict[str, list[Any]]:
-    """max_batch_size 1, 4, 16 and 32 (at most the compiled bound, which is added when below 32); queue delay 0 and
+    """max_batch_size 1, 8, 16 and 32 (at most the compiled bound, which is added when below 32); queue delay 0 and
     2 ms; instances the powers of two up to the cores, and the cores. A model whose requests never share a
     call (or that has no batch dim) keeps its own batching. Engine threads follow instances (`candidates`)."""
     base = model.base
     if model.batched and model.alone is None:
         top = min(BATCH_CAP, model.batch_bound or BATCH_CAP)
-        sizes = sorted({1, top, *(n for n in (4, 16, BATCH_CAP) if n <= top)})
+        sizes = sorted({1, top, *(n for n in (8, 16, BATCH_CAP) if n <= top)})
         delays = list(DELAYS)
     else:
         sizes, delays = [base.max_batch_size if model.batched else 1], [base.max_queue_delay_ms]
@@ -180,15 +180,20 @@ def _check(key: str, value: Any, model: Model) -> None:
 
 def candidates(model: Model, axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """The grid's configurations, each {key: value}: the product of the axes (the default grid's, with the given
-    ones in their place); engine threads = cores // instances unless engine.threads is an axis (for backends that
-    take threads); max_batch_size 1 measured once, at the first queue delay (one row fills a batch: no wait)."""
+    ones in their place); unless given as axes, OpenVINO's engine.streams = instances (its threads stay all the
+    cores), other backends' engine.threads = cores // instances; max_batch_size 1 measured once, at the first queue delay (one row fills a batch: no wait)."""
     axes = {**default_grid(model), **axes}
-    derive = "engine.threads" in model.keys and "engine.threads" not in axes
+    # an engine per instance, sharing the cores: OpenVINO as a stream each (one stream serializes calls from
+    # several threads), the others with cores // instances threads each
+    streams = "engine.streams" in model.keys and "engine.streams" not in axes
+    threads = not streams and "engine.threads" in model.keys and "engine.threads" not in axes
     delay = "batching.max_queue_delay_ms"
     found: list[dict[str, Any]] = []
     for values in itertools.product(*axes.values()):
         config = dict(zip(axes, values))
-        if derive:
+        if streams:
+            config["engine.streams"] = config.get("batching.instances", 1)
+        elif threads:
             config["engine.threads"] = max(1, model.cores // config.get("batching.instances", 1))
         if config.get("batching.max_batch_size") == 1 and delay in config:
             config[delay] = axes[delay][0]
