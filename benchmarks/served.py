@@ -19,12 +19,15 @@ Checks (the issue's "done when"):
   and zero non-2xx answers everywhere. The server's split (queue, pre, infer per call, rows per call) from /metrics.
 
     .venv/bin/python benchmarks/served.py [--models int8,bf16,tensors,mlp] [--work DIR] [--seconds S]
-                                          [--serving int8=REPO/minilm/serving.toml ...]
+                                          [--serving int8=REPO/minilm/serving.toml ...] [--against REV]
+
+`--against REV` serves each model from REV's tree too, with its defaults, in the same run (the figures before).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -45,6 +48,7 @@ from compilers.serve.perf import scrape, split  # noqa: E402
 from compilers.serve.repository import publish  # noqa: E402
 from serve import Server  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = minilm.SENTENCES + minilm.HELD_OUT
 SIZES = (1, 8, 16, 32)
 MODELS = {"int8": ("pipeline", "openvino-cpu-int8"), "bf16": ("pipeline", "openvino-cpu-bf16"),
@@ -165,13 +169,18 @@ def serve_model(work: Path, name: str, serving: str | None) -> tuple[Path, str]:
     return repo, (repo / name / "serving.toml").read_text() if (repo / name / "serving.toml").exists() else ""
 
 
-def measure(work: Path, name: str, seconds: float, serving: str | None) -> list[str]:
-    cm = compilers.load(artifact(work, name))
-    bodies, inputs = requests(name, cm)
+def served(work: Path, name: str, script: Path, seconds: float, serving: str | None, src: str | None) -> dict:
+    """The model served by `compilers serve` (from `src`, another tree's src/, when given) with `serving` (a
+    serving.toml; None: the defaults), under wrk at 1 and 32 connections, with the server's split of each."""
     repo, config = serve_model(work, name, serving)
-    script = lua(work / f"{name}.lua", name, bodies)
-    before = {b: direct(cm, inputs, b, seconds / 4) for b in SIZES}
-    server = Server(repo)
+    env = os.environ.get("PYTHONPATH")
+    if src:
+        os.environ["PYTHONPATH"] = src
+    try:
+        server = Server(repo)
+    finally:
+        if src:
+            os.environ.pop("PYTHONPATH") if env is None else os.environ.__setitem__("PYTHONPATH", env)
     try:
         wrk(server.url, script, 1, 2)                                   # warm-up
         metrics = f"http://{server.url}/metrics"
@@ -184,26 +193,46 @@ def measure(work: Path, name: str, seconds: float, serving: str | None) -> list[
         s3 = scrape(metrics, name)
     finally:
         server.stop()
+    return {"config": " ".join(config.split()) or "defaults", "one": one, "many": many,
+            "one_split": split(s0, s1), "many_split": split(s2, s3)}
+
+
+def measure(work: Path, name: str, seconds: float, serving: str | None, against: tuple[str, str] | None) -> list[str]:
+    """The model served (this tree with `serving`; and `against`, (REV, its src/), with its defaults) against
+    the direct call; the issue's checks."""
+    cm = compilers.load(artifact(work, name))
+    bodies, inputs = requests(name, cm)
+    script = lua(work / f"{name}.lua", name, bodies)
+    before = {b: direct(cm, inputs, b, seconds / 4) for b in SIZES}
+    runs = {}
+    if against:
+        runs[f"before ({against[0]}, its defaults)"] = served(work, name, script, seconds, None, against[1])
+    runs["this tree"] = served(work, name, script, seconds, serving, None)
     after = {b: direct(cm, inputs, b, seconds / 4) for b in SIZES}
     rate = {b: (before[b][0] + after[b][0]) / 2 for b in SIZES}
     b1_ms = (before[1][1] + after[1][1]) / 2
     best = max(rate, key=rate.get)
     rows = f"{'sentence' if MODELS[name][0] == 'pipeline' else 'row'}s/s"
-    lines = [f"{name}: {MODELS[name][1]}, serving.toml: {' '.join(config.split()) or 'defaults'}",
-             "  direct " + ", ".join(f"b{b} {rate[b]:,.0f}" for b in SIZES) + f" {rows} (b1 {b1_ms:.2f} ms a call)"]
-    for label, r, (a, b) in (("1 connection", one, (s0, s1)), ("32 connections", many, (s2, s3))):
-        v = split(a, b)
-        lines.append(f"  served, {label:14s} {r['rate']:8,.0f} {rows}  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms"
-                     f"  non-2xx {r['bad']}, socket errors {r['socket_errors']}  | server: queue "
-                     f"{v['queue_ms'] or 0:.2f} ms, pre {v['preprocess_ms'] or 0:.2f}, infer/call "
-                     f"{v['inference_ms'] or 0:.2f}, request {v['request_ms'] or 0:.2f}, rows/call "
-                     f"{v['batch_size'] or 0:.1f}")
-    ok = not (one["bad"] or many["bad"] or one["socket_errors"] or many["socket_errors"])
+    lines = [f"{name}: {MODELS[name][1]}",
+             "  direct " + ", ".join(f"b{b} {rate[b]:,.0f}" for b in SIZES) + f" {rows} (b1 {b1_ms:.2f} ms a call; "
+             "before and after the served runs, averaged)"]
+    for run, r in runs.items():
+        lines.append(f"  {run}, serving.toml: {r['config']}")
+        for label, w, v in (("1 connection", r["one"], r["one_split"]), ("32 connections", r["many"], r["many_split"])):
+            lines.append(f"    {label:14s} {w['rate']:8,.0f} {rows}  p50 {w['p50']:7.2f} ms  p99 {w['p99']:7.2f} ms"
+                         f"  non-2xx {w['bad']}, socket errors {w['socket_errors']}  | server: queue "
+                         f"{v['queue_ms'] or 0:.2f} ms, pre {v['preprocess_ms'] or 0:.2f}, infer/call "
+                         f"{v['inference_ms'] or 0:.2f}, request {v['request_ms'] or 0:.2f}, rows/call "
+                         f"{v['batch_size'] or 0:.1f}")
+        lines.append(f"    1 connection: p50 - direct b1 = {r['one']['p50'] - b1_ms:+.2f} ms; 32 connections: "
+                     f"{r['many']['rate'] / rate[best]:.2f}x direct best (b{best}, {rate[best]:,.0f})")
+    one, many = runs["this tree"]["one"], runs["this tree"]["many"]
+    ok = not any(w["bad"] or w["socket_errors"] for r in runs.values() for w in (r["one"], r["many"]))
     if name in ("int8", "mlp"):
         passed = one["p50"] <= b1_ms + 1.0
         ok &= passed
         lines.append(f"  one connection: p50 {one['p50']:.2f} ms vs direct b1 {b1_ms:.2f} + 1 ms: "
-                     f"{'OK' if passed else 'MISSED'} (+{one['p50'] - b1_ms:.2f} ms)")
+                     f"{'OK' if passed else 'MISSED'} ({one['p50'] - b1_ms:+.2f} ms)")
     if name in ("int8", "bf16", "tensors"):
         ratio = many["rate"] / rate[best]
         passed = ratio >= 0.9
@@ -227,16 +256,23 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "compilers-served")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--serving", action="append", default=[], metavar="MODEL=FILE")
+    p.add_argument("--against", metavar="REV", help="also serve each model from REV's tree with its defaults (the "
+                   "figures before), in the same run")
     a = p.parse_args()
     if shutil.which("wrk") is None:
         print("needs wrk (apt install wrk)", file=sys.stderr)
         return 2
     serving = dict(s.split("=", 1) for s in a.serving)
+    against = None
+    if a.against:
+        against = tempfile.mkdtemp(prefix="compilers-served-against-")
+        subprocess.run(f"git -C {ROOT} archive {a.against} src | tar -x -C {against}", shell=True, check=True)
+        against = (a.against, str(Path(against) / "src"))
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     print(f"CPU: {cpu}, {torch.get_num_threads()} threads")
     ok = True
     for name in a.models.split(","):
-        lines = measure(a.work, name, a.seconds, serving.get(name))
+        lines = measure(a.work, name, a.seconds, serving.get(name), against)
         print("\n".join(lines), flush=True)
         ok &= lines[-1].strip() == "OK"
     return 0 if ok else 1
