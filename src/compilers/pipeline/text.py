@@ -104,7 +104,9 @@ class Text(Pre):
         texts = [_text(item, i) for i, item in enumerate(items)]
         if not texts:
             raise InputError("no texts: send at least one")
-        encodings = self._tok.encode_batch(texts)
+        # one text (a served request's usual): encode, not encode_batch, whose thread pool would contend with the
+        # engine's threads for the cores
+        encodings = [self._tok.encode(texts[0])] if len(texts) == 1 else self._tok.encode_batch(texts)
         out = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
         if self.type_ids:
