@@ -13,15 +13,9 @@ from .files import replacing
 def plot(bench: Benchmark, path: str | os.PathLike, title: str = "") -> Path:
     """Write the chart to `path` (PNG; SVG or PDF by the suffix): p50 latency per call (dotted: p99) and samples/s
     versus batch size, eager dashed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
-    except ImportError:
-        raise InputError("plotting needs matplotlib: pip install 'compilers[bench]'") from None
-    path = Path(path)
-    kind = plot_format(path)
+    plt = pyplot()
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    plot_format(path)
     fig, (lat, thr) = plt.subplots(1, 2, figsize=(12, 4.8))
     for name in bench.names:
         if name.endswith(RAW):
@@ -52,13 +46,31 @@ def plot(bench: Benchmark, path: str | os.PathLike, title: str = "") -> Path:
     thr.legend(fontsize="small")
     fig.suptitle(f"{title}\n{bench.machine}, {bench.threads} torch threads" if title else
                  f"{bench.machine}, {bench.threads} torch threads", fontsize="medium")
+    return save(fig, path, dpi=110)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing off screen (Agg); InputError naming the extra when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        raise InputError("plotting (--plot) needs matplotlib: pip install 'compilers[bench]'") from None
+    return plt
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Lay `fig` out and write it to `path` in one rename (png, svg or pdf by the suffix), then close it."""
+    from matplotlib import pyplot as plt
+    kind = plot_format(path)
     fig.tight_layout()
     try:
         with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=110, format=kind)
+            fig.savefig(tmp, dpi=dpi, format=kind)
     finally:
         plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_format(path: str | os.PathLike) -> str:

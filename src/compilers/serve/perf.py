@@ -53,7 +53,6 @@ import numpy as np
 
 from ..bench import text_table
 from ..errors import InputError, brief
-from ..files import replacing
 from .addresses import METRICS_FORM, grpc_address, http_url
 from .load import ERRORS_KEPT, Share, Target, Workers, grpc_payloads, http_payloads
 
@@ -533,14 +532,10 @@ def plot(perf: Perf, path: str | Path) -> Path:
     """Versus concurrency, a colour per protocol: throughput (samples/s); client latency (p99 solid, p50 dashed);
     and the server's split of a request's mean (client solid, in the server dashed, of it queued dotted). The
     format from the suffix (png, svg, pdf). Needs matplotlib (the `bench` extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-        from matplotlib.ticker import NullFormatter
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'compilers[bench]'") from None
-    path = Path(path)
+    from ..plot import plot_format, pyplot, save
+    plt = pyplot()
+    from matplotlib.ticker import NullFormatter
+    plot_format(path)
     fig, (thr, lat, server) = plt.subplots(1, 3, figsize=(14, 4.2))
     for protocol in perf.protocols:
         levels = [x for x in perf.levels if x.protocol == protocol and x.requests]
@@ -570,10 +565,4 @@ def plot(perf: Perf, path: str | Path) -> Path:
     server.set_title("mean ms: client, in the server, queued", fontsize="medium")
     fig.suptitle(f"compilers perf: {perf.model} over {' and '.join(perf.protocols)}, batch {perf.settings['batch']}, "
                  f"{perf.settings['duration']:g} s per level", fontsize="medium")
-    fig.tight_layout()
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return save(fig, path)

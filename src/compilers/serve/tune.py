@@ -41,7 +41,7 @@ from ..bench import text_table
 from ..errors import ArtifactError, CompilerError, ConfigError, InputError, TargetError, brief
 from ..files import replacing
 from ..host import cpu_name, own_version
-from ..plot import plot_format
+from ..plot import plot_format, pyplot, save
 from ..settings import parse, runtime_options
 from .batcher import Batching
 from .perf import Level, measure
@@ -577,14 +577,8 @@ def plot(t: Tuning, path: str | os.PathLike) -> Path:
     """Throughput versus client p99, a point per candidate and level (a line joins a candidate's levels), the
     budget as a vertical line and the chosen point starred. The format from the suffix (png, svg, pdf). Needs
     matplotlib (the `bench` extra)."""
+    plt = pyplot()
     plot_format(path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'compilers[bench]'") from None
-    path = Path(path)
     fig, ax = plt.subplots(figsize=(10, 5.5))
     for i, r in enumerate(t.results):
         shown = [x for x in r.levels if x.requests and x.latency_ms.get("p99") is not None]
@@ -605,10 +599,4 @@ def plot(t: Tuning, path: str | os.PathLike) -> Path:
     ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(f"compilers tune: {t.plan.model.path.name}, a point per configuration and concurrency "
                  f"({','.join(map(str, t.plan.concurrency))})", fontsize="medium")
-    fig.tight_layout()
-    try:
-        with replacing(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return save(fig, path)
