@@ -314,3 +314,25 @@ def test_a_model_removed_from_disk_is_dropped_and_no_longer_holds_readiness(tmp_
         assert e.value.status() == "404" and "no longer in the repository" in e.value.message()
         assert c.is_server_ready()                              # was stuck at 503 until a restart
         assert [r["name"] for r in c.get_model_repository_index()] == ["mlp"]
+
+
+def test_a_server_owning_its_process_freezes_what_loading_made_and_a_reload_thaws_it(tmp_path, artifacts):
+    """`compilers serve` moves what the process holds once its models load out of the collector's scans; the next
+    load gives it back, so the engines a reload retires stay collectable."""
+    import asyncio
+    import gc
+    from compilers.serve.app import create_app
+    repo = make_repo(tmp_path / "repo", [artifacts["a"]])
+
+    async def main():
+        app = create_app(str(repo), freeze_startup=True)
+        async with app.router.lifespan_context(app):
+            frozen = gc.get_freeze_count()
+            await app.state.service.load("mlp")
+            return frozen, gc.get_freeze_count()
+    assert gc.get_freeze_count() == 0
+    try:
+        frozen, after_reload = asyncio.run(main())
+    finally:
+        gc.unfreeze()
+    assert frozen > 1000 and after_reload == 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import re
 import time
@@ -60,14 +61,18 @@ class Disconnected(CompilerError):
 
 
 def create_app(repository: str | Repository | ModelService, *, limits: Limits = Limits(),
-               handlers: bool = False, grpc: tuple[str, int] | None = None) -> Starlette:
+               handlers: bool = False, grpc: tuple[str, int] | None = None, freeze_startup: bool = False) -> Starlette:
     """The server app for a model repository (a path, a Repository, or a ModelService to share). Models load
     when the app starts (its lifespan) and drain when it stops. `limits`: the bodies it takes (the connection
     limits are the HTTP protocol's, set by `server.serve` / `server.running`). `handlers`: run the handler code
     models pin in their serving.toml (`serve --handlers`; a ModelService given says so itself). `grpc`: (host,
     port) to serve the same service over gRPC too (`serve.grpc`), started in the lifespan once the models are
     loaded, in the same event loop, and stopped (its RPCs in flight finished) before they drain; the port it
-    got (port 0: a free one) is `app.state.grpc_port`."""
+    got (port 0: a free one) is `app.state.grpc_port`. `freeze_startup`, for a server that owns its process
+    (`compilers serve`): once the models are loaded, what the process holds then (the libraries, the engines) is
+    moved out of the garbage collector's scans (`gc.freeze`), which otherwise walk it again and again under load
+    (benchmarks/README.md, issue 33); the first load or unload after that unfreezes it, so what a reload retires
+    is collected as usual."""
     if isinstance(repository, ModelService):
         service = repository
     else:
@@ -78,6 +83,8 @@ def create_app(repository: str | Repository | ModelService, *, limits: Limits = 
     @asynccontextmanager
     async def lifespan(app):
         await service.start()
+        if freeze_startup:
+            gc.freeze()
         grpc_server = None
         try:
             if grpc is not None:

@@ -39,8 +39,8 @@ def serve(repository: str | Repository | ModelService, host: str = "127.0.0.1", 
         log.addHandler(handler)
         log.setLevel(log_level.upper())
     grpc = (host, grpc_port) if grpc_port is not None else None
-    uvicorn.Server(_config(create_app(repository, limits=limits, handlers=handlers, grpc=grpc), host, port,
-                           log_level, limits)).run()
+    app = create_app(repository, limits=limits, handlers=handlers, grpc=grpc, freeze_startup=True)
+    uvicorn.Server(_config(app, host, port, log_level, limits)).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

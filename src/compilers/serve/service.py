@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import random
 import re
@@ -121,6 +122,13 @@ class Version:
         """What clients get back: the handler's OUTPUTS, else the version's own."""
         declared = self.handler.outputs if self.handler is not None else None
         return declared or self.own_outputs
+
+
+def _thaw() -> None:
+    """Give the garbage collector back what a server froze once its models had loaded (`create_app`'s
+    `freeze_startup`): a load or unload retires engines, whose cycles must be collectable."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 class _Holding:
@@ -263,6 +271,7 @@ class ModelService:
                 raise UnknownModel(f"model {name!r} is no longer in the repository {self.repository.path}; "
                                    "unloaded it")
             raise UnknownModel(f"no model {name!r} in repository {self.repository.path}")
+        _thaw()
         model = self.models.setdefault(name, Model(name))
         async with model.lock:
             fresh: list[Version] = []
@@ -301,6 +310,7 @@ class ModelService:
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of the model (queued requests finish first)."""
+        _thaw()
         model = self.models.get(name)
         if model is None:
             raise UnknownModel(f"model {name!r} is not loaded (repository models: {', '.join(self.repository.models())})")
