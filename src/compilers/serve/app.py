@@ -238,7 +238,7 @@ class _Routes:
         encode = functools.partial(encode_response, name, served.number, decoded,
                                    dict(zip((s.name for s in specs), outputs)), specs)
         content, headers = encode() if sum(x.size for x in outputs) < ENCODE_IN_LOOP else await self._codec(encode)
-        self.service.metrics.series(name, str(served.number)).request.observe(time.perf_counter() - started)
+        self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)
         return Response(content, headers=headers)
 
     async def _codec(self, work, *args):

@@ -153,7 +153,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             kind, blob = output_to_wire(array, kinds[out], out)
             response.outputs.add(name=out, datatype=kind, shape=array.shape)
             response.raw_output_contents.append(blob)
-        self.service.metrics.series(name, str(served.number)).request.observe(time.perf_counter() - started)
+        self.service.metrics.request_seconds.labels(name, str(served.number)).observe(time.perf_counter() - started)
         return response
 
     def _inputs(self, request: Any) -> dict[str, Any]:

@@ -5,32 +5,12 @@ compute_infer, compute_output). Each server has its own
 registry (served at /metrics), so several servers in one process do not mix their counts."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 _ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LABELS = ("model", "version")
-
-
-@dataclass(frozen=True)
-class Series:
-    """One version's series of each metric, looked up once (a labelled lookup per request costs the event loop
-    time the engines want)."""
-
-    ok: Any
-    invalid: Any
-    rejected: Any
-    failed: Any
-    preprocess: Any
-    postprocess: Any
-    queue: Any
-    batch_size: Any
-    inference: Any
-    request: Any
 
 
 class Metrics:
@@ -56,20 +36,8 @@ class Metrics:
                                            _LABELS, buckets=_SECONDS, registry=r)
         self.request_seconds = Histogram("compilers_request_seconds", "Time from a request's body read to its "
                                          "response, in the server", _LABELS, buckets=_SECONDS, registry=r)
-        self._series: dict[tuple[str, str], Series] = {}
         self.loaded = Gauge("compilers_version_loaded", "1 while the version is loaded and serving", _LABELS,
                             registry=r)
-
-    def series(self, model: str, version: str) -> Series:
-        """The version's series (made once per model and version; a reload keeps counting in the same ones)."""
-        found = self._series.get((model, version))
-        if found is None:
-            labels = (model, version)
-            found = self._series[labels] = Series(
-                *(self.requests.labels(*labels, outcome) for outcome in ("ok", "invalid", "rejected", "failed")),
-                *(h.labels(*labels) for h in (self.preprocess_seconds, self.postprocess_seconds, self.queue_seconds,
-                                              self.batch_size, self.inference_seconds, self.request_seconds)))
-        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -339,8 +339,9 @@ class ModelService:
 
     def _observer(self, model: str, version: int, statistics: Statistics) -> Callable[[BatchStats], None]:
         """The batch hook of a version: each engine call into its Prometheus metrics and its Triton statistics."""
-        series = self.metrics.series(model, str(version))
-        batch, queue, infer = series.batch_size, series.queue, series.inference
+        labels = (model, str(version))
+        batch, queue, infer = (self.metrics.batch_size.labels(*labels), self.metrics.queue_seconds.labels(*labels),
+                               self.metrics.inference_seconds.labels(*labels))
 
         def observe(stats: BatchStats) -> None:
             batch.observe(stats.rows)
@@ -396,7 +397,7 @@ class ModelService:
             weights = model.weights
             version = next(iter(weights)) if len(weights) == 1 else choose_version(weights, self.rng)
         served = self.version(name, version)
-        series = self.metrics.series(name, str(served.number))
+        labels = (name, str(served.number))
         started = time.perf_counter()
         try:
             check_outputs(outputs, served.outputs)
@@ -407,19 +408,19 @@ class ModelService:
                 async with served.hold():
                     outputs = await self._stages(name, served, flat)
         except InputError:
-            series.invalid.inc()
+            self.metrics.requests.labels(*labels, "invalid").inc()
             raise
         except QueueFull:
-            series.rejected.inc()
+            self.metrics.requests.labels(*labels, "rejected").inc()
             raise
         except asyncio.CancelledError:             # its client left, or its deadline passed: Triton's CANCELED
             served.statistics.fail.add(time.perf_counter() - started)
             raise
         except Exception:
-            series.failed.inc()
+            self.metrics.requests.labels(*labels, "failed").inc()
             served.statistics.fail.add(time.perf_counter() - started)
             raise
-        series.ok.inc()
+        self.metrics.requests.labels(*labels, "ok").inc()
         served.statistics.success.add(time.perf_counter() - started)
         return served, outputs
 
@@ -474,8 +475,8 @@ class ModelService:
         """A request's own pre- or post-processing ("pre", "post") took `seconds`: into the Prometheus histogram
         and the version's statistics (compute_input, compute_output)."""
         if stage == "pre":
-            self.metrics.series(*labels).preprocess.observe(seconds)
+            self.metrics.preprocess_seconds.labels(*labels).observe(seconds)
             served.statistics.pre(seconds)
         else:
-            self.metrics.series(*labels).postprocess.observe(seconds)
+            self.metrics.postprocess_seconds.labels(*labels).observe(seconds)
             served.statistics.post(seconds)
