@@ -10,7 +10,7 @@ of the call, so the oldest request is joined by those closest to its length firs
 (rows x padded length) when set; the outputs that carry the dim are cut back to each request's own size. A full
 queue refuses a request at once (`QueueFull`) instead of growing.
 
-Pure asyncio and numpy, no HTTP: the server and the tests drive it the same way.
+Asyncio, threads and numpy, no HTTP: the server and the tests drive it the same way.
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ class Combiner:
         while left:
             chosen = self.pick([(*keys_and_rows[i], {}) for i in left])
             calls.append([left[i] for i in chosen])
-            left = [x for n, x in enumerate(left) if n not in set(chosen)]
+            taken = set(chosen)
+            left = [x for n, x in enumerate(left) if n not in taken]
         return calls
 
     def pick(self, queued: Sequence[tuple[tuple, int, Mapping[str, int]]]) -> list[int]:

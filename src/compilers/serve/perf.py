@@ -378,9 +378,9 @@ class Perf:
                  f"{s['warmup']:g} s of warm-up"]
         head = ["concurrency", "protocol", "requests", "errors", "req/s", "samples/s", "p50 ms", "p90 ms", "p95 ms",
                 "p99 ms", "client cpu ms/req", "client cores", "procs"]
-        rows = [[str(x.concurrency), x.protocol, str(x.requests), str(x.errors), _num(x.throughput),
-                 _num(x.samples_per_second), *(_num(x.latency_ms[f"p{p}"]) for p in PERCENTILES),
-                 _num(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}", str(x.processes)] for x in self.levels]
+        rows = [[str(x.concurrency), x.protocol, str(x.requests), str(x.errors), figure(x.throughput),
+                 figure(x.samples_per_second), *(figure(x.latency_ms[f"p{p}"]) for p in PERCENTILES),
+                 figure(x.client_cpu_ms_per_request), f"{x.client_cores:.2f}", str(x.processes)] for x in self.levels]
         lines += text_table(head, rows, left=(1,))
         lines += ["", "server split, means from /metrics over each level (client - server: network and both sides' "
                       "protocol stacks)"]
@@ -390,10 +390,10 @@ class Perf:
         for x in self.levels:
             v, client = x.server or {}, x.latency_ms["mean"]
             server = v.get("request_ms")
-            rows.append([str(x.concurrency), x.protocol, *(_num(v.get(k)) for k in (
-                         "queue_ms", "inference_ms", "preprocess_ms", "postprocess_ms", "request_ms")), _num(client),
-                         _num(client - server if client is not None and server is not None else None),
-                         _num(v.get("batch_size"))])
+            rows.append([str(x.concurrency), x.protocol, *(figure(v.get(k)) for k in (
+                         "queue_ms", "inference_ms", "preprocess_ms", "postprocess_ms", "request_ms")), figure(client),
+                         figure(client - server if client is not None and server is not None else None),
+                         figure(v.get("batch_size"))])
         lines += text_table(head, rows, left=(1,))
         for x in self.levels:
             at = f"concurrency {x.concurrency} over {x.protocol}"
@@ -411,7 +411,8 @@ class Perf:
         return "\n".join(lines)
 
 
-def _num(v: float | None) -> str:
+def figure(v: float | None) -> str:
+    """A measured figure for a table: 3 significant digits, whole numbers from 1000; "-" for none."""
     if v is None:
         return "-"
     return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"

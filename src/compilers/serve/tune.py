@@ -45,6 +45,7 @@ from ..plot import plot_format, pyplot, save
 from ..settings import parse, runtime_options
 from .batcher import Batching
 from .perf import Level, measure
+from .perf import figure
 from .repository import CONFIG, Repository, alone_reason, parse_config
 
 TUNE_FILE = "tune.json"
@@ -377,9 +378,9 @@ class Tuning:
                     verdict += " <- chosen" if i == chosen else " (its best)"
                 if client_limited(x):
                     verdict += " (client-limited)"
-                rows.append([str(i + 1), *values, str(x.concurrency), _num(x.samples_per_second),
-                             _num(x.latency_ms.get("p50")), _num(x.latency_ms.get("p99")),
-                             _num((x.server or {}).get("batch_size")), str(x.errors), verdict])
+                rows.append([str(i + 1), *values, str(x.concurrency), figure(x.samples_per_second),
+                             figure(x.latency_ms.get("p50")), figure(x.latency_ms.get("p99")),
+                             figure((x.server or {}).get("batch_size")), str(x.errors), verdict])
             if r.error:
                 rows.append([str(i + 1), *values, "-", "-", "-", "-", "-", "-", "failed"])
                 notes.append(f"config {i + 1} failed: {r.error}")
@@ -402,8 +403,8 @@ class Tuning:
             return f"no configuration kept p99 within {self.plan.p99_ms:g} ms without errors; {seen}"
         r = self.results[self.chosen]
         best = self.best(r)
-        return (f"chosen: config {self.chosen + 1} ({label(r.config)}): {_num(best.samples_per_second)} samples/s "
-                f"at concurrency {best.concurrency}, p99 {_num(best.latency_ms['p99'])} ms <= {self.plan.p99_ms:g} ms")
+        return (f"chosen: config {self.chosen + 1} ({label(r.config)}): {figure(best.samples_per_second)} samples/s "
+                f"at concurrency {best.concurrency}, p99 {figure(best.latency_ms['p99'])} ms <= {self.plan.p99_ms:g} ms")
 
     def to_dict(self) -> dict[str, Any]:
         p = self.plan
@@ -423,12 +424,6 @@ class Tuning:
                          "levels": [{**x.to_dict(), "within_budget": within(x, p.p99_ms),
                                      "client_limited": client_limited(x)} for x in r.levels]}
                         for r in self.results]}
-
-
-def _num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
 def run(p: Plan, *, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Tuning:
